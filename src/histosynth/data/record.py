@@ -1,0 +1,35 @@
+"""The one record every nuclei dataset reader produces."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class NucleiRecord:
+    """One labelled H&E image (a tile, a patch or a whole region).
+
+    image:       uint8 (H, W, 3) RGB.
+    inst_map:    int32 (H, W); 0 background, 1..N nucleus instances.
+    type_map:    int32 (H, W); 0 background, 1..len(class_names) nucleus type of each pixel.
+    class_names: names of types 1..K (index 0 of this tuple is type id 1).
+    source:      where it came from (file path, or "file.npy[index]"); used in errors and manifests.
+    split:       "train" / "test" when the dataset defines its own split, else None
+                 (then the hold-out block decides).
+    magnification: objective magnification of the pixels as read ("20x", "40x", ...), if known.
+    """
+
+    image: np.ndarray
+    inst_map: np.ndarray
+    type_map: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+    split: str | None = None
+    magnification: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
