@@ -1,0 +1,451 @@
+"""The streaming patch store: a directory of raw .npy shards, a JSON-lines manifest and store.json.
+
+Layout::
+
+    STORE/store.json          format version, patch size, classes, magnification, counts, how it was made
+    STORE/manifest.jsonl      one line per patch: index, source, y, x, crop, split, magnification, counts
+    STORE/shards/NNNNN_image.npy  uint8 (n, P, P, 3)
+    STORE/shards/NNNNN_inst.npy   int32 (n, P, P)
+    STORE/shards/NNNNN_type.npy   uint8 (n, P, P)
+
+Raw .npy (not .npz) so readers memory-map shards with no decompression and no memory growth; the writer
+holds at most one shard, so a Lizard-size build (~55k patches) runs in constant memory. A store is built
+in a hidden partial directory and renamed into place only when complete: an interrupted prepare never
+leaves something that opens as a store.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from collections.abc import Iterable, Sequence
+from dataclasses import replace
+from itertools import chain
+from pathlib import Path
+
+import numpy as np
+
+from histosynth.data.patches import SPLITS, Patch, extract_patches, format_magnification
+from histosynth.data.record import NucleiRecord
+from histosynth.errors import DataError, OutputExistsError
+
+FORMAT = "histosynth-patch-store"
+VERSION = 1
+STORE_JSON = "store.json"
+MANIFEST = "manifest.jsonl"
+SHARDS = "shards"
+SHARD_BYTES = 64 << 20  # default shard size: bounds the writer's memory whatever the patch size
+MAX_SHARD_PATCHES = 1024
+ARRAYS = ("image", "inst", "type")
+
+
+def patch_bytes(patch_size: int) -> int:
+    """Bytes one patch takes in the shards (image 3 + inst 4 + type 1 byte per pixel)."""
+    return patch_size * patch_size * (3 + 4 + 1)
+
+
+def default_shard_size(patch_size: int) -> int:
+    return max(1, min(MAX_SHARD_PATCHES, SHARD_BYTES // patch_bytes(patch_size)))
+
+
+def shard_file(root: Path, shard: int, array: str) -> Path:
+    return root / SHARDS / f"{shard:05d}_{array}.npy"
+
+
+def nuclei_per_type(inst_map: np.ndarray, type_map: np.ndarray, class_names: Sequence[str]) -> dict[str, int]:
+    """Nuclei per class, each instance typed by the majority of its typed pixels (untyped ones are not counted)."""
+    k = len(class_names)
+    inst = inst_map.ravel().astype(np.int64)
+    typ = type_map.ravel().astype(np.int64)
+    n = int(inst.max(initial=0))
+    table = np.bincount(inst * (k + 1) + typ, minlength=(n + 1) * (k + 1)).reshape(n + 1, k + 1)[1:, 1:]
+    typed = table.sum(axis=1) > 0
+    majority = np.argmax(table, axis=1)[typed]
+    per_type = np.bincount(majority, minlength=k)
+    return {name: int(c) for name, c in zip(class_names, per_type)}
+
+
+def _partial_dir(path: Path) -> Path:
+    return path.parent / f".{path.name}.partial-{os.getpid()}"
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    elif path.exists() or path.is_symlink():
+        path.unlink()
+
+
+class PatchStoreWriter:
+    """Append patches to a new store; the store appears at `path` only when the `with` block succeeds.
+
+    Memory: one preallocated shard buffer, flushed to raw .npy files when full.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        class_names: Sequence[str],
+        patch_size: int,
+        magnification: str,
+        meta: dict | None = None,
+        overwrite: bool = False,
+        shard_size: int | None = None,
+    ):
+        self.path = Path(path)
+        self.class_names = tuple(class_names)
+        if len(self.class_names) > 255:
+            raise ValueError("type maps are stored as uint8: at most 255 classes")
+        self.patch_size = int(patch_size)
+        self.magnification = format_magnification(magnification)
+        self.meta = dict(meta or {})
+        self.overwrite = overwrite
+        self.shard_size = int(shard_size or default_shard_size(self.patch_size))
+        self._check_output()
+        self._partial = _partial_dir(self.path)
+        self._manifest = None
+        self._buffers: dict[str, np.ndarray] | None = None
+        self._buffered = 0
+        self._count = 0
+        self._shard = 0
+        self._counts: dict[str, dict] = {}
+
+    def _check_output(self) -> None:
+        if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
+            raise OutputExistsError("output already exists; pass overwrite to replace it", self.path)
+
+    @property
+    def buffered_bytes(self) -> int:
+        """Bytes of patches held in memory, waiting for the next shard flush (never more than one shard)."""
+        return self._buffered * patch_bytes(self.patch_size)
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __enter__(self) -> "PatchStoreWriter":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        _remove(self._partial)  # stale leftover of a crashed process that had our pid
+        (self._partial / SHARDS).mkdir(parents=True)
+        self._manifest = open(self._partial / MANIFEST, "w", encoding="utf-8")
+        return self
+
+    def add(self, patch: Patch) -> None:
+        """Buffer one patch and write its manifest line; flushes a shard when the buffer is full."""
+        if self._manifest is None:
+            raise RuntimeError("use PatchStoreWriter as a context manager")
+        self._check_patch(patch)
+        if self._buffers is None:
+            p, n = self.patch_size, self.shard_size
+            self._buffers = {
+                "image": np.empty((n, p, p, 3), np.uint8),
+                "inst": np.empty((n, p, p), np.int32),
+                "type": np.empty((n, p, p), np.uint8),
+            }
+        slot = self._buffered
+        self._buffers["image"][slot] = patch.image
+        self._buffers["inst"][slot] = patch.inst_map
+        self._buffers["type"][slot] = patch.type_map
+        counts = nuclei_per_type(patch.inst_map, patch.type_map, self.class_names)
+        row = {
+            "index": self._count,
+            "source": patch.source,
+            "y": int(patch.y),
+            "x": int(patch.x),
+            "crop": int(patch.crop),
+            "split": patch.split,
+            "magnification": self.magnification,
+            "counts": counts,
+        }
+        self._manifest.write(json.dumps(row) + "\n")
+        self._tally(patch.split, counts)
+        self._buffered += 1
+        self._count += 1
+        if self._buffered == self.shard_size:
+            self._flush()
+
+    def _check_patch(self, patch: Patch) -> None:
+        p = self.patch_size
+        if patch.image.shape != (p, p, 3) or patch.inst_map.shape != (p, p) or patch.type_map.shape != (p, p):
+            raise ValueError(
+                f"patch from {patch.source} has shapes {patch.image.shape}/{patch.inst_map.shape}/"
+                f"{patch.type_map.shape}, store patch size is {p}"
+            )
+        if patch.image.dtype != np.uint8:
+            raise ValueError(f"patch image must be uint8, got {patch.image.dtype}")
+        if patch.split not in SPLITS:
+            raise ValueError(f"patch split must be one of {SPLITS}, got {patch.split!r}")
+        if patch.type_map.size and (patch.type_map.min() < 0 or patch.type_map.max() > len(self.class_names)):
+            raise DataError(
+                f"type ids {int(patch.type_map.min())}..{int(patch.type_map.max())} outside 0..{len(self.class_names)}",
+                patch.source,
+            )
+
+    def _tally(self, split: str, counts: dict[str, int]) -> None:
+        entry = self._counts.setdefault(split, {"patches": 0, "nuclei": dict.fromkeys(self.class_names, 0)})
+        entry["patches"] += 1
+        for name, n in counts.items():
+            entry["nuclei"][name] += n
+
+    def _flush(self) -> None:
+        if not self._buffered:
+            return
+        for array in ARRAYS:
+            np.save(shard_file(self._partial, self._shard, array), self._buffers[array][: self._buffered])
+        self._shard += 1
+        self._buffered = 0
+
+    def _store_json(self) -> dict:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "patch_size": self.patch_size,
+            "class_names": list(self.class_names),
+            "magnification": self.magnification,
+            "num_patches": self._count,
+            "shard_size": self.shard_size,
+            "num_shards": self._shard,
+            "counts": {split: self._counts[split] for split in SPLITS if split in self._counts},
+            "meta": self.meta,
+        }
+
+    def _commit(self) -> None:
+        """Finish files, write store.json last, then swap into place; an old store goes only after that."""
+        self._flush()
+        self._manifest.close()
+        with open(self._partial / STORE_JSON, "w", encoding="utf-8") as f:
+            json.dump(self._store_json(), f, indent=2)
+        self._check_output()  # something may have appeared at path while we were writing
+        old = None
+        if self.path.exists() or self.path.is_symlink():
+            old = self.path.parent / f".{self.path.name}.old-{os.getpid()}"
+            _remove(old)
+            os.replace(self.path, old)
+        try:
+            os.replace(self._partial, self.path)
+        except OSError:
+            if old is not None:  # put the previous store back rather than lose both
+                os.replace(old, self.path)
+            raise
+        if old is not None:
+            _remove(old)
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        try:
+            if exc_type is None:
+                self._commit()
+        finally:
+            if self._manifest is not None and not self._manifest.closed:
+                self._manifest.close()
+            self._buffers = None
+            if self._partial.exists():
+                _remove(self._partial)
+        return False
+
+
+class PatchStore:
+    """Read-only view of a complete store; shards are memory-mapped lazily, one patch copied per access."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        info = self._read_info()
+        self.info = info
+        self.patch_size = int(info["patch_size"])
+        self.class_names = tuple(info["class_names"])
+        self.magnification = info["magnification"]
+        self.shard_size = int(info["shard_size"])
+        self.meta = info.get("meta", {})
+        self.records = self._read_manifest(int(info["num_patches"]))
+        self._maps: dict[tuple[int, str], np.ndarray] = {}
+
+    def _read_info(self) -> dict:
+        file = self.path / STORE_JSON
+        if not file.is_file():
+            raise DataError(
+                f"not a complete patch store: {STORE_JSON} is missing "
+                "(an interrupted prepare leaves none; run it again)",
+                self.path,
+            )
+        try:
+            info = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise DataError(f"unreadable store description: {exc}", file) from None
+        if info.get("format") != FORMAT or info.get("version") != VERSION:
+            raise DataError(
+                f"unknown store format {info.get('format')!r} version {info.get('version')!r}; "
+                f"this histosynth reads {FORMAT} version {VERSION} (re-run prepare)",
+                file,
+            )
+        return info
+
+    def _read_manifest(self, expected: int) -> list[dict]:
+        file = self.path / MANIFEST
+        try:
+            with open(file, encoding="utf-8") as f:
+                rows = [json.loads(line) for line in f if line.strip()]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"unreadable manifest: {exc}", file) from None
+        if len(rows) != expected:
+            raise DataError(f"manifest has {len(rows)} patches, {STORE_JSON} says {expected}", file)
+        return rows
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def counts(self) -> dict:
+        """Patches and nuclei per type, per split, as recorded at build time."""
+        return self.info["counts"]
+
+    def indices(self, split: str | None = None) -> list[int]:
+        """Patch indices of one split ("train"/"test"), or all when split is None."""
+        if split is None:
+            return list(range(len(self.records)))
+        return [row["index"] for row in self.records if row["split"] == split]
+
+    def _array(self, shard: int, array: str) -> np.ndarray:
+        key = (shard, array)
+        if key not in self._maps:
+            file = shard_file(self.path, shard, array)
+            try:
+                self._maps[key] = np.load(file, mmap_mode="r")
+            except (OSError, ValueError) as exc:
+                raise DataError(f"missing or corrupt shard: {exc}", file) from None
+        return self._maps[key]
+
+    def __getitem__(self, i: int) -> dict:
+        n = len(self.records)
+        if not -n <= i < n:
+            raise IndexError(f"patch {i} out of range for a store of {n}")
+        i %= n
+        shard, offset = divmod(i, self.shard_size)
+        return {
+            "image": np.array(self._array(shard, "image")[offset]),
+            "inst_map": np.array(self._array(shard, "inst")[offset], dtype=np.int32),
+            "type_map": np.array(self._array(shard, "type")[offset], dtype=np.int32),
+            **self.records[i],
+        }
+
+    def __getstate__(self) -> dict:
+        """Pickle without the memory maps (DataLoader workers re-open shards themselves)."""
+        state = self.__dict__.copy()
+        state["_maps"] = {}
+        return state
+
+    def __repr__(self) -> str:
+        return f"PatchStore({str(self.path)!r}, {len(self)} patches of {self.patch_size} px at {self.magnification})"
+
+
+def _progress(records: Iterable, enabled: bool):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+
+    total = len(records) if hasattr(records, "__len__") else None
+    return tqdm(total=total, unit="region", desc="prepare", file=sys.stderr)
+
+
+def prepare_nuclei(
+    records: Iterable[NucleiRecord],
+    out: str | Path,
+    *,
+    patch: int = 128,
+    overlap: float = 0.5,
+    magnification: str = "20x",
+    holdout: float = 0.075,
+    source_magnification: str | None = None,
+    stain_normalizer=None,
+    seed: int = 0,
+    overwrite: bool = False,
+    progress: bool = True,
+    command: str | Sequence[str] | None = None,
+    shard_size: int | None = None,
+) -> PatchStore:
+    """Stream labelled regions into a patch store (NASDM section 3.1) and open it.
+
+    Records are consumed one at a time, so any reader's generator works. One Generator(seed) draws all
+    hold-out blocks in record order: the same inputs and seed give the same split. Stain normalization
+    (an object with .transform(rgb), e.g. from make_stain_normalizer) runs once per region, before patching.
+    """
+    out = Path(out)
+    if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any data
+        raise OutputExistsError("output already exists; pass overwrite to replace it", out)
+    iterator = iter(records)
+    first = next(iterator, None)
+    if first is None:
+        raise DataError("no labelled regions to prepare", out)
+    rng = np.random.default_rng(seed)
+    meta = {
+        "overlap": overlap,
+        "holdout": holdout,
+        "source_magnification": source_magnification,
+        "stain_normalization": _stain_name(stain_normalizer),
+        "stain_target": getattr(stain_normalizer, "target", None),
+        "seed": seed,
+        "command": command if command is None or isinstance(command, str) else list(command),
+        "args": {
+            "patch": patch,
+            "overlap": overlap,
+            "magnification": magnification,
+            "holdout": holdout,
+            "source_magnification": source_magnification,
+            "seed": seed,
+        },
+    }
+    bar = _progress(records, progress)
+    sources: list[str] = []
+    try:
+        with PatchStoreWriter(out, first.class_names, patch, magnification, meta, overwrite, shard_size) as writer:
+            for record in chain([first], iterator):
+                _check_classes(record, writer.class_names)
+                sources.append(record.source)
+                region = _prepared(record, source_magnification, stain_normalizer)
+                for p in extract_patches(region, patch, overlap, magnification, holdout, rng):
+                    writer.add(p)
+                if bar is not None:
+                    bar.update(1)
+                    bar.set_postfix(patches=len(writer))
+            if len(writer) == 0:
+                only = sources[0] if len(sources) == 1 else None
+                raise DataError(_empty_message(sources, patch, magnification), only)
+    finally:
+        if bar is not None:
+            bar.close()
+    return PatchStore(out)
+
+
+def _stain_name(normalizer) -> str:
+    if normalizer is None:
+        return "none"
+    return getattr(normalizer, "name", None) or type(normalizer).__name__
+
+
+def _check_classes(record: NucleiRecord, class_names: tuple[str, ...]) -> None:
+    if tuple(record.class_names) != class_names:
+        raise DataError(
+            f"class names {tuple(record.class_names)} differ from the first region's {class_names}; "
+            "one store holds one label set",
+            record.source,
+        )
+
+
+def _prepared(record: NucleiRecord, source_magnification: str | None, normalizer) -> NucleiRecord:
+    """The record as patched: magnification supplied/overridden, image stain-normalized once per region."""
+    changes = {}
+    if source_magnification is not None:
+        changes["magnification"] = source_magnification
+    if normalizer is not None:
+        try:
+            changes["image"] = normalizer.transform(record.image)
+        except DataError as exc:
+            raise DataError(f"stain normalization failed: {exc}", record.source) from None
+    return replace(record, **changes) if changes else record
+
+
+def _empty_message(sources: list[str], patch: int, magnification: str) -> str:
+    shown = ", ".join(sources[:5]) + (f" and {len(sources) - 5} more" if len(sources) > 5 else "")
+    return (
+        f"no {patch} px patch at {magnification} could be cut from {shown}: "
+        "are the regions smaller than one crop (patch x source/target magnification)?"
+    )
