@@ -114,7 +114,7 @@ class PatchStoreWriter:
 
     def _check_output(self) -> None:
         if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
-            raise OutputExistsError("output already exists; pass overwrite to replace it", self.path)
+            raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", self.path)
 
     @property
     def buffered_bytes(self) -> int:
@@ -370,7 +370,7 @@ def prepare_nuclei(
     """
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any data
-        raise OutputExistsError("output already exists; pass overwrite to replace it", out)
+        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
     iterator = iter(records)
     first = next(iterator, None)
     if first is None:

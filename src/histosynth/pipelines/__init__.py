@@ -1,0 +1,3 @@
+from histosynth.pipelines.nasdm import NASDMPipeline
+
+__all__ = ["NASDMPipeline"]

@@ -1,0 +1,145 @@
+"""NASDM throughput: training and sampling images/s at 128 px and peak memory, paper-size and tiny models.
+
+    python benchmarks/nasdm.py                      # both models, CPU or the first GPU
+    python benchmarks/nasdm.py --model tiny --train-steps 5 --sample-steps 5 --batch 8
+
+Each (model, phase) runs in its own subprocess so peak memory (max RSS on CPU, max allocated on GPU)
+belongs to that measurement alone. Synthetic tensors of the right shapes are fed: this measures the
+model, the hybrid loss and the sampler, not data loading.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import time
+
+MODELS = {"paper": "nasdm-lizard-20x", "tiny": "nasdm-tiny-cpu"}
+
+
+def machine() -> str:
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {torch.get_num_threads()} torch threads, {dev}, torch {torch.__version__}"
+
+
+def measure(model_key: str, phase: str, batch: int, steps: int, size: int, precision: str) -> dict:
+    import resource
+
+    import torch
+
+    from histosynth.diffusion.hybrid_loss import hybrid_loss
+    from histosynth.diffusion.training import make_model, make_noise_scheduler
+    from histosynth.pipelines.nasdm import NASDMPipeline
+    from histosynth.recipes import load_recipe
+
+    recipe = load_recipe(MODELS[model_key])
+    recipe.patch_size = size
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    num_classes = 6  # Lizard: 6 types (+1 edge channel)
+    model = make_model(recipe, num_classes).to(dev)
+    sched = make_noise_scheduler(recipe)
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    cond = (torch.rand(batch, num_classes + 1, size, size, device=dev) > 0.8).float()
+    amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
+    if dev == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    if phase == "train":
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        betas = sched.betas.to(dev)
+
+        def one():
+            x0 = torch.rand(batch, 3, size, size, device=dev) * 2 - 1
+            t = torch.randint(0, 1000, (batch,), device=dev)
+            noise = torch.randn_like(x0)
+            xt = sched.add_noise(x0, noise, t)
+            with amp:
+                out = model(xt, t, cond)
+            loss, _ = hybrid_loss(out.float(), x0, xt, t, noise, betas)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+        one()  # warm-up
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(steps):
+            one()
+        if dev == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        ips = batch * steps / dt
+    else:
+        pipe = NASDMPipeline(unet=model.eval(), scheduler=sched, class_names=[str(i) for i in range(num_classes)])
+        with amp:
+            pipe(cond, guidance_scale=1.0, num_inference_steps=2, sampler="ddim", progress=False)  # warm-up
+            if dev == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            pipe(cond, guidance_scale=1.0, num_inference_steps=steps, sampler="ddim", progress=False)
+            if dev == "cuda":
+                torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        ips = batch / dt  # images per second for `steps` guided denoising steps
+    peak = (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"model": model_key, "recipe": recipe.name, "params_M": round(params, 1), "phase": phase, "size": size,
+            "batch": batch, "steps": steps, "precision": precision, "device": dev, "seconds": round(dt, 2),
+            "images_per_s": round(ips, 3), "peak_mem_GiB": round(peak, 2),
+            "peak_mem_kind": "cuda max allocated" if dev == "cuda" else "process max RSS"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", choices=["paper", "tiny", "both"], default="both")
+    ap.add_argument("--size", type=int, default=128)
+    ap.add_argument("--batch", type=int, default=None, help="default: 8 on CPU, 40 (paper's per-GPU) on GPU")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps (default 3 CPU / 20 GPU)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="timed DDIM steps with guidance (default 10 CPU / 50 GPU)")
+    ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    import torch
+
+    gpu = torch.cuda.is_available()
+    batch = args.batch or (40 if gpu else 8)
+    precision = args.precision or ("bf16" if gpu else "fp32")
+    if args._child:
+        model_key, phase = args._child
+        steps = args.train_steps if phase == "train" else args.sample_steps
+        print(json.dumps(measure(model_key, phase, batch, steps, args.size, precision)))
+        return
+    train_steps = args.train_steps or (20 if gpu else 3)
+    sample_steps = args.sample_steps or (50 if gpu else 10)
+    print(f"machine: {machine()}")
+    print(f"date: {time.strftime('%Y-%m-%d')}  command: {' '.join(sys.argv)}")
+    keys = ["paper", "tiny"] if args.model == "both" else [args.model]
+    for key in keys:
+        for phase in ("train", "sample"):
+            cmd = [sys.executable, __file__, "--size", str(args.size), "--batch", str(batch), "--precision", precision,
+                   "--train-steps", str(train_steps), "--sample-steps", str(sample_steps), "--_child", key, phase]
+            res = subprocess.run(cmd, capture_output=True, text=True)
+            if res.returncode != 0:
+                print(f"{key} {phase}: FAILED\n{res.stderr[-2000:]}")
+                continue
+            r = json.loads(res.stdout.strip().splitlines()[-1])
+            what = "train images/s" if phase == "train" else f"sample images/s (DDIM {r['steps']} steps, CFG)"
+            print(f"{key:5s} ({r['params_M']} M params) {what}: {r['images_per_s']:.3f} at {r['size']} px, batch {r['batch']}, "
+                  f"{r['precision']}, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']})")
+            print("  json:", json.dumps(r))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,186 @@
+"""The `histosynth` command line: each command is a thin call into the library.
+
+User errors (HistosynthError) print one line naming the file and exit with status 2, no traceback.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from histosynth.errors import HistosynthError
+
+MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
+
+
+def user_errors(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except HistosynthError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(2)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="histosynth")
+def main():
+    """Labelled H&E image synthesis with diffusion models."""
+
+
+# ---------------------------------------------------------------------------------------- quickstart
+@main.command()
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
+@click.option("--max-steps", type=int, default=None, help="Training steps (default: the nasdm-tiny-cpu recipe's).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@user_errors
+def quickstart(out, max_steps, overwrite):
+    """Prepare the bundled HGSC sample, train a tiny NASDM, sample held-out masks, write grid.png + metrics.json."""
+    from histosynth.quickstart import run_quickstart
+
+    metrics = run_quickstart(out, max_steps=max_steps, overwrite=overwrite)
+    click.echo(json.dumps(metrics, indent=2))
+    click.echo(f"wrote {out / 'grid.png'} (rows: condition mask | generated | real) and {out / 'metrics.json'}")
+
+
+# ------------------------------------------------------------------------------------------- prepare
+@main.group()
+def prepare():
+    """Build a patch store from a dataset in its native format."""
+
+
+@prepare.command("nuclei")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(["lizard", "conic", "pannuke", "consep", "folder"]))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The patch store to create.")
+@click.option("--patch", default=128, show_default=True, help="Patch size in pixels.")
+@click.option("--overlap", default=0.5, show_default=True, help="Overlap of neighbouring patches (NASDM: 0.5).")
+@click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS))
+@click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
+              help="Magnification of the source images (required for --format folder unless known).")
+@click.option("--holdout", default=0.075, show_default=True,
+              help="Area fraction of each region held out as test, for datasets without their own split (NASDM: 7.5%).")
+@click.option("--stain-normalize", type=click.Choice(["none", "vahadane", "macenko"]), default="none", show_default=True)
+@click.option("--stain-target", type=click.Path(path_type=Path), default=None, help="Target image for stain normalization.")
+@click.option("--class-names", default=None, help="Comma-separated class names for type ids 1..K (folder format).")
+@click.option("--consep-classes", type=click.Choice(["merged", "original", "merge-original"]), default="merged", show_default=True)
+@click.option("--pannuke-test-folds", default="3", show_default=True, help="Comma-separated PanNuke folds used as test.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def prepare_nuclei_cmd(src, fmt, out, patch, overlap, magnification, source_magnification, holdout, stain_normalize,
+                       stain_target, class_names, consep_classes, pannuke_test_folds, seed, overwrite):
+    """Tile SRC (a dataset in its native FORMAT) into a streaming patch store with a manifest."""
+    from histosynth.data.formats import read_nuclei
+    from histosynth.data.stain import make_stain_normalizer
+    from histosynth.data.store import prepare_nuclei
+
+    options = {}
+    if fmt == "consep":
+        options["classes"] = consep_classes
+    elif fmt == "pannuke":
+        test = tuple(int(f) for f in pannuke_test_folds.split(","))
+        options.update(test_folds=test, train_folds=tuple(f for f in (1, 2, 3) if f not in test))
+    elif fmt == "folder":
+        if class_names:
+            options["class_names"] = tuple(c.strip() for c in class_names.split(","))
+        options["magnification"] = source_magnification
+    if stain_normalize != "none" and stain_target is None:
+        raise HistosynthError(f"--stain-normalize {stain_normalize} needs --stain-target IMAGE")
+    normalizer = make_stain_normalizer(stain_normalize, stain_target)
+    store = prepare_nuclei(
+        read_nuclei(fmt, src, **options), out, patch=patch, overlap=overlap, magnification=magnification,
+        holdout=holdout, source_magnification=source_magnification, stain_normalizer=normalizer, seed=seed,
+        overwrite=overwrite, command=" ".join(sys.argv),
+    )
+    counts = {s: len(store.indices(s)) for s in ("train", "test")}
+    click.echo(f"wrote {out}: {len(store)} patches ({counts['train']} train, {counts['test']} test), classes {list(store.class_names)}")
+
+
+# --------------------------------------------------------------------------------------------- train
+@main.command()
+@click.option("--recipe", required=True, help="Built-in recipe name (nasdm-lizard-20x, nasdm-tiny-cpu) or a YAML path.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store made by `prepare`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps (default: the recipe's).")
+@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
+@user_errors
+def train(recipe, data, out, max_steps, resume, overwrite):
+    """Train a model. Multi-GPU / multi-node: `accelerate launch -m histosynth.cli train ...`."""
+    from histosynth.diffusion.training import train as run_training
+    from histosynth.recipes import load_recipe
+
+    result = run_training(load_recipe(recipe), data, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
+    click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s")
+
+
+# -------------------------------------------------------------------------------------------- sample
+@main.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A training run or a saved pipeline.")
+@click.option("--masks", required=True, type=click.Path(path_type=Path), help="Patch store whose masks condition the samples.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
+@click.option("--num", default=16, show_default=True, help="Number of masks to sample (drawn by --seed).")
+@click.option("--guidance", default=1.0, show_default=True, help="NASDM guidance scale s (0 = conditional only).")
+@click.option("--steps", default=250, show_default=True, help="Denoising steps (exactly this many are run).")
+@click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(["ddpm", "ddim"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def sample(model, masks, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
+    """Generate images conditioned on the masks of a store; each image is written next to its mask."""
+    import torch
+
+    from histosynth.pipelines.nasdm import NASDMPipeline
+    from histosynth.sampling import sample_store
+
+    pipe = NASDMPipeline.from_pretrained(model).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    sample_store(pipe, masks, out, split=None if split == "all" else split, num=num, guidance_scale=guidance,
+                 num_inference_steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, overwrite=overwrite)
+    click.echo(f"wrote {out}: images/, masks/, labels/, real/, samples.jsonl, grid.png")
+
+
+# ------------------------------------------------------------------------------------------ evaluate
+@main.group()
+def evaluate():
+    """Evaluate generated images."""
+
+
+@evaluate.command("fid")
+@click.option("--real", required=True, type=click.Path(path_type=Path), help="A patch store or a folder of images.")
+@click.option("--split", default=None, help="Split of the real store (e.g. test).")
+@click.option("--generated", required=True, type=click.Path(path_type=Path), help="A `sample` output or a folder of images.")
+@click.option("--features", default="inception", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
+@click.option("--inception-weights", type=click.Path(path_type=Path), default=None, help="Local Inception weights (no download).")
+@click.option("--batch-size", default=32, show_default=True)
+@click.option("--device", default=None)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file.")
+@user_errors
+def evaluate_fid(real, split, generated, features, inception_weights, batch_size, device, out):
+    """FID and KID (and IS with Inception) between real and generated images."""
+    import torch
+
+    from histosynth.evaluate.fid import evaluate_distribution
+
+    if (generated / "samples.jsonl").is_file():  # a `histosynth sample` output: its generated images
+        generated = generated / "images"
+    metrics = evaluate_distribution(real, generated, features=features, split=split, weights_path=inception_weights,
+                                    batch_size=batch_size, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    text = json.dumps(metrics, indent=2, default=str)
+    if out:
+        out.write_text(text + "\n")
+    click.echo(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""Pictures a person would rather look at: coloured nuclei masks, sample grids, loss curves."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+# Distinct colours for nucleus types 1..N (background black, instance edges white).
+PALETTE = np.array(
+    [[0, 0, 0], [255, 64, 64], [64, 200, 64], [64, 128, 255], [255, 200, 0], [200, 64, 255], [0, 220, 220], [255, 128, 0]],
+    dtype=np.uint8,
+)
+
+
+def colour_mask(type_map: np.ndarray, edges: np.ndarray | None = None) -> np.ndarray:
+    """uint8 RGB picture of a type map (type k in PALETTE[k]) with instance edges drawn in white."""
+    rgb = PALETTE[np.clip(type_map, 0, len(PALETTE) - 1)]
+    if edges is not None:
+        rgb = rgb.copy()
+        rgb[edges > 0] = 255
+    return rgb
+
+
+def condition_to_rgb(condition: np.ndarray) -> np.ndarray:
+    """Picture of a NASDM condition tensor (K type channels + 1 edge channel, C x H x W)."""
+    types = condition[:-1]
+    type_map = np.where(types.max(0) > 0, types.argmax(0) + 1, 0)
+    return colour_mask(type_map, condition[-1])
+
+
+def save_grid(rows: list[list[np.ndarray]], path: Path, pad: int = 2, scale: int = 1) -> None:
+    """Save equally-sized uint8 RGB tiles as a grid PNG (one list per row)."""
+    h, w = rows[0][0].shape[:2]
+    ncol = max(len(r) for r in rows)
+    canvas = np.full((len(rows) * (h + pad) + pad, ncol * (w + pad) + pad, 3), 255, np.uint8)
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            y, x = pad + i * (h + pad), pad + j * (w + pad)
+            canvas[y : y + h, x : x + w] = tile
+    img = Image.fromarray(canvas)
+    if scale != 1:
+        img = img.resize((img.width * scale, img.height * scale), Image.NEAREST)
+    img.save(path)
+
+
+def plot_losses(losses_jsonl: Path, out_png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(r) for r in Path(losses_jsonl).read_text().splitlines() if r]
+    if not rows:
+        return
+    steps = np.array([r["step"] for r in rows])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, key in zip(axes, ("simple", "vlb")):
+        vals = np.array([r[key] for r in rows])
+        ax.plot(steps, vals, lw=0.5, alpha=0.4)
+        k = max(1, len(vals) // 50)
+        ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), lw=1.5)
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title({"simple": "L_simple (ε MSE)", "vlb": "L_vlb term (bits/dim)"}[key])
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
