@@ -1,0 +1,425 @@
+"""Distribution metrics between a real and a generated image set: FID, KID and (Inception only) IS.
+
+Sources (``real`` / ``generated``) are either
+
+* a folder of images, searched recursively (hidden folders skipped), sorted by relative path. By default the
+  files matching ``*.png, *.jpg, *.jpeg, *.tif, *.tiff`` (case-insensitive) whose name does **not** contain
+  ``mask`` (so ``x_mask.png`` label images next to the tiles are left out); pass ``patterns`` / ``exclude``
+  to change that. ``split`` selects the sub-folder ``source/split`` (e.g. ``consep`` + ``train``).
+* a histosynth patch store (a folder holding ``store.json``); ``split`` selects the store's split.
+
+The metric functions are small and independent (numpy / scipy, float64) and follow torch-fidelity's
+definitions, so numbers match torch-fidelity / torchmetrics for the same features:
+
+* :func:`frechet_distance`: ``||mu1-mu2||^2 + Tr(S1 + S2 - 2 sqrtm(S1 S2))`` with scipy's ``sqrtm``; when the
+  product is singular (fewer images than feature dimensions) ``eps`` is added to both diagonals.
+* :func:`kernel_inception_distance`: unbiased MMD^2 with the cubic polynomial kernel
+  ``k(x, y) = (x.y / d + 1)^3`` over random subsets; mean and (population) std over subsets.
+* :func:`inception_score`: ``exp(E_x KL(p(y|x) || p(y)))`` over splits of the shuffled logits.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import scipy.linalg
+import scipy.special
+import torch
+
+from histosynth.errors import DataError, HistosynthError
+from histosynth.evaluate.features import FeatureExtractor, load_feature_extractor
+
+__all__ = [
+    "DEFAULT_PATTERNS",
+    "DEFAULT_EXCLUDE",
+    "list_images",
+    "count_images",
+    "iter_image_batches",
+    "extract_features",
+    "feature_statistics",
+    "frechet_distance",
+    "kernel_inception_distance",
+    "inception_score",
+    "evaluate_distribution",
+]
+
+DEFAULT_PATTERNS: tuple[str, ...] = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff")
+DEFAULT_EXCLUDE: tuple[str, ...] = ("mask",)
+STORE_MARKER = "store.json"
+
+
+# ----------------------------------------------------------------------------------------------- image sources
+def _patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
+    if patterns is None:
+        return DEFAULT_PATTERNS
+    if isinstance(patterns, str):
+        patterns = patterns.split(",")
+    out = tuple(p.strip().lower() for p in patterns if p.strip())
+    if not out:
+        raise HistosynthError(f"no image pattern given ({patterns!r})")
+    return out
+
+
+def _is_store(path: Path) -> bool:
+    return (path / STORE_MARKER).is_file()
+
+
+def _resolve_folder(source: str | Path, split: str | None) -> Path:
+    root = Path(source).expanduser()
+    if not root.exists():
+        raise DataError("image source does not exist", root)
+    if not root.is_dir():
+        raise DataError("image source must be a folder of images or a patch store (a folder with store.json)", root)
+    if split is not None and not _is_store(root):
+        sub = root / split
+        if not sub.is_dir():
+            raise DataError(f"no split sub-folder {split!r} in this image folder", root)
+        return sub
+    return root
+
+
+def list_images(
+    source: str | Path,
+    split: str | None = None,
+    patterns: str | Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> list[Path]:
+    """Image files of a folder (recursive, sorted); see the module docstring for the default selection."""
+    folder = _resolve_folder(source, split)
+    pats = _patterns(patterns)
+    excl = tuple(e.lower() for e in exclude)
+    files = []
+    for p in folder.rglob("*"):
+        rel = p.relative_to(folder)
+        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
+            continue
+        name = p.name.lower()
+        if any(fnmatch.fnmatchcase(name, pat) for pat in pats) and not any(e in name for e in excl):
+            files.append(p)
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _open_store(root: Path, split: str | None):
+    from histosynth.data.store import PatchStore  # lazily: the store module is optional for folder sources
+
+    store = PatchStore(root)
+    return store, list(store.indices(split))
+
+
+def _describe(source: str | Path, split: str | None, patterns, exclude) -> str:
+    if _is_store(Path(source)):
+        return f"no patches in this store{f' for split {split!r}' if split else ''}"
+    return (
+        f"no images found (patterns {', '.join(_patterns(patterns))}, recursive; names containing "
+        f"{', '.join(map(repr, exclude)) or 'nothing'} skipped)"
+    )
+
+
+def count_images(
+    source: str | Path,
+    split: str | None = None,
+    patterns: str | Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> int:
+    """Number of images :func:`iter_image_batches` will yield for this source."""
+    root = _resolve_folder(source, split)
+    if _is_store(root):
+        return len(_open_store(root, split)[1])
+    return len(list_images(root, None, patterns, exclude))
+
+
+def _load_image(path: Path) -> np.ndarray:
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return np.asarray(im.convert("RGB"), dtype=np.uint8)
+    except Exception as e:  # PIL raises many kinds
+        raise DataError(f"cannot read image: {e}", path) from e
+
+
+def _to_hwc_uint8(image: Any, where: str) -> np.ndarray:
+    a = image.numpy() if torch.is_tensor(image) else np.asarray(image)
+    if a.ndim == 2:
+        a = np.repeat(a[..., None], 3, axis=-1)
+    if a.ndim != 3 or a.shape[-1] not in (3, 4) or a.dtype != np.uint8:
+        raise DataError(f"expected a uint8 (H, W, 3) image, got {a.dtype} {a.shape}", where)
+    return a[..., :3]
+
+
+def iter_image_batches(
+    source: str | Path,
+    split: str | None = None,
+    batch_size: int = 32,
+    patterns: str | Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> Iterator[torch.Tensor]:
+    """An iterator of ``uint8 (B, 3, H, W)`` batches from an image folder or a patch store.
+
+    Images of different sizes are never stacked: a batch is cut short where the size changes. The source is
+    checked at once; images are read lazily while iterating.
+
+    Raises:
+        DataError: the source does not exist or holds no images (at the call), or an image cannot be read
+            (while iterating).
+    """
+    if batch_size < 1:
+        raise HistosynthError(f"batch size must be >= 1, got {batch_size}")
+    root = _resolve_folder(source, split)
+    if _is_store(root):
+        store, idx = _open_store(root, split)
+        items = ((lambda i=i: _to_hwc_uint8(store[i]["image"], f"{root}[{i}]")) for i in idx)
+        n = len(idx)
+    else:
+        files = list_images(root, None, patterns, exclude)
+        items = ((lambda p=p: _load_image(p)) for p in files)
+        n = len(files)
+    if n == 0:
+        raise DataError(_describe(root, split, patterns, exclude), root)
+    return _batches(items, batch_size)
+
+
+def _batches(items, batch_size: int) -> Iterator[torch.Tensor]:
+    batch: list[np.ndarray] = []
+    for load in items:
+        img = load()
+        if batch and (len(batch) == batch_size or img.shape != batch[0].shape):
+            yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+            batch = []
+        batch.append(img)
+    if batch:
+        yield torch.from_numpy(np.stack(batch)).permute(0, 3, 1, 2).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------- features
+def extract_features(
+    source: str | Path,
+    extractor: FeatureExtractor,
+    split: str | None = None,
+    batch_size: int = 32,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+    desc: str | None = None,
+    patterns: str | Sequence[str] | None = None,
+    exclude: Sequence[str] = DEFAULT_EXCLUDE,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features ``(N, D)`` float64 and logits ``(N, K)`` float64 (or None) of every image of a source."""
+    from tqdm.auto import tqdm
+
+    if device is None:
+        param = next(iter(extractor.parameters()), None)
+        device = param.device if param is not None else "cpu"
+    total = count_images(source, split, patterns, exclude)
+    feats, logits = [], []
+    with tqdm(total=total, unit="img", desc=desc or f"{extractor.name} features", disable=not progress) as bar:
+        for batch in iter_image_batches(source, split, batch_size, patterns, exclude):
+            with torch.inference_mode():
+                f, lg = extractor.features_and_logits(batch.to(device))
+            feats.append(f.double().cpu().numpy())
+            if lg is not None:
+                logits.append(lg.double().cpu().numpy())
+            bar.update(batch.shape[0])
+    f_all = np.concatenate(feats)
+    if not np.isfinite(f_all).all():
+        raise HistosynthError(f"{extractor.name} produced non-finite features (check the weights)", source)
+    return f_all, (np.concatenate(logits) if logits else None)
+
+
+def feature_statistics(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean ``(D,)`` and unbiased covariance ``(D, D)`` (float64) of features ``(N, D)``, N >= 2."""
+    f = np.asarray(features, dtype=np.float64)
+    if f.ndim != 2 or f.shape[0] < 2:
+        raise ValueError(f"need features of shape (N >= 2, D), got {f.shape}")
+    return f.mean(axis=0), np.cov(f, rowvar=False)
+
+
+# ----------------------------------------------------------------------------------------------------- metrics
+def _sqrtm(a: np.ndarray) -> np.ndarray:
+    out = scipy.linalg.sqrtm(a)
+    return out[0] if isinstance(out, tuple) else out  # scipy < 1.16 may return (sqrt, errest)
+
+
+def frechet_distance(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
+    """Fréchet distance between N(mu1, sigma1) and N(mu2, sigma2) (the FID formula), float64.
+
+    ``sqrtm(sigma1 @ sigma2)`` by scipy; if it is not finite or has a noticeable imaginary part (singular
+    covariances, e.g. fewer samples than dimensions), ``eps * I`` is added to both covariances and it is
+    recomputed (as pytorch-fid / torch-fidelity do); the remaining imaginary round-off is dropped.
+    """
+    mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))
+    s1, s2 = np.atleast_2d(np.asarray(sigma1, np.float64)), np.atleast_2d(np.asarray(sigma2, np.float64))
+    if mu1.shape != mu2.shape or s1.shape != s2.shape or s1.shape != (mu1.size, mu1.size):
+        raise ValueError(f"shape mismatch: mu {mu1.shape} {mu2.shape}, sigma {s1.shape} {s2.shape}")
+    diff = mu1 - mu2
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # scipy's "singular matrix" notes; handled below
+        covmean = _sqrtm(s1 @ s2)
+        bad = not np.isfinite(covmean).all() or (
+            np.iscomplexobj(covmean) and not np.allclose(np.diagonal(covmean).imag, 0, atol=1e-3)
+        )
+        if bad:
+            offset = np.eye(s1.shape[0]) * eps
+            covmean = _sqrtm((s1 + offset) @ (s2 + offset))
+    if not np.isfinite(covmean).all():
+        raise ValueError("Fréchet distance: matrix square root is not finite even with the eps offset")
+    if np.iscomplexobj(covmean):
+        imag = float(np.max(np.abs(np.diagonal(covmean).imag)))
+        if imag > 1e-3:
+            warnings.warn(f"Fréchet distance: dropping an imaginary component of {imag:.3g} in sqrtm", stacklevel=2)
+        covmean = covmean.real
+    return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * np.trace(covmean))
+
+
+def _poly_kernel(x: np.ndarray, y: np.ndarray, degree: int, gamma: float | None, coef: float) -> np.ndarray:
+    g = 1.0 / x.shape[1] if gamma is None else gamma
+    return (x @ y.T * g + coef) ** degree
+
+
+def _mmd2_unbiased(kxx: np.ndarray, kxy: np.ndarray, kyy: np.ndarray) -> float:
+    m = kxx.shape[0]
+    sum_xx = kxx.sum() - np.trace(kxx)
+    sum_yy = kyy.sum() - np.trace(kyy)
+    return float((sum_xx + sum_yy) / (m * (m - 1)) - 2.0 * kxy.sum() / (m * m))
+
+
+def kernel_inception_distance(
+    f1: np.ndarray,
+    f2: np.ndarray,
+    subsets: int = 100,
+    subset_size: int = 1000,
+    degree: int = 3,
+    gamma: float | None = None,
+    coef: float = 1.0,
+    seed: int = 2020,
+) -> tuple[float, float]:
+    """KID: mean and population std over ``subsets`` of the unbiased MMD^2 between random subsets.
+
+    Kernel ``k(x, y) = (gamma x.y + coef)^degree`` with ``gamma = 1/D`` by default (cubic polynomial, as
+    torch-fidelity and torchmetrics). Subsets of ``subset_size`` rows are drawn without replacement from each set.
+    """
+    x, y = np.asarray(f1, np.float64), np.asarray(f2, np.float64)
+    if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1]:
+        raise ValueError(f"features must be (N, D) with the same D, got {x.shape} and {y.shape}")
+    if subset_size < 2 or subset_size > min(len(x), len(y)):
+        raise HistosynthError(
+            f"KID subset size {subset_size} must be between 2 and the number of images "
+            f"({len(x)} real, {len(y)} generated)"
+        )
+    if subsets < 1:
+        raise HistosynthError(f"KID needs at least one subset, got {subsets}")
+    rng = np.random.RandomState(seed)
+    mmds = np.empty(subsets)
+    for i in range(subsets):
+        a = x[rng.choice(len(x), subset_size, replace=False)]
+        b = y[rng.choice(len(y), subset_size, replace=False)]
+        mmds[i] = _mmd2_unbiased(
+            _poly_kernel(a, a, degree, gamma, coef),
+            _poly_kernel(a, b, degree, gamma, coef),
+            _poly_kernel(b, b, degree, gamma, coef),
+        )
+    return float(mmds.mean()), float(mmds.std())
+
+
+def inception_score(logits: np.ndarray, splits: int = 10, shuffle: bool = True, seed: int = 2020) -> tuple[float, float]:
+    """Inception Score from classifier logits ``(N, K)``: mean and population std of ``exp(E KL(p(y|x)||p(y)))``.
+
+    The (shuffled) rows are cut into ``splits`` consecutive groups, as torch-fidelity does.
+    """
+    z = np.asarray(logits, np.float64)
+    if z.ndim != 2 or z.shape[0] < splits or splits < 1:
+        raise ValueError(f"need logits (N >= splits, K) with splits >= 1, got {z.shape}, splits={splits}")
+    if shuffle:
+        z = z[np.random.RandomState(seed).permutation(len(z))]
+    log_p = z - scipy.special.logsumexp(z, axis=1, keepdims=True)
+    p = np.exp(log_p)
+    n = len(z)
+    scores = []
+    for i in range(splits):
+        lo, hi = i * n // splits, (i + 1) * n // splits
+        p_c, log_p_c = p[lo:hi], log_p[lo:hi]
+        log_py = np.log(p_c.mean(axis=0, keepdims=True))
+        kl = (p_c * (log_p_c - log_py)).sum(axis=1).mean()
+        scores.append(math.exp(kl))
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+# ------------------------------------------------------------------------------------------------ the evaluation
+def evaluate_distribution(
+    real: str | Path,
+    generated: str | Path,
+    features: str | FeatureExtractor = "effnet-lite0",
+    split: str | None = None,
+    weights_path: str | Path | None = None,
+    batch_size: int = 32,
+    device: str | torch.device = "cpu",
+    kid_subset_size: int | None = None,
+    kid_subsets: int = 100,
+    is_splits: int = 10,
+    generated_split: str | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """FID, KID (and IS for Inception features) of ``generated`` against ``real``.
+
+    Args:
+        real, generated: image folders or patch stores (see the module docstring).
+        features: ``"effnet-lite0"`` (offline), ``"inception"`` (standard; downloads unless ``weights_path``),
+            or an already built :class:`FeatureExtractor`.
+        split: split of ``real`` (store split or sub-folder); ``generated_split`` likewise for ``generated``.
+        weights_path: local weight file for the extractor (e.g. ``--inception-weights``).
+        kid_subset_size: default ``min(1000, n_real, n_generated)``.
+        is_splits: Inception Score splits (reduced to the number of generated images if larger).
+
+    Returns:
+        ``fid, kid_mean, kid_std, n_real, n_generated, features, protocol, kid_subset_size, kid_subsets`` and,
+        when the extractor provides an Inception Score (Inception), ``is_mean, is_std`` of the generated images.
+    """
+    if isinstance(features, FeatureExtractor):
+        extractor = features.to(device).eval()
+    else:
+        extractor = load_feature_extractor(features, weights_path=weights_path, device=device)
+
+    f_real, _ = extract_features(real, extractor, split, batch_size, device, progress, desc="real")
+    f_gen, logits_gen = extract_features(generated, extractor, generated_split, batch_size, device, progress,
+                                         desc="generated")
+    n_real, n_gen = len(f_real), len(f_gen)
+    for n, src in ((n_real, real), (n_gen, generated)):
+        if n < 2:
+            raise DataError(f"need at least 2 images for FID, found {n}", src)
+    if min(n_real, n_gen) <= extractor.num_features:
+        warnings.warn(
+            f"only {min(n_real, n_gen)} images for {extractor.num_features}-d features: the covariance is singular "
+            "and FID is strongly biased upwards; compare FIDs only at equal image counts",
+            stacklevel=2,
+        )
+
+    mu_r, sig_r = feature_statistics(f_real)
+    mu_g, sig_g = feature_statistics(f_gen)
+    fid = frechet_distance(mu_r, sig_r, mu_g, sig_g)
+
+    subset = min(1000, n_real, n_gen) if kid_subset_size is None else int(kid_subset_size)
+    kid_mean, kid_std = kernel_inception_distance(f_real, f_gen, subsets=kid_subsets, subset_size=subset)
+
+    result: dict[str, Any] = {
+        "fid": fid,
+        "kid_mean": kid_mean,
+        "kid_std": kid_std,
+        "n_real": n_real,
+        "n_generated": n_gen,
+        "features": extractor.name,
+        "kid_subset_size": subset,
+        "kid_subsets": kid_subsets,
+    }
+    if extractor.provides_inception_score and logits_gen is not None:
+        result["is_mean"], result["is_std"] = inception_score(logits_gen, splits=min(is_splits, n_gen))
+    result["protocol"] = json.loads(json.dumps(extractor.protocol))  # a plain, JSON-able copy
+    return result
