@@ -96,5 +96,5 @@ def sample_store(
                 if len(grid) < grid_rows:
                     grid.append([mask_rgb, image, np.asarray(it["image"])])
                 n += 1
-    save_grid(grid, out / "grid.png", scale=2 if store.patch_size <= 64 else 1)
+    save_grid(grid, out / "grid.png", scale=max(1, 128 // store.patch_size))
     return out
