@@ -117,9 +117,11 @@ def test_run_directory_is_never_overwritten_silently(hgsc_store, tmp_path):
 
 
 def test_checkpoint_layout_is_safetensors_and_atomic(hgsc_store, tmp_path):
-    train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=4, progress=False)
+    train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=6, progress=False)
+    rows = _losses(tmp_path / "run")  # the micro recipe: 4 steps at 2e-3, then the fine-tune stage at 5e-4
+    assert [(r["stage"], r["lr"]) for r in rows] == [("train", 2e-3)] * 4 + [("finetune", 5e-4)] * 2
     ckpts = ckpt.list_checkpoints(tmp_path / "run")
-    assert [p.name for p in ckpts] == ["step-0000002", "step-0000004"]
+    assert [p.name for p in ckpts] == ["step-0000002", "step-0000004", "step-0000006"]
     files = {p.name for p in ckpts[-1].iterdir()}
     assert {"model.safetensors", "ema.safetensors", "trainer_state.json"} <= files
     assert any(f.startswith("optimizer") for f in files) and any(f.startswith("scheduler") for f in files)
@@ -127,3 +129,21 @@ def test_checkpoint_layout_is_safetensors_and_atomic(hgsc_store, tmp_path):
     assert not list((tmp_path / "run" / "checkpoints").glob(".tmp-*"))
     assert (tmp_path / "run" / "pipeline" / "model_index.json").is_file()
     assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+
+
+def test_two_process_data_parallel_training(hgsc_store, tmp_path):
+    """The distributed path (what `accelerate launch --multi_gpu` runs), on 2 CPU processes with gloo."""
+    import shutil
+
+    recipe_file = tmp_path / "micro.yaml"
+    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(micro_recipe().to_dict()))))
+    torchrun = shutil.which("torchrun") or str(Path(sys.executable).parent / "torchrun")
+    env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    res = subprocess.run([torchrun, "--nproc_per_node", "2", "-m", "histosynth.cli", "train", "--recipe", str(recipe_file),
+                          "--data", str(hgsc_store), "--out", str(tmp_path / "ddp"), "--max-steps", "4"],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-3000:]
+    last = ckpt.latest_checkpoint(tmp_path / "ddp")
+    assert last.name == "step-0000004"
+    assert {p.name for p in last.glob("random_states_*")} == {"random_states_0.pkl", "random_states_1.pkl"}
+    assert [r["step"] for r in _losses(tmp_path / "ddp")] == [1, 2, 3, 4]  # one log, written by rank 0 only

@@ -217,6 +217,7 @@ def train(
     try:
         while step < total:
             stage = recipe.stage_at(step)
+            lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (logged before the scheduler moves it)
             terms_sum = {"loss": 0.0, "simple": 0.0, "vlb": 0.0}
             for a in range(ga):
                 micro = (step * ga + a) * nproc + rank
@@ -238,7 +239,7 @@ def train(
                         loss, terms = hybrid_loss(out, x0, xt, t, noise, betas, lambda_vlb=recipe.diffusion.lambda_vlb)
                     else:
                         loss = torch.nn.functional.mse_loss(out, noise)
-                        terms = {"simple": loss.detach(), "vlb": torch.zeros(())}
+                        terms = {"simple": loss.detach(), "vlb": torch.zeros((), device=loss.device)}
                     if not torch.isfinite(loss):
                         last = ckpt.latest_checkpoint(run)
                         raise TrainingError(
@@ -253,15 +254,17 @@ def train(
                     optimizer.step()
                     lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)
-                terms_sum["loss"] += loss.item() / ga
-                terms_sum["simple"] += float(terms["simple"]) / ga
-                terms_sum["vlb"] += float(terms["vlb"]) / ga
+                logged = torch.stack([loss.detach(), terms["simple"].detach().float(), terms["vlb"].detach().float()])
+                if nproc > 1:  # log the mean over all processes, not rank 0's share
+                    logged = accelerator.reduce(logged, reduction="mean")
+                for key, value in zip(("loss", "simple", "vlb"), logged.tolist()):
+                    terms_sum[key] += value / ga
                 seen += x0.shape[0] * nproc
             ema.step(accelerator.unwrap_model(model).parameters())
             step += 1
             loss_value = terms_sum["loss"]
             if log is not None:
-                row = {"step": step, **{k: round(v, 7) for k, v in terms_sum.items()}, "lr": optimizer.param_groups[0]["lr"], "stage": stage.name}
+                row = {"step": step, **{k: round(v, 7) for k, v in terms_sum.items()}, "lr": lr, "stage": stage.name}
                 log.write(json.dumps(row) + "\n")
                 log.flush()
             bar.update(1)
