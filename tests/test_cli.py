@@ -120,3 +120,13 @@ def test_sample_refuses_existing_output(tmp_path, hgsc_store):
     rows = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
     assert all(r_["num_inference_steps"] == 3 and r_["split"] == "test" and r_["seed"] == 0 for r_ in rows)
     _assert_user_error(CliRunner().invoke(main, args), "--overwrite")
+
+    # evaluate fid takes the sample output directory itself (its images/, not its masks or real patches)
+    r = CliRunner().invoke(main, ["evaluate", "fid", "--real", str(hgsc_store), "--split", "test", "--generated",
+                                  str(tmp_path / "s"), "--features", "effnet-lite0", "--out", str(tmp_path / "m.json")])
+    assert r.exit_code == 0, r.output
+    metrics = json.loads((tmp_path / "m.json").read_text())
+    from histosynth.data.store import PatchStore
+
+    assert metrics["n_generated"] == 3 and metrics["n_real"] == len(PatchStore(hgsc_store).indices("test"))
+    assert metrics["fid"] > 0 and metrics["protocol"]["extractor"] == "effnet-lite0"
