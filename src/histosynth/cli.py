@@ -5,28 +5,17 @@ User errors (HistosynthError) print one line naming the file and exit with statu
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
+from histosynth.cli_common import user_errors
 from histosynth.errors import HistosynthError
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
 
-
-def user_errors(fn):
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except HistosynthError as exc:
-            click.echo(f"error: {exc}", err=True)
-            sys.exit(2)
-
-    return wrapper
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -181,6 +170,15 @@ def evaluate_fid(real, split, generated, features, inception_weights, batch_size
         out.write_text(text + "\n")
     click.echo(text)
 
+
+def _register_extensions() -> None:
+    """Command modules that live next to the library code they call."""
+    from histosynth.evaluate.cli_controllability import register as register_controllability
+
+    register_controllability(evaluate)
+
+
+_register_extensions()
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,143 @@
+"""`histosynth evaluate` commands for controllability, sweeps and the report.
+
+The commands are registered in the ``evaluate`` group of :mod:`histosynth.cli` (``register(evaluate)`` or
+``evaluate.add_command(...)`` for each of :data:`COMMANDS`). Each is a thin call into
+:mod:`histosynth.evaluate.controllability`, :mod:`~histosynth.evaluate.sweep` and
+:mod:`~histosynth.evaluate.report`; user errors print one line naming the file and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from histosynth.cli_common import user_errors
+from histosynth.errors import HistosynthError
+
+__all__ = ["COMMANDS", "register", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_segmenter(path: Path, device: str | None):
+    from histosynth.evaluate.segmenter import load_segmenter
+
+    seg = load_segmenter(path, device=_device(device))
+    if not getattr(seg, "path", None):
+        try:  # reports name the segmenter by its path
+            seg.path = str(path)
+        except AttributeError:
+            pass
+    return seg
+
+
+def _dump(data) -> str:
+    return json.dumps(data, indent=2, default=str)
+
+
+_generated = click.option("--generated", required=True, type=click.Path(path_type=Path),
+                          help="A `histosynth sample` output directory (samples.jsonl, images/, labels/, real/).")
+_segmenter = click.option("--segmenter", required=True, type=click.Path(path_type=Path),
+                          help="A trained nuclei segmenter (see histosynth.evaluate.segmenter).")
+_batch = click.option("--batch-size", default=16, show_default=True, help="Images per segmenter call.")
+_dev = click.option("--device", default=None, help="torch device (default: cuda if available).")
+
+
+@click.command("mask-adherence")
+@_generated
+@_segmenter
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file.")
+@_batch
+@_dev
+@user_errors
+def mask_adherence_cmd(generated, segmenter, out, batch_size, device):
+    """Dice, AJI, PQ, mPQ+ of the segmented generated images against their conditioning masks (and of the
+    same segmenter on the real patches of those masks, the reference)."""
+    from histosynth.evaluate.controllability import mask_adherence
+
+    result = mask_adherence(generated, _load_segmenter(segmenter, device), batch_size=batch_size)
+    text = _dump(result)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n", encoding="utf-8")
+    click.echo(text)
+
+
+@click.command("counts")
+@_generated
+@_segmenter
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Directory for counts.json, counts.csv and the Bland–Altman / scatter PNGs.")
+@_batch
+@_dev
+@user_errors
+def counts_cmd(generated, segmenter, out, batch_size, device):
+    """Requested vs generated nuclei counts per type: Pearson r, Bland–Altman agreement and plots."""
+    from histosynth.evaluate.controllability import count_agreement
+
+    result = count_agreement(generated, _load_segmenter(segmenter, device), out, batch_size=batch_size)
+    click.echo(_dump({"per_type": result["per_type"], "reference": result["reference"]}))
+    click.echo(f"wrote {out}: counts.json, counts.csv, counts_scatter.png, bland_altman_<type>.png")
+
+
+@click.command("sweep")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A training run or a saved pipeline.")
+@click.option("--masks", required=True, type=click.Path(path_type=Path),
+              help="Patch store whose masks condition the samples (its real patches are the FD/KID reference).")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
+@click.option("--param", default="guidance", show_default=True, help="What to sweep: guidance or steps.")
+@click.option("--values", default="0,0.5,1,1.5,2,3", show_default=True, help="Comma-separated values of --param.")
+@click.option("--num", default=16, show_default=True, help="Masks sampled per value (the same masks for every value).")
+@click.option("--steps", default=250, show_default=True, help="Denoising steps (when sweeping guidance).")
+@click.option("--guidance", default=1.0, show_default=True, help="Guidance scale s (when sweeping steps).")
+@click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(["ddpm", "ddim"]))
+@click.option("--seed", default=0, show_default=True)
+@click.option("--features", default="effnet-lite0", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
+@click.option("--segmenter", type=click.Path(path_type=Path), default=None, help="Also measure mask adherence.")
+@click.option("--batch-size", default=16, show_default=True)
+@_dev
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def sweep_cmd(model, masks, split, param, values, num, steps, guidance, sampler, seed, features, segmenter, batch_size,
+              device, out, overwrite):
+    """Sample the same masks at several guidance scales (or step counts) and measure each (NASDM Fig. 2)."""
+    from histosynth.evaluate.sweep import guidance_sweep, parse_values
+
+    values = parse_values(values, param)  # check the flags before loading anything
+    seg = _load_segmenter(segmenter, device) if segmenter else None
+    rows = guidance_sweep(model, masks, out, values, param, num=num, steps=steps, guidance=guidance, sampler=sampler,
+                          seed=seed, split=None if split == "all" else split, features=features, segmenter=seg,
+                          overwrite=overwrite, batch_size=batch_size, device=_device(device))
+    keys = [param, "fid", "kid_mean", "nuclei_contrast_generated", "mpq"]
+    for r in rows:
+        click.echo("  ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), (int, float))))
+    click.echo(f"wrote {out}: sweep.json, sweep.png and one sample directory per value")
+
+
+@click.command("report")
+@click.argument("inputs", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The Markdown report to write.")
+@user_errors
+def report_cmd(inputs, out):
+    """One Markdown report of the runs, sample / sweep directories and metric JSON files given."""
+    from histosynth.evaluate.report import build_report
+
+    path = build_report(list(inputs), out)
+    click.echo(f"wrote {path} (figures in {path.parent / (path.stem + '_files')})")
+
+
+COMMANDS = [mask_adherence_cmd, counts_cmd, sweep_cmd, report_cmd]
+
+
+def register(group: click.Group) -> click.Group:
+    """Add the commands of this module to a click group (the `evaluate` group of histosynth.cli)."""
+    for cmd in COMMANDS:
+        group.add_command(cmd)
+    return group

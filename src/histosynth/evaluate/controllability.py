@@ -1,0 +1,380 @@
+"""Controllability: do the generated images contain the nuclei their masks asked for?
+
+Both functions read a ``histosynth sample`` output directory (``samples.jsonl`` with, per row, the generated
+``image``, the conditioning ``inst_map`` / ``type_map`` and the ``real`` patch of that mask; paths relative to
+the directory) and segment images with a nuclei segmenter: any object with ``class_names`` (names of types
+1..K, as a store's) and ``predict(images uint8 (B, H, W, 3)) -> (inst (B, H, W), type (B, H, W))``, e.g.
+:func:`histosynth.evaluate.segmenter.load_segmenter`.
+
+* :func:`mask_adherence` — the segmentation of the generated images scored against the masks they were
+  conditioned on (Dice, AJI, PQ, mPQ+, per-type PQ, per-type counts requested vs found), with the SAME
+  segmenter on the real images of those masks as the reference row: the generated numbers can only be read
+  relative to what the segmenter achieves on real tissue (DISC and HistoSmith judge generated labels by a
+  downstream segmenter the same way).
+* :func:`count_agreement` — per type, the number of nuclei requested (conditioning label maps) against the
+  number found in the generated image: Pearson r and Bland–Altman agreement (HistoSmith's controllability
+  analysis), one Bland–Altman PNG per type and one scatter PNG.
+
+Counting and typing follow :mod:`histosynth.evaluate.instance_metrics` (an instance's type is the majority
+type of its pixels). The class names of a sample directory come from its rows (``class_names``) or from the
+``store.json`` of the store the masks were drawn from; they must equal the segmenter's.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from histosynth.errors import DataError, HistosynthError
+from histosynth.evaluate.instance_metrics import (
+    PQAccumulator, aggregated_jaccard_index, bland_altman, bland_altman_plot, counts_per_type, dice, pearson_r,
+)
+
+__all__ = ["read_samples", "sample_class_names", "check_segmenter_classes", "segment_samples", "mask_adherence",
+           "count_agreement"]
+
+MANIFEST = "samples.jsonl"
+MATCH_IOU = 0.5
+
+
+# ------------------------------------------------------------------------------------------- the sample dir
+def read_samples(sample_dir: str | Path) -> list[dict]:
+    """The rows of ``sample_dir/samples.jsonl``; DataError naming the file when it is missing or malformed."""
+    root = Path(sample_dir)
+    manifest = root / MANIFEST
+    if not root.is_dir():
+        raise DataError("not a directory (expected a `histosynth sample` output)", root)
+    if not manifest.is_file():
+        raise DataError(f"no {MANIFEST}: not a `histosynth sample` output directory", root)
+    rows = []
+    with open(manifest, encoding="utf-8") as f:
+        for n, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                raise DataError(f"line {n} is not JSON: {exc}", manifest) from None
+            missing = [k for k in ("image", "inst_map", "type_map") if not row.get(k)]
+            if missing:
+                raise DataError(f"line {n} lacks {', '.join(missing)}", manifest)
+            rows.append(row)
+    if not rows:
+        raise DataError("no samples listed", manifest)
+    return rows
+
+
+def _store_class_names(store: str, root: Path) -> tuple[str, ...] | None:
+    for candidate in (Path(store), root / store):
+        info = candidate / "store.json"
+        if info.is_file():
+            try:
+                return tuple(json.loads(info.read_text(encoding="utf-8"))["class_names"])
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise DataError(f"cannot read the class names of the masks' store: {exc}", info) from None
+    return None
+
+
+def sample_class_names(sample_dir: str | Path, rows: Sequence[dict] | None = None) -> tuple[str, ...] | None:
+    """Class names (types 1..K) of the masks of a sample directory: a row's ``class_names``, else the
+    ``store.json`` of its ``store`` (absolute, or relative to the directory); None when neither is there."""
+    root = Path(sample_dir)
+    rows = read_samples(root) if rows is None else rows
+    row = rows[0]
+    if row.get("class_names"):
+        return tuple(row["class_names"])
+    if row.get("store"):
+        return _store_class_names(str(row["store"]), root)
+    return None
+
+
+def _segmenter_class_names(segmenter) -> tuple[str, ...]:
+    names = getattr(segmenter, "class_names", None)
+    if names is None:
+        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} has no class_names")
+    names = tuple(str(n) for n in names)
+    if names and names[0].lower() in ("background", "bg"):  # a list that also names type 0
+        names = names[1:]
+    return names
+
+
+def _segmenter_name(segmenter) -> str:
+    for attr in ("path", "name"):
+        value = getattr(segmenter, attr, None)
+        if value:
+            return str(value)
+    return type(segmenter).__name__
+
+
+def check_segmenter_classes(sample_dir: str | Path, rows: Sequence[dict], segmenter) -> tuple[str, ...]:
+    """The class names both sides agree on; HistosynthError when the masks' classes differ from the segmenter's.
+
+    When the directory does not say its classes, the segmenter's are used (with a warning) and the label maps
+    are checked against their number as they are read.
+    """
+    seg_names = _segmenter_class_names(segmenter)
+    names = sample_class_names(sample_dir, rows)
+    if names is None:
+        warnings.warn(f"{sample_dir}: the samples do not name their classes (no class_names, no store.json); "
+                      f"assuming the segmenter's {list(seg_names)}", stacklevel=3)
+        return seg_names
+    if list(names) != list(seg_names):
+        raise HistosynthError(
+            f"the samples' classes {list(names)} differ from the segmenter's {list(seg_names)} "
+            f"({_segmenter_name(segmenter)}); use a segmenter trained on the same classes",
+            Path(sample_dir) / MANIFEST,
+        )
+    return names
+
+
+def _read(path: Path, kind: str) -> np.ndarray:
+    if not path.is_file():
+        raise DataError(f"missing {kind} listed in {MANIFEST}", path)
+    try:
+        with Image.open(path) as im:
+            if kind == "image":
+                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+            return np.asarray(im).astype(np.int64)
+    except OSError as exc:
+        raise DataError(f"cannot read {kind}: {exc}", path) from None
+
+
+def _labels(root: Path, row: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    inst = _read(root / row["inst_map"], "instance map")
+    types = _read(root / row["type_map"], "type map")
+    if inst.shape != types.shape or inst.ndim != 2:
+        raise DataError(f"instance map {inst.shape} and type map {types.shape} differ", root / row["type_map"])
+    if types.size and types.max() > num_classes:
+        raise DataError(f"type id {int(types.max())} is above the {num_classes} classes", root / row["type_map"])
+    return inst, types
+
+
+def segment_samples(sample_dir: str | Path, segmenter, which: str = "image", batch_size: int = 16,
+                    rows: Sequence[dict] | None = None, num_classes: int | None = None
+                    ) -> Iterator[tuple[dict, np.ndarray, np.ndarray, np.ndarray, np.ndarray]]:
+    """Yield ``(row, true_inst, true_type, pred_inst, pred_type)`` per sample: the conditioning label maps and
+    the segmentation of the ``which`` image of the row (``"image"``: generated, ``"real"``: its real patch).
+
+    Images go to the segmenter in batches of up to ``batch_size`` images of one size.
+    """
+    if batch_size < 1:
+        raise HistosynthError(f"batch size must be >= 1, got {batch_size}")
+    root = Path(sample_dir)
+    rows = read_samples(root) if rows is None else rows
+    k = len(_segmenter_class_names(segmenter)) if num_classes is None else num_classes
+    batch: list[tuple[dict, np.ndarray]] = []
+
+    def flush():
+        images = np.stack([img for _, img in batch])
+        pred_inst, pred_type = _predict(segmenter, images)
+        for (row, _), pi, pt in zip(batch, pred_inst, pred_type):
+            ti, tt = _labels(root, row, k)
+            if ti.shape != pi.shape:
+                raise DataError(f"label maps {ti.shape} differ in size from the image {pi.shape}", root / row[which])
+            yield row, ti, tt, pi, pt
+
+    for n, row in enumerate(rows, start=1):
+        if not row.get(which):
+            raise DataError(f"line {n} lists no {which!r} image", root / MANIFEST)
+        img = _read(root / row[which], "image")
+        if batch and (len(batch) == batch_size or img.shape != batch[0][1].shape):
+            yield from flush()
+            batch = []
+        batch.append((row, img))
+    if batch:
+        yield from flush()
+
+
+def _predict(segmenter, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    out = segmenter.predict(images)
+    try:
+        inst, types = out
+    except (TypeError, ValueError):
+        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} must return (inst, type) maps") from None
+    inst, types = np.asarray(inst), np.asarray(types)
+    expected = images.shape[:3]
+    if inst.shape != expected or types.shape != expected:
+        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} returned maps of shape {inst.shape} "
+                              f"and {types.shape} for images {images.shape}; expected {expected}")
+    return inst.astype(np.int64), types.astype(np.int64)
+
+
+# -------------------------------------------------------------------------------------------- adherence
+def _score(sample_dir, segmenter, which, names, rows, batch_size) -> dict[str, Any]:
+    k = len(names)
+    acc = PQAccumulator(k, MATCH_IOU)
+    dices, ajis = [], []
+    requested = np.zeros(k + 1, np.int64)
+    found = np.zeros(k + 1, np.int64)
+    abs_diff = np.zeros(k + 1, np.float64)
+    for _, ti, tt, pi, pt in segment_samples(sample_dir, segmenter, which, batch_size, rows, k):
+        acc.update(ti, tt, pi, pt)
+        dices.append(dice(pi, ti))
+        ajis.append(aggregated_jaccard_index(ti, pi))
+        try:
+            r, f = counts_per_type(ti, tt, k), counts_per_type(pi, pt, k)
+        except ValueError as exc:
+            raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)}: {exc}") from None
+        requested += r
+        found += f
+        abs_diff += np.abs(f - r)
+    pq = acc.compute()
+    n = pq["n_images"]
+    per_type = {}
+    for t, name in enumerate(names, start=1):
+        c = pq["counts_per_type"][t]
+        per_type[name] = dict(pq=pq["pq_per_type"][t], dq=pq["dq_per_type"][t], sq=pq["sq_per_type"][t],
+                              tp=c["tp"], fp=c["fp"], fn=c["fn"], requested=int(requested[t]), found=int(found[t]),
+                              mean_abs_count_error=float(abs_diff[t] / n))
+    return dict(
+        n_images=n, dice=float(np.mean(dices)), aji=float(np.mean(ajis)), pq=pq["pq"], dq=pq["dq"], sq=pq["sq"],
+        mpq=pq["mpq"], pq_image_mean=pq["pq_image_mean"], per_type=per_type,
+        nuclei_requested=int(requested[1:].sum() + requested[0]), nuclei_found=int(found.sum()),
+        found_untyped=int(found[0]),
+    )
+
+
+def mask_adherence(sample_dir: str | Path, segmenter, batch_size: int = 16) -> dict[str, Any]:
+    """Segment the generated images of a sample directory and score them against their conditioning masks,
+    with the same segmenter on the real patches of those masks (``real/``) as the reference.
+
+    Returns ``dict(generated=..., real=... or None, class_names, n_images, segmenter, protocol)`` where each
+    side holds ``dice`` and ``aji`` (means over images; HoVer-Net's DICE1 / AJI), ``pq, dq, sq`` (PQ+:
+    matches summed over all images, IoU > 0.5), ``mpq`` (CoNIC's mPQ+), ``pq_image_mean``, and ``per_type``
+    {class name: pq, dq, sq, tp, fp, fn, requested, found, mean_abs_count_error}. ``real`` is None when the
+    rows have no ``real`` image.
+    """
+    root = Path(sample_dir)
+    rows = read_samples(root)
+    names = check_segmenter_classes(root, rows, segmenter)
+    result: dict[str, Any] = {"kind": "mask_adherence", "sample_dir": str(root), "class_names": list(names),
+                              "n_images": len(rows), "segmenter": _segmenter_name(segmenter)}
+    result["generated"] = _score(root, segmenter, "image", names, rows, batch_size)
+    has_real = all(r.get("real") for r in rows)
+    result["real"] = _score(root, segmenter, "real", names, rows, batch_size) if has_real else None
+    result["protocol"] = _protocol(rows, segmenter)
+    return result
+
+
+def _protocol(rows: Sequence[dict], segmenter) -> dict[str, Any]:
+    first = rows[0]
+    return {
+        "segmenter": _segmenter_name(segmenter),
+        "match_iou": MATCH_IOU,
+        "instance_type": "majority pixel type",
+        "dice": "binary foreground Dice per image, mean over images (HoVer-Net DICE1)",
+        "aji": "per image, mean over images (Kumar et al. 2017)",
+        "pq": "TP/FP/FN/IoU summed over images (PQ+, CoNIC mPQ+ per type)",
+        "store": first.get("store"), "split": first.get("split"),
+        "guidance_scale": first.get("guidance_scale"), "num_inference_steps": first.get("num_inference_steps"),
+        "sampler": first.get("sampler"), "seed": first.get("seed"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ counts
+def _safe(name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "type"
+
+
+def _per_image_counts(sample_dir, segmenter, which, names, rows, batch_size) -> tuple[np.ndarray, np.ndarray]:
+    """(requested, found): (N, K + 1) nuclei per type (column 0: untyped) per image."""
+    k = len(names)
+    req, found = [], []
+    for _, ti, tt, pi, pt in segment_samples(sample_dir, segmenter, which, batch_size, rows, k):
+        req.append(counts_per_type(ti, tt, k))
+        try:
+            found.append(counts_per_type(pi, pt, k))
+        except ValueError as exc:
+            raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)}: {exc}") from None
+    return np.stack(req), np.stack(found)
+
+
+def _agreement(req: np.ndarray, found: np.ndarray, names: Sequence[str]) -> dict[str, dict]:
+    out = {}
+    columns = [(name, t) for t, name in enumerate(names, start=1)] + [("all nuclei", None)]
+    for name, t in columns:
+        r = req[:, 1:].sum(1) + req[:, 0] if t is None else req[:, t]
+        f = found.sum(1) if t is None else found[:, t]
+        out[name] = dict(pearson_r=pearson_r(r, f), **bland_altman(r, f), requested_total=int(r.sum()),
+                         found_total=int(f.sum()), requested_mean=float(r.mean()), found_mean=float(f.mean()))
+    return out
+
+
+def _scatter(req: np.ndarray, found: np.ndarray, names: Sequence[str], stats: dict, path: Path) -> Path:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    k = len(names)
+    fig = Figure(figsize=(3.2 * k, 3.3), dpi=100)
+    FigureCanvasAgg(fig)
+    for t, name in enumerate(names, start=1):
+        ax = fig.add_subplot(1, k, t)
+        r, f = req[:, t], found[:, t]
+        top = max(1, int(max(r.max(initial=0), f.max(initial=0))))
+        ax.plot([0, top], [0, top], color="0.6", lw=1, ls="--")
+        ax.scatter(r, f, s=12, alpha=0.7)
+        ax.set_xlabel("requested")
+        if t == 1:
+            ax.set_ylabel("found in generated image")
+        ax.set_title(f"{name}: r = {stats[name]['pearson_r']:.3f}", fontsize=9)
+        ax.set_xlim(-0.5, top + 0.5)
+        ax.set_ylim(-0.5, top + 0.5)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    return path
+
+
+def count_agreement(sample_dir: str | Path, segmenter, out_dir: str | Path, batch_size: int = 16,
+                    reference: bool = True) -> dict[str, Any]:
+    """Per type: nuclei requested (conditioning label maps) vs found (segmenter on the generated images).
+
+    Writes to ``out_dir``: ``bland_altman_<type>.png`` per type, ``counts_scatter.png`` (requested vs found, one
+    panel per type, identity dashed), ``counts.csv`` (per image and type) and ``counts.json`` (the result).
+    Returns ``dict(per_type={name: pearson_r, mean_diff, sd, loa_low, loa_high, n, requested_total,
+    found_total, ...}, reference=..., plots=..., ...)``; the ``"all nuclei"`` entry pools the types.
+    Differences are found − requested. ``reference`` (when ``real/`` exists): the same agreement for the
+    segmenter on the real patches, i.e. the counting error of the segmenter itself.
+    """
+    root, out = Path(sample_dir), Path(out_dir)
+    rows = read_samples(root)
+    names = check_segmenter_classes(root, rows, segmenter)
+    req, found = _per_image_counts(root, segmenter, "image", names, rows, batch_size)
+    stats = _agreement(req, found, names)
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {}
+    for t, name in enumerate(names, start=1):
+        plots[name] = str(bland_altman_plot(req[:, t], found[:, t], out / f"bland_altman_{_safe(name)}.png",
+                                            title=f"{name}: generated vs requested nuclei"))
+    plots["scatter"] = str(_scatter(req, found, names, stats, out / "counts_scatter.png"))
+    ref = None
+    real_found = None
+    if reference and all(r.get("real") for r in rows):
+        _, real_found = _per_image_counts(root, segmenter, "real", names, rows, batch_size)
+        ref = _agreement(req, real_found, names)
+    with open(out / "counts.csv", "w", encoding="utf-8") as f:
+        header = ["name"] + [f"requested_{_safe(n)}" for n in names] + [f"found_{_safe(n)}" for n in names]
+        header += ["found_untyped"] + ([f"real_found_{_safe(n)}" for n in names] if real_found is not None else [])
+        f.write(",".join(header) + "\n")
+        for i, row in enumerate(rows):
+            values = [str(row.get("name", i))] + [str(v) for v in req[i, 1:]] + [str(v) for v in found[i, 1:]]
+            values += [str(found[i, 0])] + ([str(v) for v in real_found[i, 1:]] if real_found is not None else [])
+            f.write(",".join(values) + "\n")
+    result = {"kind": "count_agreement", "sample_dir": str(root), "class_names": list(names), "n_images": len(rows),
+              "segmenter": _segmenter_name(segmenter), "per_type": stats, "reference": ref, "plots": plots,
+              "protocol": {**_protocol(rows, segmenter), "difference": "found − requested, per image",
+                           "limits": "mean ± 1.96 SD (ddof=1)"}}
+    (out / "counts.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    return result
+
+
+def _json_default(o):
+    if isinstance(o, np.generic):
+        return o.item()
+    return str(o)
