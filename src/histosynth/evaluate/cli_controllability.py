@@ -14,7 +14,6 @@ from pathlib import Path
 import click
 
 from histosynth.cli_common import user_errors
-from histosynth.errors import HistosynthError
 
 __all__ = ["COMMANDS", "register", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
 

