@@ -57,6 +57,8 @@ def sample_store(
     """Writes OUT/images/N.png (generated), OUT/masks/N.png (the condition, coloured), OUT/labels/N_{inst,type}.png
     (the label maps given), OUT/real/N.png (the real patch of that mask), OUT/samples.jsonl and OUT/grid.png."""
     out, store = Path(out), PatchStore(store_path)
+    if not store.has_labels:
+        raise DataError("this store has no nuclei masks to condition on (it was made by `prepare slides`)", store_path)
     if list(store.class_names) != list(pipe.config.class_names):
         raise DataError(
             f"the store's classes {list(store.class_names)} differ from the model's {list(pipe.config.class_names)}", store_path

@@ -15,6 +15,9 @@ class NucleiPatchDataset(Dataset):
     """Patches of one split of a store. Deterministic: augmentation is done by the trainer from its seeded RNG."""
 
     def __init__(self, store: PatchStore, split: str | None = "train"):
+        if not store.has_labels:
+            raise DataError("this store holds images without nuclei labels (e.g. from `prepare slides`); "
+                            "NASDM needs a store made by `prepare nuclei`", store.path)
         self.store = store
         self.indices = store.indices(split)
         self.num_classes = len(store.class_names)

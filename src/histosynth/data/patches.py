@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 from PIL import Image
@@ -23,16 +23,22 @@ SPLITS = ("train", "test")
 
 @dataclass
 class Patch:
-    """One patch; y, x and crop are in source-region pixels, so a patch can be re-projected onto its region."""
+    """One patch; y, x and crop are in source-region pixels, so a patch can be re-projected onto its region.
+
+    Image-only patches (e.g. tiles of a whole-slide image, for text- or class-conditioned models) have
+    no labels: ``inst_map`` and ``type_map`` are None. ``extra`` holds further per-patch metadata (JSON
+    values) that the store writes into the patch's manifest row, e.g. the slide level and tissue fraction.
+    """
 
     image: np.ndarray  # uint8 (P, P, 3)
-    inst_map: np.ndarray  # int32 (P, P), instances relabelled 1..n
-    type_map: np.ndarray  # int32 (P, P)
+    inst_map: np.ndarray | None  # int32 (P, P), instances relabelled 1..n; None for an image-only patch
+    type_map: np.ndarray | None  # int32 (P, P); None for an image-only patch
     split: str
     y: int
     x: int
     crop: int
     source: str
+    extra: dict = field(default_factory=dict)
 
 
 def parse_magnification(value: str | float | int, source: str | None = None) -> float:

@@ -8,6 +8,10 @@ Layout::
     STORE/shards/NNNNN_inst.npy   int32 (n, P, P)
     STORE/shards/NNNNN_type.npy   uint8 (n, P, P)
 
+An image-only store (``labels=False``, e.g. whole-slide tiles for text/class-conditioned models) has no
+inst/type shards and no nuclei counts; store.json says ``"labels": false`` and each manifest row carries
+the patch's ``extra`` metadata (slide, level, coordinates, tissue fraction, ...).
+
 Raw .npy (not .npz) so readers memory-map shards with no decompression and no memory growth; the writer
 holds at most one shard, so a Lizard-size build (~55k patches) runs in constant memory. A store is built
 in a hidden partial directory and renamed into place only when complete: an interrupted prepare never
@@ -39,15 +43,19 @@ SHARDS = "shards"
 SHARD_BYTES = 64 << 20  # default shard size: bounds the writer's memory whatever the patch size
 MAX_SHARD_PATCHES = 1024
 ARRAYS = ("image", "inst", "type")
+IMAGE_ARRAYS = ("image",)
+# keys the writer and PatchStore.__getitem__ own: a patch's `extra` may not redefine them
+ROW_KEYS = frozenset({"index", "source", "y", "x", "crop", "split", "magnification", "counts",
+                      "image", "inst_map", "type_map"})
 
 
-def patch_bytes(patch_size: int) -> int:
-    """Bytes one patch takes in the shards (image 3 + inst 4 + type 1 byte per pixel)."""
-    return patch_size * patch_size * (3 + 4 + 1)
+def patch_bytes(patch_size: int, labels: bool = True) -> int:
+    """Bytes one patch takes in the shards (image 3 + inst 4 + type 1 byte per pixel; image only: 3)."""
+    return patch_size * patch_size * ((3 + 4 + 1) if labels else 3)
 
 
-def default_shard_size(patch_size: int) -> int:
-    return max(1, min(MAX_SHARD_PATCHES, SHARD_BYTES // patch_bytes(patch_size)))
+def default_shard_size(patch_size: int, labels: bool = True) -> int:
+    return max(1, min(MAX_SHARD_PATCHES, SHARD_BYTES // patch_bytes(patch_size, labels)))
 
 
 def shard_file(root: Path, shard: int, array: str) -> Path:
@@ -81,7 +89,8 @@ def _remove(path: Path) -> None:
 class PatchStoreWriter:
     """Append patches to a new store; the store appears at `path` only when the `with` block succeeds.
 
-    Memory: one preallocated shard buffer, flushed to raw .npy files when full.
+    Memory: one preallocated shard buffer, flushed to raw .npy files when full. With ``labels=False`` the
+    store holds images only (patches must have ``inst_map``/``type_map`` None; ``class_names`` may be empty).
     """
 
     def __init__(
@@ -93,8 +102,11 @@ class PatchStoreWriter:
         meta: dict | None = None,
         overwrite: bool = False,
         shard_size: int | None = None,
+        labels: bool = True,
     ):
         self.path = Path(path)
+        self.labels = bool(labels)
+        self.arrays = ARRAYS if self.labels else IMAGE_ARRAYS
         self.class_names = tuple(class_names)
         if len(self.class_names) > 255:
             raise ValueError("type maps are stored as uint8: at most 255 classes")
@@ -102,7 +114,7 @@ class PatchStoreWriter:
         self.magnification = format_magnification(magnification)
         self.meta = dict(meta or {})
         self.overwrite = overwrite
-        self.shard_size = int(shard_size or default_shard_size(self.patch_size))
+        self.shard_size = int(shard_size or default_shard_size(self.patch_size, self.labels))
         self._check_output()
         self._partial = _partial_dir(self.path)
         self._manifest = None
@@ -119,7 +131,7 @@ class PatchStoreWriter:
     @property
     def buffered_bytes(self) -> int:
         """Bytes of patches held in memory, waiting for the next shard flush (never more than one shard)."""
-        return self._buffered * patch_bytes(self.patch_size)
+        return self._buffered * patch_bytes(self.patch_size, self.labels)
 
     def __len__(self) -> int:
         return self._count
@@ -138,16 +150,15 @@ class PatchStoreWriter:
         self._check_patch(patch)
         if self._buffers is None:
             p, n = self.patch_size, self.shard_size
-            self._buffers = {
-                "image": np.empty((n, p, p, 3), np.uint8),
-                "inst": np.empty((n, p, p), np.int32),
-                "type": np.empty((n, p, p), np.uint8),
-            }
+            shapes = {"image": ((n, p, p, 3), np.uint8), "inst": ((n, p, p), np.int32), "type": ((n, p, p), np.uint8)}
+            self._buffers = {a: np.empty(*shapes[a]) for a in self.arrays}
         slot = self._buffered
         self._buffers["image"][slot] = patch.image
-        self._buffers["inst"][slot] = patch.inst_map
-        self._buffers["type"][slot] = patch.type_map
-        counts = nuclei_per_type(patch.inst_map, patch.type_map, self.class_names)
+        counts = None
+        if self.labels:
+            self._buffers["inst"][slot] = patch.inst_map
+            self._buffers["type"][slot] = patch.type_map
+            counts = nuclei_per_type(patch.inst_map, patch.type_map, self.class_names)
         row = {
             "index": self._count,
             "source": patch.source,
@@ -156,8 +167,10 @@ class PatchStoreWriter:
             "crop": int(patch.crop),
             "split": patch.split,
             "magnification": self.magnification,
-            "counts": counts,
         }
+        if counts is not None:
+            row["counts"] = counts
+        row.update(patch.extra or {})
         self._manifest.write(json.dumps(row) + "\n")
         self._tally(patch.split, counts)
         self._buffered += 1
@@ -167,22 +180,34 @@ class PatchStoreWriter:
 
     def _check_patch(self, patch: Patch) -> None:
         p = self.patch_size
-        if patch.image.shape != (p, p, 3) or patch.inst_map.shape != (p, p) or patch.type_map.shape != (p, p):
-            raise ValueError(
-                f"patch from {patch.source} has shapes {patch.image.shape}/{patch.inst_map.shape}/"
-                f"{patch.type_map.shape}, store patch size is {p}"
-            )
+        if self.labels:
+            if patch.inst_map is None or patch.type_map is None:
+                raise ValueError(f"patch from {patch.source} has no labels; use a labels=False store for image-only patches")
+            shapes_ok = patch.inst_map.shape == (p, p) and patch.type_map.shape == (p, p)
+        else:
+            if patch.inst_map is not None or patch.type_map is not None:
+                raise ValueError(f"patch from {patch.source} has labels, but this store holds images only (labels=False)")
+            shapes_ok = True
+        if patch.image.shape != (p, p, 3) or not shapes_ok:
+            shapes = "/".join(str(getattr(a, "shape", None)) for a in (patch.image, patch.inst_map, patch.type_map))
+            raise ValueError(f"patch from {patch.source} has shapes {shapes}, store patch size is {p}")
+        clash = ROW_KEYS.intersection(patch.extra or {})
+        if clash:
+            raise ValueError(f"patch extra metadata may not redefine manifest keys {sorted(clash)}")
         if patch.image.dtype != np.uint8:
             raise ValueError(f"patch image must be uint8, got {patch.image.dtype}")
         if patch.split not in SPLITS:
             raise ValueError(f"patch split must be one of {SPLITS}, got {patch.split!r}")
-        if patch.type_map.size and (patch.type_map.min() < 0 or patch.type_map.max() > len(self.class_names)):
+        if self.labels and patch.type_map.size and (patch.type_map.min() < 0 or patch.type_map.max() > len(self.class_names)):
             raise DataError(
                 f"type ids {int(patch.type_map.min())}..{int(patch.type_map.max())} outside 0..{len(self.class_names)}",
                 patch.source,
             )
 
-    def _tally(self, split: str, counts: dict[str, int]) -> None:
+    def _tally(self, split: str, counts: dict[str, int] | None) -> None:
+        if counts is None:  # image-only store: patches per split, no nuclei
+            self._counts.setdefault(split, {"patches": 0})["patches"] += 1
+            return
         entry = self._counts.setdefault(split, {"patches": 0, "nuclei": dict.fromkeys(self.class_names, 0)})
         entry["patches"] += 1
         for name, n in counts.items():
@@ -191,7 +216,7 @@ class PatchStoreWriter:
     def _flush(self) -> None:
         if not self._buffered:
             return
-        for array in ARRAYS:
+        for array in self.arrays:
             np.save(shard_file(self._partial, self._shard, array), self._buffers[array][: self._buffered])
         self._shard += 1
         self._buffered = 0
@@ -202,6 +227,7 @@ class PatchStoreWriter:
             "version": VERSION,
             "patch_size": self.patch_size,
             "class_names": list(self.class_names),
+            "labels": self.labels,
             "magnification": self.magnification,
             "num_patches": self._count,
             "shard_size": self.shard_size,
@@ -256,6 +282,7 @@ class PatchStore:
         self.magnification = info["magnification"]
         self.shard_size = int(info["shard_size"])
         self.meta = info.get("meta", {})
+        self.has_labels = bool(info.get("labels", True))  # stores written before image-only ones had labels
         self.records = self._read_manifest(int(info["num_patches"]))
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
@@ -295,7 +322,7 @@ class PatchStore:
 
     @property
     def counts(self) -> dict:
-        """Patches and nuclei per type, per split, as recorded at build time."""
+        """Patches and nuclei per type (labelled stores only), per split, as recorded at build time."""
         return self.info["counts"]
 
     def indices(self, split: str | None = None) -> list[int]:
@@ -320,12 +347,11 @@ class PatchStore:
             raise IndexError(f"patch {i} out of range for a store of {n}")
         i %= n
         shard, offset = divmod(i, self.shard_size)
-        return {
-            "image": np.array(self._array(shard, "image")[offset]),
-            "inst_map": np.array(self._array(shard, "inst")[offset], dtype=np.int32),
-            "type_map": np.array(self._array(shard, "type")[offset], dtype=np.int32),
-            **self.records[i],
-        }
+        item = {"image": np.array(self._array(shard, "image")[offset])}
+        if self.has_labels:  # an image-only store's items have no inst_map / type_map
+            item["inst_map"] = np.array(self._array(shard, "inst")[offset], dtype=np.int32)
+            item["type_map"] = np.array(self._array(shard, "type")[offset], dtype=np.int32)
+        return {**item, **self.records[i]}
 
     def __getstate__(self) -> dict:
         """Pickle without the memory maps (DataLoader workers re-open shards themselves)."""
