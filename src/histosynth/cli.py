@@ -173,11 +173,13 @@ def evaluate_fid(real, split, generated, features, inception_weights, batch_size
 
 def _register_extensions() -> None:
     """Command modules that live next to the library code they call."""
+    from histosynth.conditions.cli_captions import captions
     from histosynth.data.cli_slides import register as register_slides
     from histosynth.evaluate.cli_controllability import register as register_controllability
 
     register_slides(prepare)
     register_controllability(evaluate)
+    main.add_command(captions)
 
 
 _register_extensions()
