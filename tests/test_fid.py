@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 import types
 from pathlib import Path
@@ -26,7 +27,10 @@ from histosynth.evaluate.fid import (
     inception_score,
     iter_image_batches,
     kernel_inception_distance,
+    kid_reference_rows,
     list_images,
+    load_statistics,
+    save_statistics,
 )
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
@@ -402,3 +406,282 @@ def test_unknown_extractor_and_protocol_mismatch_are_user_errors(effnet):
     with pytest.raises(HistosynthError, match="normalization"):
         check_protocol(effnet.protocol, other, "ref_stats.npz")
     assert features_mod.FEATURE_EXTRACTORS == ("inception", "effnet-lite0")
+
+
+# ------------------------------------------------------------------------------------------ local encoders
+TINY_ARCH = "resnet10t"  # a small timm model; random weights (nothing is downloaded)
+TINY_PREP = {"input_size": 64, "mean": [0.7, 0.5, 0.6], "std": [0.2, 0.25, 0.3], "interpolation": "bilinear"}
+_IMAGES = torch.randint(0, 256, (3, 3, 80, 96), dtype=torch.uint8, generator=torch.Generator().manual_seed(11))
+
+
+def _tiny_timm(num_classes: int = 0, seed: int = 0):
+    import timm
+
+    torch.manual_seed(seed)
+    return timm.create_model(TINY_ARCH, pretrained=False, num_classes=num_classes).eval()
+
+
+def _preprocess(images: torch.Tensor, size: int, mean, std, mode: str = "bilinear") -> torch.Tensor:
+    """The documented preprocessing, written out: /255, whole-image resize (antialias), normalise."""
+    import torch.nn.functional as F
+
+    x = F.interpolate(images.float() / 255, size=(size, size), mode=mode, align_corners=False, antialias=True)
+    if mode == "bicubic":
+        x = x.clamp(0, 1)
+    return (x - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
+
+
+def _pooled(model, x: torch.Tensor) -> torch.Tensor:
+    with torch.inference_mode():
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+
+def _sha(path: Path) -> str:
+    import hashlib
+
+    return "sha256:" + hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_local_timm_folder_with_safetensors_gives_the_models_features(tmp_path):
+    from safetensors.torch import save_file
+
+    model = _tiny_timm()
+    folder = tmp_path / "my-encoder"
+    folder.mkdir()
+    save_file(model.state_dict(), str(folder / "model.safetensors"))
+    (folder / "config.json").write_text(json.dumps({"architecture": TINY_ARCH, **TINY_PREP}))
+
+    enc = load_feature_extractor(folder)
+    with torch.inference_mode():
+        feats, logits = enc.features_and_logits(_IMAGES)
+    ref = _pooled(model, _preprocess(_IMAGES, 64, TINY_PREP["mean"], TINY_PREP["std"]))
+    assert logits is None and feats.shape == (3, 512)
+    torch.testing.assert_close(feats, ref, rtol=1e-5, atol=1e-6)
+    assert enc.num_features == 512 and enc.num_logits == 0 and not enc.provides_inception_score and not enc.training
+    p = enc.protocol
+    assert p["extractor"] == "local-timm" and p["architecture"] == f"timm {TINY_ARCH}" and p["model_args"] == {}
+    assert p["weights"] == _sha(folder / "model.safetensors") and p["weights_file"] == "model.safetensors"
+    assert p["input_size"] == [64, 64] and p["resize"].startswith("bilinear, antialias")
+    assert p["normalization"] == {"scale": "uint8/255", "mean": TINY_PREP["mean"], "std": TINY_PREP["std"]}
+    assert p["num_features"] == 512 and json.loads(json.dumps(p)) == p
+    report = enc.load_report
+    assert report.kind == "timm-folder" and report.tensors_loaded == len(model.state_dict())
+    assert report.missing == report.unexpected == report.ignored == []
+    assert "model.safetensors" in report.summary() and report.preprocessing_from == "config.json"
+    assert load_feature_extractor(folder / "config.json").protocol == p  # the config file stands for its folder
+    (folder / "config.json").write_text(json.dumps({"architecture": TINY_ARCH}))  # the rest: timm's defaults
+    enc = load_feature_extractor(folder)
+    assert enc.protocol["input_size"] == [176, 176] and enc.protocol["resize"].startswith("bicubic")
+    assert enc.load_report.preprocessing_from == "config.json (timm defaults for input_size, mean, std, interpolation)"
+
+
+def test_local_timm_folder_in_timm_hub_form_drops_the_classifier(tmp_path):
+    """pytorch_model.bin with the trained head (ignored, reported) and timm's own config.json form (bicubic)."""
+    model = _tiny_timm(num_classes=7, seed=1)
+    folder = tmp_path / "hub-encoder"
+    folder.mkdir()
+    torch.save({"state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}}, folder / "pytorch_model.bin")
+    pretrained_cfg = {"input_size": [3, 48, 48], "interpolation": "bicubic", "mean": [0.5] * 3, "std": [0.25] * 3}
+    (folder / "config.json").write_text(json.dumps(
+        {"architecture": TINY_ARCH, "num_classes": 7, "num_features": 512, "pretrained_cfg": pretrained_cfg}))
+
+    enc = load_feature_extractor(str(folder))
+    assert enc.load_report.ignored == ["fc.weight", "fc.bias"] and enc.load_report.unexpected == []
+    with torch.inference_mode():
+        feats = enc(_IMAGES)
+    torch.testing.assert_close(feats, _pooled(model, _preprocess(_IMAGES, 48, [0.5] * 3, [0.25] * 3, "bicubic")),
+                               rtol=1e-5, atol=1e-6)
+    assert enc.protocol["input_size"] == [48, 48] and enc.protocol["resize"].startswith("bicubic")
+    assert enc.protocol["weights"] == _sha(folder / "pytorch_model.bin")
+
+
+@pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
+def test_local_torchscript_file_and_weight_file_with_architecture(tmp_path):
+    from histosynth.evaluate.local_encoder import load_local_encoder
+
+    model = _tiny_timm(seed=2)
+    x = _preprocess(_IMAGES, 64, TINY_PREP["mean"], TINY_PREP["std"])
+    ref = _pooled(model, x)
+
+    scripted = tmp_path / "encoder.pt"
+    with torch.inference_mode():
+        torch.jit.trace(model, x[:1]).save(str(scripted))
+    (tmp_path / "encoder.json").write_text(json.dumps(TINY_PREP))  # its preprocessing, beside it
+    enc = load_feature_extractor(str(scripted))
+    with torch.inference_mode():
+        torch.testing.assert_close(enc(_IMAGES), ref, rtol=1e-5, atol=1e-6)
+    assert enc.protocol["extractor"] == "local-torchscript" and enc.protocol["weights"] == _sha(scripted)
+    assert enc.protocol["input_size"] == [64, 64] and enc.load_report.preprocessing_from == "encoder.json"
+
+    weights = tmp_path / "weights.pth"  # (c) a state dict + an explicit architecture
+    torch.save(model.state_dict(), weights)
+    enc = load_local_encoder(weights, TINY_ARCH, input_size=64, mean=TINY_PREP["mean"], std=TINY_PREP["std"],
+                             interpolation="bilinear")
+    with torch.inference_mode():
+        torch.testing.assert_close(enc(_IMAGES), ref, rtol=1e-5, atol=1e-6)
+    assert enc.load_report.kind == "timm-weights" and enc.protocol["weights"] == _sha(weights)
+    default = load_feature_extractor(weights, architecture=TINY_ARCH)  # timm's preprocessing for resnet10t
+    assert default.protocol["input_size"] == [176, 176] and default.protocol["resize"].startswith("bicubic")
+    assert default.protocol["normalization"]["mean"] == [0.485, 0.456, 0.406]
+    with pytest.raises(HistosynthError, match="TorchScript.*--features-arch") as err:
+        load_feature_extractor(weights)  # a state dict is not TorchScript: says what to pass
+    assert str(weights) in str(err.value)
+
+
+def test_local_encoder_weights_that_do_not_fit_are_refused_with_their_keys(tmp_path):
+    sd = _tiny_timm().state_dict()
+    del sd["conv1.0.weight"]
+    sd.update({f"extra.{i}.weight": torch.zeros(1) for i in range(12)})
+    sd["bn1.weight"] = torch.zeros(5)
+    bad = tmp_path / "bad.pth"
+    torch.save(sd, bad)
+    with pytest.raises(HistosynthError) as err:
+        load_feature_extractor(bad, architecture=TINY_ARCH)
+    msg = str(err.value)
+    assert str(bad) in msg and "missing keys (1): conv1.0.weight" in msg
+    assert "unexpected keys (12): extra.0.weight" in msg and "(2 more)" in msg and "extra.11.weight" not in msg
+    assert "shape mismatches (file vs model) (1): bn1.weight (5,) vs (64,)" in msg
+
+
+def test_local_encoder_user_errors_name_the_file(tmp_path):
+    missing = tmp_path / "nowhere" / "encoder.pt"
+    with pytest.raises(HistosynthError, match="not found") as err:
+        load_feature_extractor(str(missing))
+    assert str(missing) in str(err.value)
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a model")
+    with pytest.raises(HistosynthError, match="TorchScript") as err:
+        load_feature_extractor(garbage)
+    assert str(garbage) in str(err.value)
+    with pytest.raises(HistosynthError, match="cannot read the encoder weights") as err:
+        load_feature_extractor(garbage, architecture=TINY_ARCH)
+    assert str(garbage) in str(err.value)
+    bare = tmp_path / "bare.safetensors"
+    bare.write_bytes(b"x")
+    with pytest.raises(HistosynthError, match="--features-arch"):
+        load_feature_extractor(bare)
+
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    with pytest.raises(HistosynthError, match="config.json") as err:
+        load_feature_extractor(folder)
+    assert str(folder) in str(err.value)
+    (folder / "config.json").write_text("{not json")
+    with pytest.raises(HistosynthError, match="cannot read") as err:
+        load_feature_extractor(folder)
+    assert str(folder / "config.json") in str(err.value)
+    (folder / "config.json").write_text(json.dumps({"architecture": TINY_ARCH}))
+    with pytest.raises(HistosynthError, match="model.safetensors or pytorch_model.bin"):
+        load_feature_extractor(folder)
+    torch.save(_tiny_timm().state_dict(), folder / "pytorch_model.bin")
+    (folder / "config.json").write_text(json.dumps({"architecture": "resnet_that_does_not_exist"}))
+    with pytest.raises(HistosynthError, match="resnet_that_does_not_exist") as err:
+        load_feature_extractor(folder)
+    assert str(folder / "config.json") in str(err.value)
+    with pytest.raises(HistosynthError, match="--features-weights"):
+        load_feature_extractor(folder, weights_path=garbage)
+    with pytest.raises(HistosynthError, match="--features-arch"):
+        load_feature_extractor("effnet-lite0", architecture=TINY_ARCH)
+
+
+# ------------------------------------------------------------------------------------------ reference statistics
+def test_statistics_round_trip(tmp_path):
+    from histosynth.errors import OutputExistsError
+
+    feats = np.random.default_rng(8).normal(size=(40, 16)).astype(np.float32).astype(np.float64)
+    protocol = {"extractor": "tiny", "weights": "sha256:abc", "weights_file": "a.pth", "input_size": [8, 8]}
+    path = tmp_path / "ref" / "stats.npz"
+    saved = save_statistics(path, feats, protocol, "forty random rows")
+    loaded = load_statistics(path, expected_protocol=dict(protocol, weights_file="renamed-copy.pth"))
+    mu, sigma = feature_statistics(feats)
+    assert np.array_equal(loaded.mu, mu) and np.array_equal(loaded.sigma, sigma)
+    assert loaded.features.dtype == np.float32 and np.array_equal(loaded.features, feats)  # n <= 10,000: all rows
+    assert loaded.n == saved.n == 40 and loaded.protocol == protocol and loaded.source == "forty random rows"
+    assert loaded.path == path and saved.path == path and [p.name for p in path.parent.iterdir()] == ["stats.npz"]
+    with np.load(path, allow_pickle=False) as z:  # plain arrays, the protocol as JSON text
+        assert json.loads(str(z["protocol"])) == protocol and int(z["n"]) == 40
+    with pytest.raises(OutputExistsError, match="--overwrite"):
+        save_statistics(path, feats, protocol)
+    save_statistics(path, feats[:10], protocol, overwrite=True)
+    assert load_statistics(path).n == 10
+
+    big = np.random.default_rng(9).normal(size=(50, 4))  # more rows than kept: a seeded subsample, in order
+    sub = save_statistics(tmp_path / "big.npz", big, protocol, max_rows=20, seed=3)
+    again = kid_reference_rows(big, max_rows=20, seed=3)
+    assert sub.features.shape == (20, 4) and np.array_equal(sub.features, again) and sub.n == 50
+    rows = {tuple(r) for r in big.astype(np.float32)}
+    assert all(tuple(r) in rows for r in sub.features)
+    assert np.array_equal(load_statistics(tmp_path / "big.npz").mu, big.mean(0))
+
+
+def test_statistics_saved_with_effnet_are_refused_under_another_protocol(tmp_path, effnet):
+    path = tmp_path / "effnet_stats.npz"
+    save_statistics(path, np.random.default_rng(10).normal(size=(5, 1280)), effnet.protocol, "random")
+    load_statistics(path, expected_protocol=dict(effnet.protocol))  # same protocol: accepted
+    other = dict(effnet.protocol, resize="bilinear, no antialias, whole image to 224x224")
+    with pytest.raises(HistosynthError, match="different protocol") as err:
+        load_statistics(path, expected_protocol=other)
+    assert str(path) in str(err.value) and "resize" in str(err.value)
+    inception_like = {"extractor": "inception", "weights": "sha256:6726825d", "num_features": 2048}
+    with pytest.raises(HistosynthError, match="extractor: 'effnet-lite0' != 'inception'"):
+        load_statistics(path, expected_protocol=inception_like)
+
+
+def test_corrupt_or_missing_statistics_files_are_data_errors(tmp_path):
+    missing = tmp_path / "missing.npz"
+    with pytest.raises(DataError, match="not found") as err:
+        load_statistics(missing)
+    assert err.value.path == str(missing)
+    garbage = tmp_path / "garbage.npz"
+    garbage.write_bytes(b"PK\x03\x04 truncated zip")
+    with pytest.raises(DataError, match="cannot read") as err:
+        load_statistics(garbage)
+    assert err.value.path == str(garbage)
+    other = tmp_path / "other.npz"
+    np.savez(other, mu=np.zeros(3))
+    with pytest.raises(DataError, match="not a histosynth statistics file"):
+        load_statistics(other)
+    good = tmp_path / "good.npz"
+    save_statistics(good, np.random.default_rng(0).normal(size=(6, 3)), {"extractor": "tiny"})
+    cut = tmp_path / "cut.npz"
+    cut.write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    with pytest.raises(DataError) as err:
+        load_statistics(cut)
+    assert err.value.path == str(cut)
+
+
+def test_evaluate_distribution_from_saved_statistics_reads_no_real_image(tmp_path, monkeypatch):
+    from histosynth.errors import OutputExistsError
+    from histosynth.evaluate import fid as fid_mod
+
+    real, gen = tmp_path / "r", tmp_path / "g"
+    _write_images(real, 12, seed=12)
+    _write_images(gen, 10, seed=13, shift=20.0)
+    tiny, stats = _TinyInceptionLike(), tmp_path / "real_stats.npz"
+    opts = dict(features=tiny, kid_subset_size=5, kid_subsets=4, is_splits=2, progress=False)
+    direct = evaluate_distribution(real, gen, **opts)
+    saving = evaluate_distribution(real, gen, save_stats=stats, **opts)
+    assert saving["saved_stats"] == str(stats) and stats.is_file()
+
+    read = []
+    original = fid_mod.extract_features
+    monkeypatch.setattr(fid_mod, "extract_features", lambda src, *a, **k: read.append(Path(src)) or original(src, *a, **k))
+    cached = evaluate_distribution(None, gen, real_stats=stats, **opts)
+    assert read == [gen]  # the real images were not read
+    for key in ("fid", "kid_mean", "kid_std", "is_mean", "is_std", "n_real", "n_generated", "real"):
+        assert cached[key] == direct[key] == saving[key], key
+    assert cached["real_stats"] == str(stats) and cached["n_real"] == 12 and str(real.resolve()) in cached["real"]
+
+    read.clear()
+    with pytest.raises(HistosynthError, match="not both"):
+        evaluate_distribution(real, gen, real_stats=stats, **opts)
+    with pytest.raises(OutputExistsError):  # refused before any image is read
+        evaluate_distribution(real, gen, save_stats=stats, **opts)
+    with pytest.raises(HistosynthError, match="needs --real"):
+        evaluate_distribution(None, gen, save_stats=tmp_path / "new.npz", **opts)
+    assert read == []
+    only = evaluate_distribution(real, None, save_stats=tmp_path / "only.npz", **opts)  # statistics only
+    assert only["n_real"] == 12 and read == [real] and "fid" not in only
+    assert load_statistics(tmp_path / "only.npz").n == 12
+    just_is = evaluate_distribution(None, gen, metrics=["is"], **opts)
+    assert set(just_is) >= {"is_mean", "is_std", "n_generated"} and "fid" not in just_is and "n_real" not in just_is

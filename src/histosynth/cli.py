@@ -145,39 +145,15 @@ def evaluate():
     """Evaluate generated images."""
 
 
-@evaluate.command("fid")
-@click.option("--real", required=True, type=click.Path(path_type=Path), help="A patch store or a folder of images.")
-@click.option("--split", default=None, help="Split of the real store (e.g. test).")
-@click.option("--generated", required=True, type=click.Path(path_type=Path), help="A `sample` output or a folder of images.")
-@click.option("--features", default="inception", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
-@click.option("--inception-weights", type=click.Path(path_type=Path), default=None, help="Local Inception weights (no download).")
-@click.option("--batch-size", default=32, show_default=True)
-@click.option("--device", default=None)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file.")
-@user_errors
-def evaluate_fid(real, split, generated, features, inception_weights, batch_size, device, out):
-    """FID and KID (and IS with Inception) between real and generated images."""
-    import torch
-
-    from histosynth.evaluate.fid import evaluate_distribution
-
-    if (generated / "samples.jsonl").is_file():  # a `histosynth sample` output: its generated images
-        generated = generated / "images"
-    metrics = evaluate_distribution(real, generated, features=features, split=split, weights_path=inception_weights,
-                                    batch_size=batch_size, device=device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    text = json.dumps(metrics, indent=2, default=str)
-    if out:
-        out.write_text(text + "\n")
-    click.echo(text)
-
-
 def _register_extensions() -> None:
     """Command modules that live next to the library code they call."""
     from histosynth.conditions.cli_captions import captions
     from histosynth.data.cli_slides import register as register_slides
     from histosynth.evaluate.cli_controllability import register as register_controllability
+    from histosynth.evaluate.cli_distribution import register as register_distribution
 
     register_slides(prepare)
+    register_distribution(evaluate)
     register_controllability(evaluate)
     main.add_command(captions)
 
