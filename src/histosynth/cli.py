@@ -94,20 +94,42 @@ def prepare_nuclei_cmd(src, fmt, out, patch, overlap, magnification, source_magn
 
 
 # --------------------------------------------------------------------------------------------- train
+# recipe method -> the function that trains it: f(recipe, data, out, max_steps=, resume=, overwrite=) -> result
+# with .run, .step, .last_loss, .images_per_second. Methods add theirs here.
+TRAINERS = {"nasdm": "histosynth.diffusion.training:train"}
+
+
+def _trainer(method: str):
+    import importlib
+
+    if method not in TRAINERS:
+        raise HistosynthError(f"no trainer for recipe method {method!r}; known: {', '.join(sorted(TRAINERS))}")
+    module, name = TRAINERS[method].split(":")
+    return getattr(importlib.import_module(module), name)
+
+
 @main.command()
-@click.option("--recipe", required=True, help="Built-in recipe name (nasdm-lizard-20x, nasdm-tiny-cpu) or a YAML path.")
+@click.argument("what", required=False, type=click.Choice(["diffusion", "autoencoder"]))
+@click.option("--recipe", required=True, help="Built-in recipe name (nasdm-tiny-cpu, vq-f4, ...) or a YAML path.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store made by `prepare`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps (default: the recipe's).")
 @click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
 @user_errors
-def train(recipe, data, out, max_steps, resume, overwrite):
-    """Train a model. Multi-GPU / multi-node: `accelerate launch -m histosynth.cli train ...`."""
-    from histosynth.diffusion.training import train as run_training
+def train(what, recipe, data, out, max_steps, resume, overwrite):
+    """Train what RECIPE describes (WHAT, optional: diffusion | autoencoder, checked against the recipe).
+
+    Multi-GPU / multi-node: `accelerate launch -m histosynth.cli train ...`.
+    """
     from histosynth.recipes import load_recipe
 
-    result = run_training(load_recipe(recipe), data, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
+    loaded = load_recipe(recipe)
+    is_autoencoder = loaded.method == "autoencoder"
+    if what is not None and (what == "autoencoder") != is_autoencoder:
+        raise HistosynthError(f"recipe {recipe!r} trains {'an autoencoder' if is_autoencoder else 'a diffusion model'}"
+                              f" (method {loaded.method!r}), not {'an autoencoder' if what == 'autoencoder' else 'a diffusion model'}")
+    result = _trainer(loaded.method)(loaded, data, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
     click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s")
 
 

@@ -104,7 +104,16 @@ def builtin_recipes() -> list[str]:
     return sorted(p.stem for p in RECIPE_DIR.glob("*.yaml"))
 
 
-def load_recipe(name_or_path: str | Path) -> NASDMRecipe:
+# method name (the `method:` key of a recipe) -> its typed recipe class; other methods register theirs
+RECIPE_TYPES: dict[str, type] = {"nasdm": NASDMRecipe}
+
+
+def register_recipe_type(method: str, cls: type) -> None:
+    """Make recipes with ``method: <method>`` load as dataclass ``cls`` (which must have a ``method`` field)."""
+    RECIPE_TYPES[method] = cls
+
+
+def load_recipe(name_or_path: str | Path):
     path = Path(name_or_path)
     if not path.suffix:  # a built-in name
         path = RECIPE_DIR / f"{name_or_path}.yaml"
@@ -124,8 +133,12 @@ def load_recipe(name_or_path: str | Path) -> NASDMRecipe:
     return recipe_from_dict(raw, source=path)
 
 
-def recipe_from_dict(raw: dict, source: str | Path = "<recipe>") -> NASDMRecipe:
-    return _build(NASDMRecipe, raw, source, "")
+def recipe_from_dict(raw: dict, source: str | Path = "<recipe>"):
+    """Build the typed recipe named by ``raw['method']`` (NASDM when absent)."""
+    method = raw.get("method", "nasdm") if isinstance(raw, dict) else "nasdm"
+    if method not in RECIPE_TYPES:
+        raise HistosynthError(f"unknown recipe method {method!r}; known: {', '.join(sorted(RECIPE_TYPES))}", source)
+    return _build(RECIPE_TYPES[method], raw, source, "")
 
 
 def _build(cls, raw, source, where):
@@ -163,7 +176,11 @@ def _convert(hint, value, source, where):
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
             raise HistosynthError(f"{where} must be a list", source)
-        return tuple(int(v) for v in value)
+        args = typing.get_args(hint)
+        item = args[0] if args else int
+        if item not in (int, float, str):
+            item = int
+        return tuple(_convert(item, v, source, f"{where}[{i}]") for i, v in enumerate(value))
     if hint is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
