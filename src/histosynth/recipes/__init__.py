@@ -186,3 +186,6 @@ def _convert(hint, value, source, where):
     if hint in (int, str, bool) and not (isinstance(value, hint) and not (hint is int and isinstance(value, bool))):
         raise HistosynthError(f"{where} must be {hint.__name__}, got {value!r}", source)
     return value
+
+# recipe types of other methods register themselves on import (after everything above is defined)
+from histosynth.recipes import autoencoder as _autoencoder  # noqa: E402,F401
