@@ -96,7 +96,10 @@ def prepare_nuclei_cmd(src, fmt, out, patch, overlap, magnification, source_magn
 # --------------------------------------------------------------------------------------------- train
 # recipe method -> the function that trains it: f(recipe, data, out, max_steps=, resume=, overwrite=) -> result
 # with .run, .step, .last_loss, .images_per_second. Methods add theirs here.
-TRAINERS = {"nasdm": "histosynth.diffusion.training:train"}
+TRAINERS = {
+    "nasdm": "histosynth.diffusion.training:train",
+    "autoencoder": "histosynth.diffusion.autoencoder_training:train_autoencoder",
+}
 
 
 def _trainer(method: str):

@@ -1,0 +1,296 @@
+"""Train the first stage of latent diffusion: a VQ (PathLDM's VQ-f4) or KL autoencoder on a patch store.
+
+The loop is the shared engine of :mod:`histosynth.diffusion.training` (accelerate, atomic checkpoints,
+exact resume) with an autoencoder micro-loss: every random draw of optimisation step s (crop offsets,
+flips/rotations, the KL posterior sample) comes from the engine's generator seeded by (seed, micro-batch
+number) and the data order is a pure function of (seed, epoch), so a resumed run reproduces the losses of
+an uninterrupted one. Any store works, labelled or
+image-only (``prepare slides``); patches larger than the recipe's ``patch_size`` are randomly cropped.
+
+Run directory::
+
+    RUN/recipe.yaml          the recipe and the store it was started with (resume refuses another)
+    RUN/losses.jsonl         one row per step: loss, l1, l2, perceptual, vq (codebook loss) or kl, codes used, lr
+    RUN/loss.png             the curves
+    RUN/checkpoints/step-N/  accelerate state, ema.safetensors (decay 0 when the recipe has no EMA), trainer_state.json
+    RUN/autoencoder/         the model (EMA weights if any) via save_pretrained, with scaling_factor = 1/std
+                             of its latents on training patches (as LDM's scale_by_std), + histosynth.json
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate.utils import set_seed
+from diffusers import AutoencoderKL, VQModel
+from diffusers.training_utils import EMAModel
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from histosynth.data.store import PatchStore
+from histosynth.diffusion import checkpoint as ckpt
+from histosynth.diffusion.autoencoder_loss import autoencoder_loss, make_perceptual
+from histosynth.diffusion.training import StreamBatchSampler, TrainResult, build_engine, run_steps, start_run
+from histosynth.errors import DataError, HistosynthError, TrainingError
+from histosynth.models.autoencoders import latent_channels_of, load_autoencoder, make_autoencoder
+from histosynth.recipes.autoencoder import AutoencoderRecipe
+
+AUTOENCODER = "autoencoder"
+INFO = "histosynth.json"
+
+
+class ImagePatchDataset(Dataset):
+    """uint8 (3, P, P) images of one split of any store (labels unused); augmentation is the trainer's."""
+
+    def __init__(self, store: PatchStore, split: str | None = "train"):
+        self.store = store
+        self.indices = store.indices(split)
+        if not self.indices:
+            raise DataError(f"the store has no {split!r} patches", store.path)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> dict:
+        image = np.ascontiguousarray(self.store[self.indices[i]]["image"])
+        return {"image": torch.from_numpy(image).permute(2, 0, 1), "index": self.indices[i]}
+
+
+def make_model(recipe: AutoencoderRecipe) -> VQModel | AutoencoderKL:
+    m = recipe.model
+    return make_autoencoder(
+        m.kind, m.block_out_channels, m.layers_per_block, m.latent_channels, num_vq_embeddings=m.num_vq_embeddings,
+        vq_embed_dim=m.vq_embed_dim, norm_num_groups=m.norm_num_groups, attention_levels=m.attention_levels,
+        mid_block_attention=m.mid_block_attention, sample_size=recipe.patch_size,
+    )
+
+
+class ReconstructionStep(nn.Module):
+    """One training forward as one module (so DDP sees a single forward): encode, quantise or sample, decode.
+
+    Returns (reconstruction, regulariser per sample or scalar, codebook indices or None). VQ: diffusers'
+    VQ loss (commitment + β·codebook, CompVis's legacy placement of β). KL: KL(q(z|x) || N(0, I)) summed
+    over the latent, divided by the number of pixel values (so kl_weight means what CompVis's does).
+    """
+
+    def __init__(self, autoencoder: VQModel | AutoencoderKL):
+        super().__init__()
+        self.ae = autoencoder
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        ae = self.ae
+        if isinstance(ae, VQModel):
+            h = ae.encode(x).latents
+            quant, vq_loss, (_, _, indices) = ae.quantize(h)
+            spatial = quant if ae.config.norm_type == "spatial" else None
+            return ae.decoder(ae.post_quant_conv(quant), spatial), vq_loss, indices
+        posterior = ae.encode(x).latent_dist
+        z = posterior.sample(generator=generator)
+        return ae.decode(z).sample, posterior.kl() / x[0].numel(), None
+
+
+def _augment(images: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
+    """uint8 (B, 3, P, P) -> float [-1, 1] (B, 3, size, size): a random crop, then one of the 8 flips/rotations."""
+    b, _, h, w = images.shape
+    ys = torch.randint(0, h - size + 1, (b,), generator=g)
+    xs = torch.randint(0, w - size + 1, (b,), generator=g)
+    ks = torch.randint(0, 8, (b,), generator=g) if flips else torch.zeros(b, dtype=torch.long)
+    out = []
+    for i in range(b):
+        t = images[i, :, ys[i] : ys[i] + size, xs[i] : xs[i] + size]
+        t = torch.rot90(t, int(ks[i]) % 4, dims=(1, 2))
+        out.append(t.flip(-1) if ks[i] >= 4 else t)
+    return torch.stack(out).float() / 127.5 - 1.0
+
+
+def _check_store(recipe: AutoencoderRecipe, store: PatchStore) -> None:
+    if store.patch_size < recipe.patch_size:
+        raise HistosynthError(f"the store holds {store.patch_size} px patches, smaller than the {recipe.patch_size} px "
+                              f"crops recipe {recipe.name} trains on", store.path)
+    if recipe.magnification is not None and str(store.magnification) != recipe.magnification:
+        raise HistosynthError(f"the store is at {store.magnification}, recipe {recipe.name} is for "
+                              f"{recipe.magnification}", store.path)
+
+
+def load_init_weights(model: VQModel | AutoencoderKL, recipe: AutoencoderRecipe) -> None:
+    """Copy the weights of ``recipe.init`` (diffusers folder, training run or CompVis/LDM .ckpt) into ``model``."""
+    source = Path(recipe.init)
+    src, _ = load_autoencoder(source, kind=recipe.model.kind, config={"norm_num_groups": recipe.model.norm_num_groups})
+    want, have = recipe.model, src.config
+    if int(have.latent_channels) != want.latent_channels or latent_channels_of(src) != want.diffusion_channels:
+        raise HistosynthError(
+            f"the checkpoint's latent has {latent_channels_of(src)} channels (z: {have.latent_channels}), recipe "
+            f"{recipe.name} has {want.diffusion_channels} (z: {want.latent_channels})", source)
+    theirs, ours = src.state_dict(), model.state_dict()
+    diff = sorted(set(theirs) ^ set(ours))
+    diff += [f"{k} {tuple(theirs[k].shape)} vs recipe {tuple(ours[k].shape)}" for k in sorted(set(theirs) & set(ours))
+             if theirs[k].shape != ours[k].shape]
+    if diff:
+        raise HistosynthError(f"the checkpoint's architecture differs from recipe {recipe.name}: "
+                              + ", ".join(diff[:6]) + (" ..." if len(diff) > 6 else ""), source)
+    model.load_state_dict(theirs)
+
+
+def _evenly_spaced_train_patches(store: PatchStore, n: int) -> list[int]:
+    train = store.indices("train") or store.indices(None)
+    return [train[int(i)] for i in np.linspace(0, len(train) - 1, min(n, len(train))).round()]
+
+
+def _images(store: PatchStore, indices: list[int]) -> torch.Tensor:
+    x = torch.stack([torch.from_numpy(np.ascontiguousarray(store[j]["image"])).permute(2, 0, 1) for j in indices])
+    return x.float() / 127.5 - 1.0
+
+
+@torch.no_grad()
+def init_codebook_from_data(model: VQModel, store: PatchStore, seed: int, num_patches: int = 8) -> None:
+    """Set the codebook to distinct encoder outputs (before quantisation) of evenly spaced training patches.
+
+    diffusers/CompVis start from codes uniform in ±1/K, far smaller than the encoder outputs, so early on
+    nearly every vector maps to the same few codes; a small model trained briefly never leaves them.
+    """
+    h = model.encode(_images(store, _evenly_spaced_train_patches(store, num_patches))).latents
+    vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
+    k = model.quantize.embedding.weight.shape[0]
+    g = torch.Generator().manual_seed(int(seed) + 7919)
+    picks = torch.randperm(len(vectors), generator=g)[:k] if len(vectors) >= k else torch.randint(0, len(vectors), (k,), generator=g)
+    model.quantize.embedding.weight.copy_(vectors[picks])
+
+
+@torch.no_grad()
+def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_images: int, batch_size: int,
+                          seed: int, device: torch.device | str = "cpu") -> tuple[float, int]:
+    """1 / std of the latents the diffusion model will see, over up to ``num_images`` evenly spaced training
+    patches (LDM's scale_by_std; VQ: the encoder output before quantisation, KL: a posterior sample)."""
+    picks = _evenly_spaced_train_patches(store, num_images)
+    g = torch.Generator().manual_seed(int(seed))
+    latents = []
+    ae.eval()
+    for i in range(0, len(picks), batch_size):
+        x = _images(store, picks[i : i + batch_size]).to(device)
+        if isinstance(ae, VQModel):
+            z = ae.encode(x).latents
+        else:
+            z = ae.encode(x).latent_dist.sample(generator=g)
+        latents.append(z.float().flatten().cpu())
+    std = torch.cat(latents).std().item()
+    if not np.isfinite(std) or std <= 0:
+        raise TrainingError(f"latent std is {std} on the training patches; the autoencoder has collapsed", store.path)
+    return 1.0 / std, len(picks)
+
+
+def train_autoencoder(
+    recipe: AutoencoderRecipe,
+    data: str | Path,
+    out: str | Path,
+    *,
+    max_steps: int | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    if not isinstance(recipe, AutoencoderRecipe):
+        raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not an autoencoder recipe")
+    run, data = Path(out), Path(data)
+    t_cfg, l_cfg = recipe.train, recipe.loss
+    store = PatchStore(data)
+    _check_store(recipe, store)
+    accelerator, resume_from = start_run(run, recipe, data, t_cfg, resume=resume, overwrite=overwrite)
+
+    dataset = ImagePatchDataset(store, "train")
+    set_seed(t_cfg.seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
+    model = make_model(recipe)
+    if recipe.init is not None and resume_from is None:
+        load_init_weights(model, recipe)
+    elif isinstance(model, VQModel) and t_cfg.codebook_init == "data" and resume_from is None:
+        init_codebook_from_data(model, store, t_cfg.seed)
+    if isinstance(model, VQModel):
+        model.quantize.beta = l_cfg.commitment_beta  # diffusers fixes 0.25 in the constructor
+    perceptual = make_perceptual(l_cfg.perceptual)
+    if perceptual is not None:
+        perceptual.to(accelerator.device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.learning_rate, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
+                                  weight_decay=t_cfg.weight_decay)
+    warmup = t_cfg.warmup_steps
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
+    # the engine always keeps an EMA; without one in the recipe it runs at decay 0 and the export ignores it
+    engine, step = build_engine(accelerator, ReconstructionStep(model), optimizer, lr_scheduler,
+                                ema_decay=t_cfg.ema_decay or 0.0, run=run, resume_from=resume_from, cfg=t_cfg)
+
+    total = recipe.total_steps if max_steps is None else max_steps
+    ga, nproc, rank = t_cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    sampler = StreamBatchSampler(len(dataset), t_cfg.batch_size, t_cfg.seed, start=step * ga * nproc + rank, stride=nproc)
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=t_cfg.num_workers,
+                              pin_memory=accelerator.device.type == "cuda"))
+
+    def micro_loss(g: torch.Generator, _step: int):
+        x = _augment(next(batches)["image"], recipe.patch_size, t_cfg.random_flips, g).to(accelerator.device)
+        with accelerator.autocast():
+            recon, regulariser, indices = engine.model(x, g)
+            loss, terms = autoencoder_loss(
+                x, recon, regulariser, kind=recipe.model.kind, l1_weight=l_cfg.l1_weight, l2_weight=l_cfg.l2_weight,
+                perceptual=perceptual, perceptual_weight=l_cfg.perceptual_weight,
+                codebook_weight=l_cfg.codebook_weight, kl_weight=l_cfg.kl_weight)
+        if indices is not None:  # distinct codebook entries this micro-batch used (a collapse shows here first)
+            terms["codes"] = torch.tensor(float(torch.unique(indices).numel()), device=loss.device)
+        return loss, terms, x.shape[0]
+
+    def export(wrapper: ReconstructionStep, ema) -> None:
+        export_autoencoder(wrapper.ae, ema if t_cfg.ema_decay is not None else None, run / AUTOENCODER, recipe, store,
+                           ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], accelerator.device)
+
+    return run_steps(engine, step=step, total=total, micro_loss=micro_loss, export=export, recipe_name=recipe.name,
+                     plot=plot_autoencoder_losses, progress=progress)
+
+
+def export_autoencoder(ae, ema: EMAModel | None, where: Path, recipe: AutoencoderRecipe, store: PatchStore,
+                       step: int, device) -> None:
+    """save_pretrained a copy (EMA weights if any) whose config carries scaling_factor = 1/std of its latents."""
+    copy = type(ae).from_config(ae.config)
+    copy.load_state_dict(ae.state_dict())
+    if ema is not None:
+        ema.copy_to(copy.parameters())
+    copy.to(device)
+    t = recipe.train
+    scaling, n = latent_scaling_factor(copy, store, t.scaling_factor_images, t.batch_size, t.seed, device)
+    copy.register_to_config(scaling_factor=scaling)
+    info = {
+        "recipe": recipe.name, "step": step, "store": str(store.path), "ema": ema is not None,
+        "scaling_factor": {"value": scaling, "images": n, "split": "train",
+                           "latents": "encoder output before quantisation" if recipe.model.kind == "vq" else "posterior sample"},
+    }
+
+    def write(tmp: Path) -> None:
+        copy.cpu().save_pretrained(tmp, safe_serialization=True)
+        (tmp / INFO).write_text(json.dumps(info, indent=2))
+
+    ckpt.write_atomically(where, write)
+
+
+def plot_autoencoder_losses(losses_jsonl: Path, out_png: Path) -> None:
+    """Curves of the total loss and each of its terms (log scale, raw + moving average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(r) for r in Path(losses_jsonl).read_text().splitlines() if r]
+    if not rows:
+        return
+    keys = [k for k in ("loss", "l1", "perceptual", "vq", "kl", "codes") if k in rows[0]]
+    steps = np.array([r["step"] for r in rows])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        vals = np.array([r[key] for r in rows], dtype=float)
+        ax.plot(steps, vals, lw=0.5, alpha=0.4)
+        k = max(1, len(vals) // 50)
+        ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), lw=1.5)
+        if key != "codes" and (vals > 0).all():
+            ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title({"codes": "codebook entries used / batch"}.get(key, key))
+    fig.tight_layout()
+    fig.savefig(out_png, dpi=100)
+    plt.close(fig)
