@@ -189,3 +189,4 @@ def _convert(hint, value, source, where):
 
 # recipe types of other methods register themselves on import (after everything above is defined)
 from histosynth.recipes import autoencoder as _autoencoder  # noqa: E402,F401
+from histosynth.recipes import latent as _latent  # noqa: E402,F401  (method "ldm": LatentDiffusionRecipe)

@@ -1,0 +1,138 @@
+"""Typed recipe of a latent diffusion model (PathLDM): frozen autoencoder + cross-attention UNet + conditioner.
+
+One named field per hyperparameter; the YAML files ``pathldm-256.yaml`` (the paper's setting) and
+``pathldm-tiny-cpu.yaml`` / ``pathldm-tiny-cpu-class.yaml`` (CPU runs and tests) fill them in.
+
+Paths in a recipe (``autoencoder.path``, ``conditioner.captions``, ``train.init_unet``) are relative to the
+directory you run from; ``{data}`` in them stands for the patch store given with ``--data`` (so
+``{data}/captions.jsonl`` is a captions file written next to the store).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from histosynth.recipes import register_recipe_type
+
+METHOD = "ldm"
+
+#: PathLDM's class baseline (Sec. 4.2), in class-index order (as conditions.captions.PATHLDM_CLASSES).
+PATHLDM_CLASS_NAMES = ("low tumor; low til", "low tumor; high til", "high tumor; low til", "high tumor; high til")
+
+
+@dataclass
+class AutoencoderConfig:
+    """The frozen first stage: a diffusers ``VQModel`` / ``AutoencoderKL`` folder (``save_pretrained``), or a
+    run of ``histosynth train autoencoder`` (its ``RUN/autoencoder``)."""
+
+    path: str
+    # latents = encoder output × scaling_factor; null: the autoencoder config's ``scaling_factor``.
+    # LDM / PathLDM's VQ-f4 uses 1.0 (its config sets no scale_factor).
+    scaling_factor: float | None = None
+
+
+@dataclass
+class ConditionerConfig:
+    """What the UNet cross-attends to: a frozen text encoder (PathLDM) or a learned class embedding (baseline)."""
+
+    kind: str = "text"  # "text" | "class"
+    # text: hub id (openai/clip-vit-base-patch32, vinid/plip), a local folder, or "minilm" (offline)
+    text_encoder: str = "minilm"
+    max_tokens: int = 154  # PathLDM: two 77-token CLIP halves (see conditions/text.py)
+    # one caption (or several) per patch: the JSONL of `histosynth captions build`
+    captions: str = "{data}/captions.jsonl"
+    # class: the class of a captions row is its "class" field, else tumor/TIL probabilities thresholded
+    # at `class_threshold` (PathLDM's 4 classes), else nuclei counts: "high" when counts[tumor_type]
+    # (resp. counts[til_type]) >= count_threshold (the analogue for label-captioned stores such as CoNSeP)
+    num_classes: int = 4
+    class_threshold: float = 0.5
+    tumor_type: str = "epithelial"
+    til_type: str = "inflammatory"
+    count_threshold: int = 10
+
+
+@dataclass
+class UNetConfig:
+    """diffusers ``UNet2DConditionModel`` (in/out channels and sample size come from the autoencoder)."""
+
+    block_out_channels: tuple[int, ...] = (192, 384, 576, 960)
+    layers_per_block: int = 2
+    # diffusers' (legacy-named) attention_head_dim is the number of heads per block, as in Stable
+    # Diffusion's configs; LDM's num_heads: 1 is (1, 1, 1, 1)
+    attention_head_dim: tuple[int, ...] = (1, 1, 1, 1)
+    cross_attention_dim: int = 512  # = the text encoder's width (CLIP ViT-B/PLIP 512, MiniLM 384)
+    down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "CrossAttnDownBlock2D")
+    up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    transformer_layers_per_block: int = 1
+    norm_num_groups: int = 32
+
+
+@dataclass
+class LatentDiffusionConfig:
+    """Forward process and objective (LDM: make_beta_schedule "linear" is sqrt-spaced = diffusers' scaled_linear)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: str = "scaled_linear"
+    beta_start: float = 0.0015
+    beta_end: float = 0.0195
+    prediction_type: str = "epsilon"
+
+
+@dataclass
+class SamplingConfig:
+    """Defaults of `histosynth sample` for this model (PathLDM Sec. 4, 5.1: DDIM 50 steps, guidance 1.75)."""
+
+    num_inference_steps: int = 50
+    guidance_scale: float = 1.75  # diffusers / LDM convention: uncond + g·(cond − uncond); NASDM's s = g − 1
+    eta: float = 0.0
+
+
+@dataclass
+class LatentTrainConfig:
+    steps: int
+    learning_rate: float = 2e-5
+    lr_warmup_steps: int = 10000  # linear warm-up from 1e-6·lr (LDM's LambdaLinearScheduler), then constant
+    batch_size: int = 48  # per device
+    gradient_accumulation_steps: int = 1
+    condition_dropout: float = 0.1  # caption → "" (text) or class → null class, for classifier-free guidance
+    weight_decay: float = 0.01  # LDM: torch.optim.AdamW's default
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    ema_decay: float = 0.9999  # 0 = no averaging (the exported weights are the trained ones)
+    max_grad_norm: float = 0.0  # 0 = no clipping (LDM)
+    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
+    random_flips: bool = True  # PathLDM: random horizontal and vertical flips (4 variants)
+    # encode every patch (and its flips) once into RUN/cache; off for stores too large to cache on disk
+    cache_latents: bool = True
+    init_unet: str | None = None  # a diffusers UNet folder or a CompVis LDM .ckpt (shape-matching tensors)
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2
+    log_every: int = 50
+    seed: int = 0
+    num_workers: int = 2  # only without cache_latents (image loading)
+
+
+@dataclass
+class LatentDiffusionRecipe:
+    name: str
+    method: str
+    description: str
+    patch_size: int  # image pixels; the latent size is patch_size / the autoencoder's downsampling factor
+    magnification: str
+    autoencoder: AutoencoderConfig
+    train: LatentTrainConfig
+    conditioner: ConditionerConfig = field(default_factory=ConditionerConfig)
+    unet: UNetConfig = field(default_factory=UNetConfig)
+    diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train.steps
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+register_recipe_type(METHOD, LatentDiffusionRecipe)
