@@ -176,12 +176,14 @@ def _register_extensions() -> None:
     from histosynth.data.cli_slides import register as register_slides
     from histosynth.evaluate.cli_controllability import register as register_controllability
     from histosynth.evaluate.cli_distribution import register as register_distribution
+    from histosynth.evaluate.cli_segmenter import seg
     from histosynth.models.cli_convert import convert
 
     register_slides(prepare)
     register_distribution(evaluate)
     register_controllability(evaluate)
     main.add_command(captions)
+    main.add_command(seg)
     main.add_command(convert)
 
 

@@ -1,0 +1,169 @@
+"""`histosynth seg train | predict | evaluate`: the nuclei segmenter used as an evaluation instrument.
+
+Thin calls into :mod:`histosynth.evaluate.segmenter`. ``seg train`` trains on the train split of a labelled
+store; ``seg evaluate`` scores it on a split (Dice, AJI, PQ, mPQ, PQ per type: the ceiling every number measured
+with it is read against); ``seg predict`` writes instance and type maps for a store, a folder of images or a
+``histosynth sample`` output. User errors print one line naming the file and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import click
+import numpy as np
+
+from histosynth.cli_common import user_errors
+from histosynth.errors import OutputExistsError
+
+__all__ = ["seg", "predict_to_folder"]
+
+
+def _device(device: str | None) -> str:
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@click.group()
+def seg():
+    """Train, apply and score the nuclei instance + type segmenter."""
+
+
+@seg.command("train")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="A labelled patch store (its train split).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained segmenter.")
+@click.option("--steps", default=1500, show_default=True, help="Optimisation steps.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine decay).")
+@click.option("--crop", default=128, show_default=True, help="Random crop size (multiple of 32, <= patch size).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--no-imagenet", is_flag=True, help="Start the encoder from random weights, not ImageNet EfficientNet-Lite0.")
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@user_errors
+def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device, overwrite):
+    """Train a segmenter on the train split of DATA and write it to OUT (model, segmenter.json, loss.png)."""
+    from histosynth.evaluate.segmenter import train_segmenter
+
+    train_segmenter(data, out, steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed, overwrite=overwrite,
+                    device=_device(device), imagenet_encoder=not no_imagenet)
+    click.echo(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, segmenter.json, losses.jsonl, loss.png)")
+
+
+@seg.command("evaluate")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A folder written by `seg train`.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="A labelled patch store.")
+@click.option("--split", default="test", show_default=True)
+@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the scores to this JSON file.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default=None)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def evaluate_cmd(model, data, split, out, batch_size, device, overwrite):
+    """Score the segmenter on a split of DATA: Dice, AJI, PQ+, mPQ+ and PQ per type (CoNIC conventions)."""
+    from histosynth.evaluate.segmenter import evaluate_segmenter, load_segmenter
+
+    if out is not None and out.exists() and not overwrite:
+        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    scores = evaluate_segmenter(load_segmenter(model, _device(device), batch_size=batch_size), data, split, progress=True)
+    scores = {"segmenter": str(model), "data": str(data), **scores}
+    text = json.dumps(scores, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(text + "\n", encoding="utf-8")
+        os.replace(tmp, out)
+    click.echo(text)
+
+
+def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None = None, batch_size: int = 8,
+                      overwrite: bool = False, progress: bool = True) -> int:
+    """Segment every image of ``source`` (store split, image folder, or sample output) into ``out``.
+
+    Writes ``instances/NAME.png`` (uint16 instance ids), ``types/NAME.png`` (uint8 type ids), ``overview.png``
+    (first 8 images over their coloured predictions) and ``predictions.jsonl`` (name and nuclei per type). The
+    folder is built under a hidden name and renamed when complete. Returns the number of images.
+    """
+    import sys
+
+    from PIL import Image
+    from skimage.segmentation import find_boundaries
+    from tqdm.auto import tqdm
+
+    from histosynth.evaluate.fid import _is_store, _open_store, _load_image, list_images, resolve_generated
+    from histosynth.viz import colour_mask, save_grid
+
+    if (out.exists() or out.is_symlink()) and not overwrite:
+        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    source = Path(source)
+    if (source / "samples.jsonl").is_file():
+        source = resolve_generated(source)
+    if _is_store(source):
+        store, idx = _open_store(source, split)
+        items = [(f"{i:06d}", lambda i=i: np.asarray(store[i]["image"])) for i in idx]
+    else:
+        files = list_images(source, split)
+        items = [(p.stem, lambda p=p: _load_image(p)) for p in files]
+    if not items:
+        from histosynth.errors import DataError
+
+        raise DataError("no images to segment", source)
+    names = segmenter.class_names
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    if partial.exists():
+        shutil.rmtree(partial)
+    (partial / "instances").mkdir(parents=True)
+    (partial / "types").mkdir()
+    overview = []
+    try:
+        with open(partial / "predictions.jsonl", "w", encoding="utf-8") as manifest:
+            for start in tqdm(range(0, len(items), batch_size), desc="segment", unit="batch", disable=not progress,
+                              file=sys.stderr):
+                chunk = items[start : start + batch_size]
+                images = [load() for _, load in chunk]
+                # images of different sizes are segmented one by one
+                same = all(im.shape == images[0].shape for im in images)
+                preds = [segmenter.predict(np.stack(images))] if same else [segmenter.predict(im[None]) for im in images]
+                insts = [m for p in preds for m in p[0]]
+                types = [m for p in preds for m in p[1]]
+                for (name, _), image, inst, typ in zip(chunk, images, insts, types):
+                    Image.fromarray(inst.astype(np.uint16)).save(partial / "instances" / f"{name}.png")
+                    Image.fromarray(typ.astype(np.uint8)).save(partial / "types" / f"{name}.png")
+                    ids, first = np.unique(inst, return_index=True)
+                    inst_types = typ.ravel()[first[ids > 0]]
+                    counts = {n: int((inst_types == k).sum()) for k, n in enumerate(names, start=1)}
+                    manifest.write(json.dumps({"name": name, "nuclei": int((ids > 0).sum()), "counts": counts}) + "\n")
+                    if len(overview) < 8:
+                        overview.append((image, colour_mask(typ, find_boundaries(inst, mode="inner"))))
+        if overview and all(a.shape == overview[0][0].shape for a, _ in overview):
+            save_grid([[a for a, _ in overview], [b for _, b in overview]], partial / "overview.png")
+        if out.exists() or out.is_symlink():
+            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
+        os.replace(partial, out)
+    finally:
+        if partial.exists():
+            shutil.rmtree(partial)
+    return len(items)
+
+
+@seg.command("predict")
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A folder written by `seg train`.")
+@click.option("--images", required=True, type=click.Path(path_type=Path),
+              help="A patch store, a folder of images, or a `histosynth sample` output.")
+@click.option("--split", default=None, help="Store split or sub-folder of --images.")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--device", default=None)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def predict_cmd(model, images, split, out, batch_size, device, overwrite):
+    """Write instance and type maps (PNG) for every image, with per-image nuclei counts and an overview PNG."""
+    from histosynth.evaluate.segmenter import load_segmenter
+
+    n = predict_to_folder(load_segmenter(model, _device(device), batch_size=batch_size), images, out, split=split,
+                          batch_size=batch_size, overwrite=overwrite)
+    click.echo(f"wrote {out}: {n} images (instances/, types/, predictions.jsonl, overview.png)")
