@@ -163,7 +163,8 @@ def init_codebook_from_data(model: VQModel, store: PatchStore, seed: int, num_pa
 def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_images: int, batch_size: int,
                           seed: int, device: torch.device | str = "cpu") -> tuple[float, int]:
     """1 / std of the latents the diffusion model will see, over up to ``num_images`` evenly spaced training
-    patches (LDM's scale_by_std; VQ: the encoder output before quantisation, KL: a posterior sample)."""
+    patches (LDM's scale_by_std; VQ: the encoder output before quantisation, KL: a posterior sample).
+    NaN or inf when the latents are not finite or constant."""
     picks = _evenly_spaced_train_patches(store, num_images)
     g = torch.Generator().manual_seed(int(seed))
     latents = []
@@ -175,10 +176,8 @@ def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_im
         else:
             z = ae.encode(x).latent_dist.sample(generator=g)
         latents.append(z.float().flatten().cpu())
-    std = torch.cat(latents).std().item()
-    if not np.isfinite(std) or std <= 0:
-        raise TrainingError(f"latent std is {std} on the training patches; the autoencoder has collapsed", store.path)
-    return 1.0 / std, len(picks)
+    std = torch.cat(latents).double().std().item()
+    return (1.0 / std if std != 0 else float("inf")), len(picks)
 
 
 def train_autoencoder(
@@ -255,6 +254,10 @@ def export_autoencoder(ae, ema: EMAModel | None, where: Path, recipe: Autoencode
     copy.to(device)
     t = recipe.train
     scaling, n = latent_scaling_factor(copy, store, t.scaling_factor_images, t.batch_size, t.seed, device)
+    if not np.isfinite(scaling) or scaling <= 0:
+        raise TrainingError(f"after step {step} the latents of the training patches have std {1 / scaling:.4g}: training "
+                            "diverged or collapsed. Lower the learning rate or train in fp32 (mixed_precision: no).",
+                            where.parent)
     copy.register_to_config(scaling_factor=scaling)
     info = {
         "recipe": recipe.name, "step": step, "store": str(store.path), "ema": ema is not None,
