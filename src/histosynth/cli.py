@@ -100,6 +100,7 @@ TRAINERS = {
     "nasdm": "histosynth.diffusion.training:train",
     "autoencoder": "histosynth.diffusion.autoencoder_training:train_autoencoder",
 }
+TRAINERS["ldm"] = "histosynth.diffusion.latent_training:train_latent"
 
 
 def _trainer(method: str):
@@ -176,12 +177,14 @@ def _register_extensions() -> None:
     from histosynth.data.cli_slides import register as register_slides
     from histosynth.evaluate.cli_controllability import register as register_controllability
     from histosynth.evaluate.cli_distribution import register as register_distribution
+    from histosynth.evaluate.cli_reconstruction import register as register_reconstruction
     from histosynth.evaluate.cli_segmenter import seg
     from histosynth.models.cli_convert import convert
 
     register_slides(prepare)
     register_distribution(evaluate)
     register_controllability(evaluate)
+    register_reconstruction(evaluate)
     main.add_command(captions)
     main.add_command(seg)
     main.add_command(convert)

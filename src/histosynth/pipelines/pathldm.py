@@ -1,0 +1,196 @@
+"""PathLDM sampling pipeline: captions (or classes) in, H&E images out.
+
+    pipe = PathLDMPipeline.from_pretrained("RUN")           # a training run, or its pipeline/ folder
+    images = pipe(["many epithelial nuclei; few inflammatory nuclei"], guidance_scale=1.75,
+                  num_inference_steps=50, generator=torch.Generator().manual_seed(0)).images
+
+Reads top to bottom: encode the prompts with the frozen conditioner (text: the 154-token caption
+embeddings; class baseline: the learned class token) and the null condition (the empty caption / the null
+class), start from Gaussian latents, run exactly `num_inference_steps` DDIM steps, each one UNet pass on
+the batched [null, cond] pair combined by classifier-free guidance, and decode the latents with the
+frozen autoencoder (a VQ model quantizes them first, as LDM's VQ first stage does).
+
+Guidance follows diffusers and LDM: ε̂ = ε(∅) + g·(ε(y) − ε(∅)); g = 1 is the plain conditional model
+(one pass per step), g = 0 the unconditional one. NASDM's scale s (ε̂ = ε(y) + s·(ε(y) − ε(∅))) is the
+same combination with g = s + 1: PathLDM's g = 1.75 is s = 0.75.
+
+DDIM as in LDM's sampler: timesteps 1 + k·⌊1000/n⌋ ("leading" spacing, steps_offset 1), the last step
+going to ᾱ of t = 0 (set_alpha_to_one false), η = 0 by default.
+
+The config also records the latent scaling factor, the class rule of a class model (how a captions row
+becomes a class), the patch size and magnification trained on, and the recipe's sampling defaults
+(``histosynth sample`` uses them).
+
+Saved layout: diffusers' (model_index.json, unet/, vae/, scheduler/) plus conditioner/ written by the
+conditioner's own save_pretrained (conditions/text.py), loaded back by ``from_pretrained``.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
+from histosynth.errors import HistosynthError
+
+CONDITIONER_DIR = "conditioner"
+
+
+def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """diffusers / LDM guidance ε(∅) + g·(ε(y) − ε(∅)) (= NASDM's ε(y) + s·(ε(y) − ε(∅)) with s = g − 1)."""
+    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+
+
+def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float,
+                       prediction_type: str = "epsilon") -> DDIMScheduler:
+    """DDIM with LDM's conventions (see the module docstring)."""
+    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
+                         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False,
+                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+@dataclass
+class PathLDMPipelineOutput(BaseOutput):
+    images: np.ndarray | torch.Tensor  # (B, H, W, 3) uint8 for "np", (B, 3, H, W) in [-1, 1] for "pt"
+    prompts: list  # the prompts (captions or class indices) actually used
+    num_steps_run: int  # denoising steps executed (always the number asked)
+
+
+class PathLDMPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "unet->vae"
+
+    def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDIMScheduler,
+                 conditioner: TextConditioner | ClassConditioner | None = None,
+                 latent_scaling_factor: float | None = None, class_rule: dict | None = None,
+                 magnification: str | None = None, patch_size: int | None = None, sampling: dict | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
+        if latent_scaling_factor is None:
+            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
+        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), class_rule=class_rule,
+                                magnification=magnification, patch_size=patch_size, sampling=sampling)
+        self.conditioner = conditioner
+
+    # ------------------------------------------------------------------------------------ saving / loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
+        path = Path(pretrained_model_name_or_path)
+        if (path / "pipeline" / "model_index.json").is_file():
+            path = path / "pipeline"
+        if not (path / "model_index.json").is_file():
+            raise HistosynthError("not a PathLDM pipeline or training run (no model_index.json)", path)
+        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
+        if name != cls.__name__:
+            raise HistosynthError(f"this is a {name}, not a {cls.__name__}", path / "model_index.json")
+        if kwargs.get("conditioner") is None:
+            if not (path / CONDITIONER_DIR).is_dir():
+                raise HistosynthError(f"the pipeline has no {CONDITIONER_DIR}/ (its text encoder or class embedding)", path)
+            kwargs["conditioner"] = load_conditioner(path / CONDITIONER_DIR)
+        return super().from_pretrained(str(path), **kwargs)
+
+    def save_pretrained(self, save_directory, **kwargs):
+        super().save_pretrained(save_directory, **kwargs)
+        if self.conditioner is not None:
+            self.conditioner.save_pretrained(Path(save_directory) / CONDITIONER_DIR)
+
+    def to(self, *args, **kwargs):
+        super().to(*args, **kwargs)
+        if self.conditioner is not None:
+            self.conditioner.to(self.device)
+        return self
+
+    # ------------------------------------------------------------------------------------ conditions
+    @property
+    def is_class_conditional(self) -> bool:
+        return isinstance(self.conditioner, ClassConditioner)
+
+    def class_index(self, prompt) -> int:
+        """A class given as its index (3, "3") or its name ("high tumor; high til")."""
+        names = list(self.conditioner.class_names or [])
+        if isinstance(prompt, (int, np.integer)) or (isinstance(prompt, str) and prompt.strip().isdigit()):
+            c = int(prompt)
+        elif isinstance(prompt, str) and prompt.strip() in names:
+            c = names.index(prompt.strip())
+        else:
+            raise HistosynthError(f"unknown class {prompt!r}; this model's classes: "
+                                  + ", ".join(f"{i} {n!r}" for i, n in enumerate(names)) if names else
+                                  f"unknown class {prompt!r}; give an index 0..{self.conditioner.num_classes - 1}")
+        if not 0 <= c < self.conditioner.num_classes:
+            raise HistosynthError(f"class {c} is outside 0..{self.conditioner.num_classes - 1}")
+        return c
+
+    def encode_prompts(self, prompts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
+        """(condition, null condition) as cross-attention context (B, T, D) on the UNet's device and dtype."""
+        if self.conditioner is None:
+            raise HistosynthError("this pipeline has no conditioner (pass conditioner=... or load a saved pipeline)")
+        if self.is_class_conditional:
+            labels = torch.tensor([self.class_index(p) for p in prompts], dtype=torch.long)
+            cond = self.conditioner(labels.to(self.conditioner.embedding.weight.device)).embeddings
+        else:
+            if not all(isinstance(p, str) for p in prompts):
+                raise HistosynthError("a text-conditioned model takes captions (strings)")
+            cond = self.conditioner.encode(list(prompts)).embeddings
+        null = self.conditioner.null_condition(len(prompts)).embeddings
+        return (cond.to(self.unet.device, self.unet.dtype), null.to(self.unet.device, self.unet.dtype))
+
+    # ------------------------------------------------------------------------------------ sampling
+    @torch.no_grad()
+    def __call__(
+        self,
+        prompts: str | Sequence,
+        guidance_scale: float = 1.75,
+        num_inference_steps: int = 50,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "np",
+        progress: bool = True,
+    ) -> PathLDMPipelineOutput:
+        # 1. conditions: captions (text model) or class indices / names (class baseline), and the null condition
+        prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
+        if not prompts:
+            raise HistosynthError("no prompts given")
+        cond, null = self.encode_prompts(prompts)
+        do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
+        context = torch.cat([null, cond]) if do_guidance else cond
+
+        # 2. exactly the number of steps asked
+        total_t = self.scheduler.config.num_train_timesteps
+        if not 1 <= num_inference_steps <= total_t:
+            raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {num_inference_steps}")
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
+        if len(scheduler.timesteps) != num_inference_steps:  # never silently run another number of steps
+            raise RuntimeError(f"scheduler made {len(scheduler.timesteps)} steps, asked {num_inference_steps}")
+
+        # 3. denoise Gaussian latents
+        size = self.unet.config.sample_size
+        shape = (len(prompts), self.unet.config.in_channels, size, size)
+        latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        steps_run = 0
+        for t in self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps:
+            x_in = torch.cat([latents, latents]) if do_guidance else latents
+            eps = self.unet(x_in, t, encoder_hidden_states=context).sample
+            if do_guidance:
+                eps_uncond, eps_cond = eps.chunk(2)
+                eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
+            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+            steps_run += 1
+
+        # 4. decode with the frozen autoencoder (VQ: quantize, then decode)
+        latents = latents / self.config.latent_scaling_factor
+        x = self.vae.decode(latents.to(self.vae.dtype)).sample.float().clamp(-1, 1)
+        if output_type == "pt":
+            images = x
+        else:
+            images = ((x + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return PathLDMPipelineOutput(images=images, prompts=prompts, num_steps_run=steps_run)
