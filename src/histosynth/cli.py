@@ -138,30 +138,71 @@ def train(what, recipe, data, out, max_steps, resume, overwrite):
 
 
 # -------------------------------------------------------------------------------------------- sample
+def _pipeline_class(model: Path) -> str:
+    """The pipeline class a run or pipeline folder holds (its model_index.json's _class_name)."""
+    for index in (model / "pipeline" / "model_index.json", model / "model_index.json"):
+        if index.is_file():
+            try:
+                return json.loads(index.read_text())["_class_name"]
+            except (OSError, ValueError, KeyError) as exc:
+                raise HistosynthError(f"unreadable pipeline description: {exc}", index) from None
+    raise HistosynthError("not a training run or saved pipeline (no model_index.json)", model)
+
+
 @main.command()
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="A training run or a saved pipeline.")
-@click.option("--masks", required=True, type=click.Path(path_type=Path), help="Patch store whose masks condition the samples.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
-@click.option("--num", default=16, show_default=True, help="Number of masks to sample (drawn by --seed).")
-@click.option("--guidance", default=1.0, show_default=True, help="NASDM guidance scale s (0 = conditional only).")
-@click.option("--steps", default=250, show_default=True, help="Denoising steps (exactly this many are run).")
-@click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(["ddpm", "ddim"]))
+@click.option("--masks", type=click.Path(path_type=Path), default=None,
+              help="NASDM: patch store whose masks condition the samples.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="PathLDM: one prompt per line (captions; class names or indices for a class model), or a "
+                   "captions JSONL of `histosynth captions build`.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]),
+              help="With --masks: the split whose masks are drawn.")
+@click.option("--num", type=int, default=None,
+              help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
+                   "(default: each prompt once, in order).")
+@click.option("--guidance", type=float, default=None,
+              help="NASDM: its scale s (0 = conditional only; default 1.0). PathLDM: diffusers/LDM scale g "
+                   "(1 = conditional only; default the recipe's, 1.75 as the paper); g = s + 1.")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM the recipe's: 50).")
+@click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
+              help="NASDM: ddpm (default) or ddim. PathLDM: ddim only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def sample(model, masks, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
-    """Generate images conditioned on the masks of a store; each image is written next to its mask."""
+def sample(model, masks, prompts, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
+    """Generate images: NASDM on the masks of a store (each image next to its mask), PathLDM on prompts."""
     import torch
 
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if _pipeline_class(model) == "PathLDMPipeline":
+        from histosynth.pipelines.pathldm import PathLDMPipeline
+        from histosynth.sampling_prompts import sample_prompts
+
+        if prompts is None or masks is not None:
+            raise HistosynthError("a PathLDM model samples prompts: give --prompts FILE (and no --masks)", model)
+        if sampler == "ddpm":
+            raise HistosynthError("PathLDM samples with DDIM (--sampler ddim)")
+        pipe = PathLDMPipeline.from_pretrained(model).to(device)
+        defaults = pipe.config.get("sampling") or {}
+        sample_prompts(pipe, prompts, out, num=num, guidance_scale=defaults.get("guidance_scale", 1.75) if guidance is None
+                       else guidance, num_inference_steps=steps or defaults.get("num_inference_steps", 50),
+                       eta=defaults.get("eta", 0.0), seed=seed, batch_size=batch_size, overwrite=overwrite)
+        click.echo(f"wrote {out}: images/, samples.jsonl (prompt and seed of each image), grid.png")
+        return
     from histosynth.pipelines.nasdm import NASDMPipeline
     from histosynth.sampling import sample_store
 
-    pipe = NASDMPipeline.from_pretrained(model).to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    sample_store(pipe, masks, out, split=None if split == "all" else split, num=num, guidance_scale=guidance,
-                 num_inference_steps=steps, sampler=sampler, seed=seed, batch_size=batch_size, overwrite=overwrite)
+    if masks is None or prompts is not None:
+        raise HistosynthError("a NASDM model samples the masks of a store: give --masks STORE (and no --prompts)", model)
+    pipe = NASDMPipeline.from_pretrained(model).to(device)
+    sample_store(pipe, masks, out, split=None if split == "all" else split, num=16 if num is None else num,
+                 guidance_scale=1.0 if guidance is None else guidance, num_inference_steps=steps or 250,
+                 sampler=sampler or "ddpm", seed=seed, batch_size=batch_size, overwrite=overwrite)
     click.echo(f"wrote {out}: images/, masks/, labels/, real/, samples.jsonl, grid.png")
 
 

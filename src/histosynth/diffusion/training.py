@@ -206,7 +206,8 @@ def run_steps(engine: Engine, *, step: int, total: int, micro_loss: MicroLoss, e
                         last = ckpt.latest_checkpoint(run)
                         shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
                         raise TrainingError(
-                            f"loss is {loss.item()} at step {step + 1} ({shown}); last good checkpoint: {last or 'none'}. "
+                            f"loss is {loss.item()} at step {step + 1}{f' ({shown})' if shown else ''}; "
+                            f"last good checkpoint: {last or 'none'}. "
                             "Lower the learning rate or train in fp32 (mixed_precision: no).",
                             run,
                         )

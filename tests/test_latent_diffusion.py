@@ -1,0 +1,396 @@
+"""Latent diffusion (PathLDM): the training loop on the shared engine, exact resume, the pipeline, UNet init.
+
+The autoencoders are tiny random diffusers models built here (save_pretrained), the data real HGSC tissue
+(a 256 px corner of the bundled region as 16 patches of 32 px at 10x) with label-derived captions, the
+text encoder the offline MiniLM.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from diffusers import AutoencoderKL, UNet2DConditionModel, VQModel
+from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
+
+from histosynth.conditions.text import ClassConditioner, TextConditioner
+from histosynth.diffusion import checkpoint as ckpt
+from histosynth.diffusion.latent_training import train_latent
+from histosynth.diffusion.unet_init import init_unet_from
+from histosynth.errors import DataError, HistosynthError
+from histosynth.pipelines.pathldm import PathLDMPipeline, classifier_free_guidance, ldm_ddim_scheduler
+from histosynth.recipes import load_recipe, recipe_from_dict
+
+TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [2, 2],
+             "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"], "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+             "norm_num_groups": 8}
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """These models are tiny: one thread is faster, and far faster on a shared, oversubscribed CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory) -> Path:
+    """16 real 32 px patches at 10x (a 256 px corner of the HGSC region at 20x), all train, + label captions."""
+    from histosynth.conditions.captions import label_captions_from_store, write_jsonl
+    from histosynth.data.formats import read_nuclei
+    from histosynth.data.store import prepare_nuclei
+    from histosynth.quickstart import bundled_sample
+
+    (region,) = read_nuclei("folder", bundled_sample(), magnification="20x")
+    crop = (slice(600, 856), slice(600, 856))
+    part = replace(region, image=region.image[crop], inst_map=region.inst_map[crop], type_map=region.type_map[crop],
+                   split="train")
+    out = tmp_path_factory.mktemp("ldm") / "hgsc-corner"
+    prepare_nuclei([part], out, patch=32, overlap=0.0, magnification="10x", progress=False)
+    write_jsonl(label_captions_from_store(out), out / "captions.jsonl")
+    return out
+
+
+def _vq(channels: int = 3) -> VQModel:
+    torch.manual_seed(0)
+    return VQModel(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                   up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=channels,
+                   num_vq_embeddings=64, norm_num_groups=4, scaling_factor=1.0, sample_size=32)
+
+
+@pytest.fixture(scope="module")
+def vq_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ae") / "vq"
+    _vq().save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def minilm() -> TextConditioner:
+    return TextConditioner.from_pretrained("minilm", max_tokens=16)
+
+
+def ldm_recipe(autoencoder: Path, kind: str = "text", **train):
+    t = {"steps": 8, "learning_rate": 1e-3, "lr_warmup_steps": 3, "batch_size": 4, "checkpoint_every": 2,
+         "keep_checkpoints": 10, "log_every": 1, "num_workers": 0, "ema_decay": 0.9, "seed": 5}
+    t.update(train)
+    return recipe_from_dict({
+        "name": "ldm-micro-test", "method": "ldm", "description": "tests", "patch_size": 32, "magnification": "10x",
+        "autoencoder": {"path": str(autoencoder)},
+        "conditioner": {"kind": kind, "text_encoder": "minilm", "max_tokens": 16, "tumor_type": "neoplastic",
+                        "count_threshold": 3},
+        "unet": {**TINY_UNET, "cross_attention_dim": 384 if kind == "text" else 32},
+        "train": t,
+    })
+
+
+def _losses(run: Path) -> list[dict]:
+    return [json.loads(r) for r in (run / "losses.jsonl").read_text().splitlines() if r]
+
+
+def _tiny_unet(in_channels: int = 3, cross_attention_dim: int = 32) -> UNet2DConditionModel:
+    torch.manual_seed(1)
+    u = TINY_UNET
+    return UNet2DConditionModel(sample_size=8, in_channels=in_channels, out_channels=in_channels,
+                                block_out_channels=tuple(u["block_out_channels"]), layers_per_block=u["layers_per_block"],
+                                attention_head_dim=tuple(u["attention_head_dim"]), down_block_types=tuple(u["down_block_types"]),
+                                up_block_types=tuple(u["up_block_types"]), norm_num_groups=u["norm_num_groups"],
+                                cross_attention_dim=cross_attention_dim)
+
+
+def _class_pipeline() -> PathLDMPipeline:
+    torch.manual_seed(2)
+    conditioner = ClassConditioner(4, 32, ("a", "b", "c", "d"))
+    return PathLDMPipeline(unet=_tiny_unet(), vae=_vq(), scheduler=ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195),
+                           conditioner=conditioner)
+
+
+# ------------------------------------------------------------------------------------------------ recipes
+def test_builtin_ldm_recipes_load_and_unknown_keys_are_refused(tmp_path):
+    paper = load_recipe("pathldm-256")
+    assert paper.method == "ldm" and paper.unet.block_out_channels == (192, 384, 576, 960)
+    assert (paper.diffusion.beta_schedule, paper.diffusion.beta_start, paper.diffusion.beta_end) == ("scaled_linear", 0.0015, 0.0195)
+    assert (paper.sampling.guidance_scale, paper.sampling.num_inference_steps) == (1.75, 50)
+    assert paper.conditioner.max_tokens == 154 and paper.train.condition_dropout == 0.1
+    assert load_recipe("pathldm-tiny-cpu").conditioner.text_encoder == "minilm"
+    assert load_recipe("pathldm-tiny-cpu-class").conditioner.kind == "class"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmethod: ldm\ndescription: d\npatch_size: 32\nmagnification: 10x\n"
+                   "autoencoder: {path: ae}\ntrain: {steps: 1, learning_rat: 0.1}\n")
+    with pytest.raises(HistosynthError, match=r"bad.yaml.*unknown recipe key\(s\) train.learning_rat"):
+        load_recipe(bad)
+
+
+# ------------------------------------------------------------------------------------------------ training
+def test_tiny_ldm_overfits_a_few_latents(store, vq_dir, tmp_path):
+    recipe = ldm_recipe(vq_dir, steps=250, learning_rate=3e-3, lr_warmup_steps=0, condition_dropout=0.0,
+                        random_flips=False, checkpoint_every=1000, ema_decay=0.0)
+    train_latent(recipe, store, tmp_path / "run", progress=False)
+    rows = _losses(tmp_path / "run")
+    first = sum(r["loss"] for r in rows[:10]) / 10
+    last = sum(r["loss"] for r in rows[-30:]) / 30
+    assert last < 0.3 * first, (first, last)
+    assert (tmp_path / "run" / "loss.png").stat().st_size > 1000
+    assert len(list((tmp_path / "run" / "cache").glob("latents-*.npy"))) == 1
+    assert len(list((tmp_path / "run" / "cache").glob("text-*.npy"))) == 1
+
+
+def _cli_train(recipe_file: Path, store: Path, run: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    return subprocess.Popen([sys.executable, "-m", "histosynth.cli", "train", "--recipe", str(recipe_file), "--data",
+                             str(store), "--out", str(run), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+
+
+def test_latent_loop_resumes_exactly_after_sigkill(store, vq_dir, tmp_path):
+    recipe = ldm_recipe(vq_dir, steps=400, checkpoint_every=4, condition_dropout=0.5)  # long: the kill lands mid-run
+    recipe_file = tmp_path / "ldm.yaml"
+    recipe_file.write_text(yaml.safe_dump(json.loads(json.dumps(recipe.to_dict()))))
+
+    ref = _cli_train(recipe_file, store, tmp_path / "ref", "--max-steps", "8")  # through `histosynth train`
+    assert ref.wait(timeout=300) == 0, ref.stderr.read().decode()[-3000:]
+
+    victim = _cli_train(recipe_file, store, tmp_path / "run")
+    deadline = time.time() + 300
+    while not ckpt.checkpoint_dir(tmp_path / "run", 4).exists():
+        assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.05)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    resumed = _cli_train(recipe_file, store, tmp_path / "run", "--resume", "--max-steps", "8")
+    assert resumed.wait(timeout=300) == 0, resumed.stderr.read().decode()[-3000:]
+
+    ref_rows, run_rows = _losses(tmp_path / "ref"), _losses(tmp_path / "run")
+    assert [r["step"] for r in run_rows] == list(range(1, 9))
+    assert [r["loss"] for r in run_rows] == [r["loss"] for r in ref_rows]
+    assert [r["lr"] for r in run_rows] == [r["lr"] for r in ref_rows]
+    assert ref_rows[0]["lr"] < ref_rows[3]["lr"] == 1e-3  # the warm-up is part of what is reproduced
+    from safetensors.torch import load_file
+
+    a = load_file(str(ckpt.checkpoint_dir(tmp_path / "ref", 8) / "ema.safetensors"))
+    b = load_file(str(ckpt.checkpoint_dir(tmp_path / "run", 8) / "ema.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    other = replace(recipe, train=replace(recipe.train, seed=9))
+    with pytest.raises(HistosynthError, match="recipe differs"):
+        train_latent(other, store, tmp_path / "run", resume=True, progress=False)
+
+
+def test_cached_and_on_the_fly_encoding_agree_with_a_kl_autoencoder(store, tmp_path):
+    torch.manual_seed(0)
+    kl = AutoencoderKL(block_out_channels=(8, 8, 8), down_block_types=("DownEncoderBlock2D",) * 3,
+                       up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
+                       norm_num_groups=4, sample_size=32, scaling_factor=0.5)
+    kl.save_pretrained(tmp_path / "kl")
+    cached = ldm_recipe(tmp_path / "kl", kind="class", steps=3)
+    fly = replace(cached, train=replace(cached.train, cache_latents=False))
+    train_latent(cached, store, tmp_path / "a", progress=False)
+    train_latent(fly, store, tmp_path / "b", progress=False)
+    a, b = [r["loss"] for r in _losses(tmp_path / "a")], [r["loss"] for r in _losses(tmp_path / "b")]
+    assert np.allclose(a, b, rtol=1e-4), (a, b)
+    assert not (tmp_path / "b" / "cache").exists() or not list((tmp_path / "b" / "cache").glob("latents-*"))
+    pipe = PathLDMPipeline.from_pretrained(tmp_path / "a")
+    assert pipe.unet.config.in_channels == 4 and pipe.config.latent_scaling_factor == 0.5
+    assert pipe.conditioner.class_names[3] == "high neoplastic; high inflammatory"
+    out = pipe(["high neoplastic; low inflammatory", 0], num_inference_steps=2, progress=False)
+    assert out.images.shape == (2, 32, 32, 3) and out.images.dtype == np.uint8
+
+
+def test_captions_of_another_store_are_refused(store, vq_dir, tmp_path):
+    rows = [json.loads(r) for r in (store / "captions.jsonl").read_text().splitlines()]
+    rows[3]["x"] += 1  # the row names another patch than the store's patch 3
+    bad = tmp_path / "captions.jsonl"
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    recipe = ldm_recipe(vq_dir)
+    recipe.conditioner.captions = str(bad)
+    with pytest.raises(DataError, match=r"captions.jsonl: row 4: index 3 is .*another store"):
+        train_latent(recipe, store, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()  # inputs are checked before the run directory is made
+
+
+# ------------------------------------------------------------------------------------------------ pipeline
+def test_pipeline_save_load_round_trip_gives_the_same_images(vq_dir, minilm, tmp_path):
+    torch.manual_seed(3)
+    pipe = PathLDMPipeline(unet=_tiny_unet(cross_attention_dim=384), vae=VQModel.from_pretrained(vq_dir),
+                           scheduler=ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195), conditioner=minilm,
+                           magnification="10x", patch_size=32)
+    prompts = ["many neoplastic nuclei; few inflammatory nuclei", "no neoplastic nuclei"]
+    before = pipe(prompts, num_inference_steps=4, generator=torch.Generator().manual_seed(7), progress=False).images
+    pipe.save_pretrained(tmp_path / "pipe")
+    assert (tmp_path / "pipe" / "conditioner" / "conditioner.json").is_file()
+    loaded = PathLDMPipeline.from_pretrained(tmp_path / "pipe")
+    after = loaded(prompts, num_inference_steps=4, generator=torch.Generator().manual_seed(7), progress=False).images
+    assert np.array_equal(before, after)
+    assert loaded.config.magnification == "10x" and loaded.conditioner.max_tokens == 16
+
+
+@pytest.mark.parametrize("steps", [1, 7, 50])
+def test_ddim_runs_exactly_the_steps_asked(steps):
+    pipe = _class_pipeline()
+    calls = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kw: calls.append((x.shape[0], int(t))) or forward(x, t, **kw)
+    out = pipe([0, 1, 2], num_inference_steps=steps, progress=False)
+    assert out.num_steps_run == steps and len(calls) == steps
+    assert all(b == 6 for b, _ in calls)  # one pass per step on the batched [null, cond] pair
+    ts = [t for _, t in calls]
+    assert ts == sorted(ts, reverse=True) and len(set(ts)) == steps and ts[-1] == 1  # LDM's DDIM: ..., 1 + ⌊1000/n⌋, 1
+    with pytest.raises(HistosynthError, match="num_inference_steps"):
+        pipe([0], num_inference_steps=0, progress=False)
+
+
+def test_guidance_formula_and_how_the_pipeline_uses_it():
+    from histosynth.diffusion.guidance import guided_model_output
+
+    eps_u, eps_c = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8)
+    g = 1.75
+    assert torch.allclose(classifier_free_guidance(eps_u, eps_c, g), eps_u + g * (eps_c - eps_u))
+    # NASDM's scale s is the same combination with g = s + 1
+    assert torch.allclose(classifier_free_guidance(eps_u, eps_c, g), guided_model_output(eps_c, eps_u, g - 1, 3), atol=1e-6)
+
+    pipe = _class_pipeline()
+
+    def run(prompts, g):
+        return pipe(prompts, guidance_scale=g, num_inference_steps=3, generator=torch.Generator().manual_seed(0),
+                    output_type="pt", progress=False).images
+
+    # g = 0 is the unconditional model: the prompt does not matter; g = 1 and 1.75 follow the prompt
+    assert torch.equal(run([0], 0.0), run([3], 0.0))
+    assert not torch.equal(run([0], 1.0), run([3], 1.0))
+    assert not torch.equal(run([0], 1.75), run([0], 1.0))
+    calls = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kw: calls.append(x.shape[0]) or forward(x, t, **kw)
+    run([0, 1], 1.0)
+    assert calls == [2, 2, 2]  # g = 1: the conditional pass alone
+
+
+# ------------------------------------------------------------------------------------------------ UNet init
+def test_init_from_a_checkpoint_with_other_latent_channels_names_the_file(tmp_path):
+    _tiny_unet(in_channels=4).save_pretrained(tmp_path / "unet4")
+    with pytest.raises(HistosynthError, match=r"unet4: this UNet takes 4 latent channels but the recipe's autoencoder gives 3"):
+        init_unet_from(_tiny_unet(in_channels=3), tmp_path / "unet4")
+
+
+def test_shape_matching_partial_init_reports_skipped_keys(tmp_path):
+    source = _tiny_unet(cross_attention_dim=64)  # another text width: only the cross-attention K/V projections differ
+    source.save_pretrained(tmp_path / "src")
+    target = _tiny_unet(cross_attention_dim=32)
+    initial = {k: v.clone() for k, v in target.state_dict().items()}
+    report = init_unet_from(target, tmp_path / "src")
+    skipped = {s.split(":")[0] for s in report.skipped}
+    assert skipped and all(k.endswith(("attn2.to_k.weight", "attn2.to_v.weight")) for k in skipped)
+    assert not report.missing and not report.dropped
+    own, src = target.state_dict(), source.state_dict()
+    assert all(torch.equal(own[k], src[k]) for k in report.loaded)
+    assert all(torch.equal(own[k], initial[k]) for k in skipped)  # a skipped tensor keeps its initialisation
+    assert "skipped" in report.summary() and "attn2.to_k.weight" in report.summary()
+
+
+def _to_compvis(state: dict, layers: int) -> dict:
+    """diffusers UNet tensors → CompVis LDM `model.diffusion_model.*` names (the inverse of diffusers' converter)."""
+    top = DIFFUSERS_TO_LDM_MAPPING["unet"]["layers"]
+    res = [("norm1", "in_layers.0"), ("conv1", "in_layers.2"), ("norm2", "out_layers.0"), ("conv2", "out_layers.3"),
+           ("time_emb_proj", "emb_layers.1"), ("conv_shortcut", "skip_connection")]
+
+    def resnet(rest):
+        for a, b in res:
+            if rest.startswith(a + "."):
+                return b + rest[len(a):]
+        raise KeyError(rest)
+
+    up_attn = {int(k.split(".")[1]) for k in state if k.startswith("up_blocks.") and ".attentions." in k}
+    out = {}
+    for k, v in state.items():
+        p = k.split(".")
+        if k in top:
+            name = top[k]
+        elif p[0] == "down_blocks":
+            b, kind = int(p[1]), p[2]
+            if kind == "downsamplers":
+                name = f"input_blocks.{1 + b * (layers + 1) + layers}.0.op.{p[-1]}"
+            else:
+                i, rest = 1 + b * (layers + 1) + int(p[3]), ".".join(p[4:])
+                name = f"input_blocks.{i}.0.{resnet(rest)}" if kind == "resnets" else f"input_blocks.{i}.1.{rest}"
+        elif p[0] == "mid_block":
+            rest = ".".join(p[3:])
+            name = (f"middle_block.{2 * int(p[2])}.{resnet(rest)}" if p[1] == "resnets" else f"middle_block.1.{rest}")
+        elif p[0] == "up_blocks":
+            b, kind = int(p[1]), p[2]
+            if kind == "upsamplers":
+                name = f"output_blocks.{b * (layers + 1) + layers}.{2 if b in up_attn else 1}.conv.{p[-1]}"
+            else:
+                i, rest = b * (layers + 1) + int(p[3]), ".".join(p[4:])
+                name = f"output_blocks.{i}.0.{resnet(rest)}" if kind == "resnets" else f"output_blocks.{i}.1.{rest}"
+        else:
+            raise KeyError(k)
+        out["model.diffusion_model." + name] = v
+    return out
+
+
+class _LightningObject:
+    """Stands for the callback objects a Lightning checkpoint pickles."""
+
+
+def test_init_from_a_compvis_ldm_checkpoint_converts_and_drops_the_class_embedder(tmp_path):
+    source = _tiny_unet()
+    state = _to_compvis(source.state_dict(), layers=1)
+    state["cond_stage_model.embedding.weight"] = torch.randn(5, 32)  # PathLDM's class embedder (4 classes + null)
+    state["first_stage_model.encoder.conv_in.weight"] = torch.randn(8, 3, 3, 3)
+    torch.save({"state_dict": state, "global_step": 10, "callbacks": {"ModelCheckpoint": _LightningObject()}},
+               tmp_path / "ldm.ckpt")  # Lightning pickles objects next to the weights: read as placeholders
+    target = _tiny_unet()
+    torch.nn.init.zeros_(target.conv_in.weight)
+    with pytest.warns(UserWarning, match="placeholders"):
+        report = init_unet_from(target, tmp_path / "ldm.ckpt")
+    assert not report.skipped and not report.missing
+    assert set(report.dropped) == {"cond_stage_model.embedding.weight", "first_stage_model.encoder.conv_in.weight"}
+    assert all(torch.equal(target.state_dict()[k], v) for k, v in source.state_dict().items())
+    # a checkpoint of 4-channel latents is refused, naming it
+    state4 = _to_compvis(_tiny_unet(in_channels=4).state_dict(), layers=1)
+    torch.save({"state_dict": state4}, tmp_path / "four.ckpt")
+    with pytest.raises(HistosynthError, match=r"four.ckpt: this UNet takes 4 latent channels"):
+        init_unet_from(_tiny_unet(), tmp_path / "four.ckpt")
+
+
+def test_training_starts_from_init_unet_and_writes_the_report(store, vq_dir, tmp_path):
+    source = _tiny_unet(cross_attention_dim=64)
+    source.save_pretrained(tmp_path / "src")
+    recipe = ldm_recipe(vq_dir, kind="class", steps=1, init_unet=str(tmp_path / "src"))
+    train_latent(recipe, store, tmp_path / "run", progress=False)
+    report = json.loads((tmp_path / "run" / "init_report.json").read_text())
+    assert report["source"] == str(tmp_path / "src") and report["loaded"] and report["skipped"]
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+def test_sample_cli_writes_prompts_and_seeds_and_never_overwrites(store, vq_dir, tmp_path):
+    from click.testing import CliRunner
+
+    from histosynth.cli import main
+
+    train_latent(ldm_recipe(vq_dir, steps=1), store, tmp_path / "run", progress=False)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("many neoplastic nuclei\n\nno nuclei\n")
+    args = ["sample", "--model", str(tmp_path / "run"), "--prompts", str(prompts), "--steps", "2", "--out", str(tmp_path / "s")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = [json.loads(x) for x in (tmp_path / "s" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["prompt"], r["line"], r["seed"], r["num_inference_steps"], r["guidance_scale"]) for r in rows] == [
+        ("many neoplastic nuclei", 1, 0, 2, 1.75), ("no nuclei", 3, 1, 2, 1.75)]
+    assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / rows[1]["image"]).is_file()
+    again = CliRunner().invoke(main, args)
+    assert again.exit_code == 2 and "--overwrite" in again.output
+    masks = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "run"), "--masks", str(store), "--out", str(tmp_path / "m")])
+    assert masks.exit_code == 2 and "--prompts" in masks.output
