@@ -218,6 +218,7 @@ def _register_extensions() -> None:
     from histosynth.data.cli_slides import register as register_slides
     from histosynth.evaluate.cli_controllability import register as register_controllability
     from histosynth.evaluate.cli_distribution import register as register_distribution
+    from histosynth.evaluate.cli_downstream import register as register_downstream
     from histosynth.evaluate.cli_reconstruction import register as register_reconstruction
     from histosynth.evaluate.cli_segmenter import seg
     from histosynth.models.cli_convert import convert
@@ -225,6 +226,7 @@ def _register_extensions() -> None:
     register_slides(prepare)
     register_distribution(evaluate)
     register_controllability(evaluate)
+    register_downstream(evaluate)
     register_reconstruction(evaluate)
     main.add_command(captions)
     main.add_command(seg)
