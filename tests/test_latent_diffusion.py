@@ -194,13 +194,16 @@ def test_cached_and_on_the_fly_encoding_agree_with_a_kl_autoencoder(store, tmp_p
                        up_block_types=("UpDecoderBlock2D",) * 3, layers_per_block=1, latent_channels=4,
                        norm_num_groups=4, sample_size=32, scaling_factor=0.5)
     kl.save_pretrained(tmp_path / "kl")
-    cached = ldm_recipe(tmp_path / "kl", kind="class", steps=3)
+    cached = ldm_recipe(tmp_path / "kl", kind="class", steps=3, cache_dir=str(tmp_path / "shared"))
     fly = replace(cached, train=replace(cached.train, cache_latents=False))
     train_latent(cached, store, tmp_path / "a", progress=False)
     train_latent(fly, store, tmp_path / "b", progress=False)
     a, b = [r["loss"] for r in _losses(tmp_path / "a")], [r["loss"] for r in _losses(tmp_path / "b")]
     assert np.allclose(a, b, rtol=1e-4), (a, b)
-    assert not (tmp_path / "b" / "cache").exists() or not list((tmp_path / "b" / "cache").glob("latents-*"))
+    (latents,) = (tmp_path / "shared").glob("latents-*.npy")  # cache_dir: outside the run, shared by content key
+    stamp = latents.stat().st_mtime_ns
+    train_latent(replace(cached, train=replace(cached.train, seed=1)), store, tmp_path / "c", progress=False)
+    assert list((tmp_path / "shared").glob("latents-*.npy")) == [latents] and latents.stat().st_mtime_ns == stamp
     pipe = PathLDMPipeline.from_pretrained(tmp_path / "a")
     assert pipe.unet.config.in_channels == 4 and pipe.config.latent_scaling_factor == 0.5
     assert pipe.conditioner.class_names[3] == "high neoplastic; high inflammatory"

@@ -1,11 +1,13 @@
-"""What a latent-diffusion run computes once and keeps on disk (``RUN/cache/``): the autoencoder latents of
-every training patch (and of its flips), and the text embedding of every distinct caption.
+"""What a latent-diffusion run computes once and keeps on disk (``RUN/cache/``, or the recipe's
+``train.cache_dir``): the autoencoder latents of every training patch (and of its flips), and the text
+embedding of every distinct caption.
 
 On a CPU, encoding dominates a step otherwise; on a GPU it saves the first stage's share. Each file is
 named by a key of what it depends on (the autoencoder's weights and config, the store's description and
 manifest, the patches and flips; the text encoder's weights, ``max_tokens`` and the captions), so a
 resumed run reuses it and a changed input never reads a stale one. Files are written under a temporary
-name and renamed when complete; they are memory-mapped for reading.
+name and renamed when complete; they are memory-mapped for reading. Because the names are content keys,
+runs may share one cache directory (e.g. a text and a class model trained on the same latents).
 
 Latents are cached before scaling: a VQ model's pre-quantization encoder output (what LDM diffuses), or
 an AutoencoderKL's posterior mean and standard deviation (a fresh sample is drawn each step from the
@@ -120,14 +122,14 @@ def _write_npy_atomically(final: Path, shape: tuple, fill: Callable[[np.ndarray]
 
 
 # ---------------------------------------------------------------------------------------------- latents
-def latent_cache(run: Path, vae, store, indices: Sequence[int], *, flips: bool, batch_size: int = 16,
+def latent_cache(where: Path, vae, store, indices: Sequence[int], *, flips: bool, batch_size: int = 16,
                  build: bool = True, progress: bool = True) -> np.memmap:
     """(N, F, C', h, w) float32 latent statistics of store patches `indices` (F = 4 flips or 1), memory-mapped.
 
     With ``build=False`` (the other processes of a multi-GPU run) the file must exist already."""
     nflips = NUM_FLIPS if flips else 1
     key = _key("latents", autoencoder_key(vae), store_key(store), list(map(int, indices)), nflips)
-    final = Path(run) / CACHE / f"latents-{key}.npy"
+    final = Path(where) / f"latents-{key}.npy"
     if not final.is_file() and build:
         probe = encode_stats(vae, image_batch(store, indices[:1]))
         shape = (len(indices), nflips, *probe.shape[1:])
@@ -148,14 +150,14 @@ def latent_cache(run: Path, vae, store, indices: Sequence[int], *, flips: bool, 
 
 
 # ---------------------------------------------------------------------------------------------- text
-def text_cache(run: Path, conditioner, captions: Sequence[str], *, batch_size: int = 32, build: bool = True,
+def text_cache(where: Path, conditioner, captions: Sequence[str], *, batch_size: int = 32, build: bool = True,
                progress: bool = True) -> np.memmap:
     """(U + 1, T, D) float32 embeddings of the distinct `captions`, the last row the null condition (the empty
     caption), memory-mapped."""
     h = hashlib.sha256()
     _hash_module(conditioner.encoder, h)
     key = _key("text", h.hexdigest(), conditioner.kind, conditioner.max_tokens, list(captions))
-    final = Path(run) / CACHE / f"text-{key}.npy"
+    final = Path(where) / f"text-{key}.npy"
     if not final.is_file() and build:
         null = conditioner.null_condition(1).embeddings
         shape = (len(captions) + 1, *null.shape[1:])

@@ -8,8 +8,8 @@ embedding / the null class) so that classifier-free guidance works.
 
 Everything random in step s (flip variant, the caption drawn among a patch's captions, dropout, t, ε, a
 KL posterior sample) comes from the engine's per-step generator, in that order; latents and caption
-embeddings are computed once into ``RUN/cache`` (``latent_cache.py``). A killed run resumed with
-``--resume`` reproduces the losses of an uninterrupted one exactly.
+embeddings are computed once into ``RUN/cache`` or ``train.cache_dir`` (``latent_cache.py``). A killed run
+resumed with ``--resume`` reproduces the losses of an uninterrupted one exactly.
 
 Run directory: as NASDM's (recipe.yaml, losses.jsonl, loss.png, checkpoints/), plus ``cache/``,
 ``init_report.json`` when the UNet started from a checkpoint, and ``pipeline/`` (a PathLDMPipeline with
@@ -234,6 +234,7 @@ def train_latent(
         it = iter(flat)
         options = [[next(it) for _ in r] for r in rows]  # per patch: class labels
     init_from = resolve_path(t_cfg.init_unet, data) if t_cfg.init_unet else None
+    cache_dir = resolve_path(t_cfg.cache_dir, data) if t_cfg.cache_dir else run / cache.CACHE
 
     accelerator, resume_from = start_run(run, recipe, data, t_cfg, resume=resume, overwrite=overwrite)
     device, main = accelerator.device, accelerator.is_main_process
@@ -243,9 +244,9 @@ def train_latent(
     stats = None
     if t_cfg.cache_latents:
         if main:
-            cache.latent_cache(run, vae, store, indices, flips=t_cfg.random_flips, progress=progress)
+            cache.latent_cache(cache_dir, vae, store, indices, flips=t_cfg.random_flips, progress=progress)
         accelerator.wait_for_everyone()
-        stats = cache.latent_cache(run, vae, store, indices, flips=t_cfg.random_flips, build=False)
+        stats = cache.latent_cache(cache_dir, vae, store, indices, flips=t_cfg.random_flips, build=False)
         probe = torch.from_numpy(np.array(stats[0, 0]))[None]
     else:
         probe = cache.encode_stats(vae, cache.image_batch(store, indices[:1])).cpu()
@@ -254,9 +255,9 @@ def train_latent(
     embeddings = null_id = None
     if text is not None:
         if main:
-            cache.text_cache(run, text, distinct, progress=progress)
+            cache.text_cache(cache_dir, text, distinct, progress=progress)
         accelerator.wait_for_everyone()
-        embeddings = cache.text_cache(run, text, distinct, build=False)
+        embeddings = cache.text_cache(cache_dir, text, distinct, build=False)
         null_id = len(distinct)
 
     set_seed(t_cfg.seed)  # the initial weights (a resumed run overwrites them from the checkpoint)

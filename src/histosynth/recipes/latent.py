@@ -1,11 +1,11 @@
 """Typed recipe of a latent diffusion model (PathLDM): frozen autoencoder + cross-attention UNet + conditioner.
 
 One named field per hyperparameter; the YAML files ``pathldm-256.yaml`` (the paper's setting) and
-``pathldm-tiny-cpu.yaml`` / ``pathldm-tiny-cpu-class.yaml`` (CPU runs and tests) fill them in.
+``pathldm-tiny-cpu.yaml`` / ``pathldm-tiny-cpu-class.yaml`` (CPU runs) fill them in.
 
-Paths in a recipe (``autoencoder.path``, ``conditioner.captions``, ``train.init_unet``) are relative to the
-directory you run from; ``{data}`` in them stands for the patch store given with ``--data`` (so
-``{data}/captions.jsonl`` is a captions file written next to the store).
+Paths in a recipe (``autoencoder.path``, ``conditioner.captions``, ``train.init_unet``, ``train.cache_dir``) are
+relative to the directory you run from; ``{data}`` in them stands for the patch store given with ``--data``
+(so ``{data}/captions.jsonl`` is a captions file written next to the store).
 """
 
 from __future__ import annotations
@@ -105,6 +105,9 @@ class LatentTrainConfig:
     random_flips: bool = True  # PathLDM: random horizontal and vertical flips (4 variants)
     # encode every patch (and its flips) once into RUN/cache; off for stores too large to cache on disk
     cache_latents: bool = True
+    # where the caches live; null: RUN/cache. Files are named by content keys, so runs can share a directory
+    # (e.g. "{data}/../latent-cache" for a text and a class model on the same latents)
+    cache_dir: str | None = None
     init_unet: str | None = None  # a diffusers UNet folder or a CompVis LDM .ckpt (shape-matching tensors)
     checkpoint_every: int = 5000
     keep_checkpoints: int = 2
