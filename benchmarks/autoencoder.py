@@ -13,30 +13,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 
-
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {dev}, torch {torch.__version__}"
+from machine_info import machine, peak_memory
 
 
 def measure(recipe_name: str, phase: str, batch: int, reps: int, size: int, precision: str) -> dict:
-    import resource
-
     import torch
     from diffusers import VQModel
 
@@ -70,11 +54,9 @@ def measure(recipe_name: str, phase: str, batch: int, reps: int, size: int, prec
         if dev == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"model": recipe_name, "kind": recipe.model.kind, "params_M": round(params, 1), "phase": phase, "size": size,
             "latent": list(latents.shape[1:]), "batch": batch, "reps": reps, "precision": precision, "device": dev,
-            "seconds": round(dt, 2), "images_per_s": round(batch * reps / dt, 3), "peak_mem_GiB": round(peak, 2),
-            "peak_mem_kind": "cuda max allocated" if dev == "cuda" else "process max RSS"}
+            "seconds": round(dt, 2), "images_per_s": round(batch * reps / dt, 3), **peak_memory(dev)}
 
 
 def main() -> None:

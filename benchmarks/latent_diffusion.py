@@ -20,35 +20,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 
+from machine_info import machine, peak_memory
+
 MODELS = {"paper": ("pathldm-256", "vq-f4"), "tiny": ("pathldm-tiny-cpu", "vq-f4-tiny-cpu")}
 
 
-def machine() -> str:
-    import os
-
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
-    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load avg {load}, {dev}, torch {torch.__version__}"
-
-
 def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) -> dict:
-    import resource
-
     import torch
 
     from histosynth.diffusion.autoencoder_training import make_model as make_autoencoder
@@ -122,11 +103,9 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         ips = batch / dt  # images per second for `steps` guided DDIM steps + decoding
-    peak = (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"model": model_key, "recipe": ldm_name, "autoencoder": ae_name, "unet_params_M": round(params, 1),
             "phase": phase, "size": size, "latent": f"{size // f}x{size // f}x{channels}", "batch": batch, "steps": steps,
-            "precision": precision, "device": dev, "seconds": round(dt, 2), "images_per_s": round(ips, 3),
-            "peak_mem_GiB": round(peak, 2), "peak_mem_kind": "cuda max allocated" if dev == "cuda" else "process max RSS"}
+            "precision": precision, "device": dev, "seconds": round(dt, 2), "images_per_s": round(ips, 3), **peak_memory(dev)}
 
 
 def main() -> None:

@@ -12,32 +12,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import subprocess
 import sys
 import time
 
+from machine_info import machine, peak_memory
+
 MODELS = {"paper": "nasdm-lizard-20x", "tiny": "nasdm-tiny-cpu"}
 
 
-def machine() -> str:
-    import torch
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in open("/proc/cpuinfo"):
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {torch.get_num_threads()} torch threads, {dev}, torch {torch.__version__}"
-
-
 def measure(model_key: str, phase: str, batch: int, steps: int, size: int, precision: str) -> dict:
-    import resource
-
     import torch
 
     from histosynth.diffusion.hybrid_loss import hybrid_loss
@@ -94,11 +78,9 @@ def measure(model_key: str, phase: str, batch: int, steps: int, size: int, preci
                 torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         ips = batch / dt  # images per second for `steps` guided denoising steps
-    peak = (torch.cuda.max_memory_allocated() / 2**30) if dev == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"model": model_key, "recipe": recipe.name, "params_M": round(params, 1), "phase": phase, "size": size,
             "batch": batch, "steps": steps, "precision": precision, "device": dev, "seconds": round(dt, 2),
-            "images_per_s": round(ips, 3), "peak_mem_GiB": round(peak, 2),
-            "peak_mem_kind": "cuda max allocated" if dev == "cuda" else "process max RSS"}
+            "images_per_s": round(ips, 3), **peak_memory(dev)}
 
 
 def main() -> None:

@@ -1,0 +1,40 @@
+"""What every benchmark prints and records: the machine it ran on, and a phase's peak memory.
+
+Imported by the scripts beside it (``python benchmarks/X.py`` puts this folder on ``sys.path``).
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+
+
+def machine() -> str:
+    """CPU model, cores, torch threads, load average (timings under load are not comparable), GPU, torch."""
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "no GPU"
+    load = " ".join(f"{x:.1f}" for x in os.getloadavg())
+    return (f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads, load avg {load}, "
+            f"{dev}, torch {torch.__version__}")
+
+
+def peak_memory(device: str) -> dict:
+    """This process's peak memory: max allocated on the GPU, max RSS on the CPU (Linux reports KiB)."""
+    import resource
+
+    import torch
+
+    if device == "cuda":
+        return {"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "peak_mem_kind": "cuda max allocated"}
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return {"peak_mem_GiB": round(rss, 2), "peak_mem_kind": "process max RSS"}
