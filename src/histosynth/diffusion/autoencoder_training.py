@@ -10,9 +10,12 @@ image-only (``prepare slides``); patches larger than the recipe's ``patch_size``
 Run directory::
 
     RUN/recipe.yaml          the recipe and the store it was started with (resume refuses another)
-    RUN/losses.jsonl         one row per step: loss, l1, l2, perceptual, vq (codebook loss) or kl, codes used, lr
+    RUN/losses.jsonl         one row per step: loss (everything optimised, D's hinge loss included), l1, l2,
+                             perceptual, vq (codebook loss) or kl, codes used, lr; with a patch-GAN also
+                             adversarial (−mean D(x̂)), adv_weight (its adaptive weight), disc (D's hinge loss),
+                             logits_real / logits_fake (mean D outputs)
     RUN/loss.png             the curves
-    RUN/checkpoints/step-N/  accelerate state, ema.safetensors (decay 0 when the recipe has no EMA), trainer_state.json
+    RUN/checkpoints/step-N/  accelerate state (autoencoder, discriminator, optimiser), ema.safetensors (decay 0 when the recipe has no EMA), trainer_state.json
     RUN/autoencoder/         the model (EMA weights if any) via save_pretrained, with scaling_factor = 1/std
                              of its latents on training patches (as LDM's scale_by_std), + histosynth.json
 """
@@ -26,16 +29,21 @@ import numpy as np
 import torch
 from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, VQModel
-from diffusers.training_utils import EMAModel
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.diffusion.autoencoder_loss import autoencoder_loss, make_perceptual
+from histosynth.diffusion.autoencoder_loss import (
+    adaptive_adversarial_weight,
+    autoencoder_loss,
+    hinge_discriminator_loss,
+    make_perceptual,
+)
 from histosynth.diffusion.training import StreamBatchSampler, TrainResult, build_engine, run_steps, start_run
 from histosynth.errors import DataError, HistosynthError, TrainingError
 from histosynth.models.autoencoders import latent_channels_of, load_autoencoder, make_autoencoder
+from histosynth.models.patch_discriminator import PatchDiscriminator
 from histosynth.recipes.autoencoder import AutoencoderRecipe
 
 AUTOENCODER = "autoencoder"
@@ -69,18 +77,23 @@ def make_model(recipe: AutoencoderRecipe) -> VQModel | AutoencoderKL:
 
 
 class ReconstructionStep(nn.Module):
-    """One training forward as one module (so DDP sees a single forward): encode, quantise or sample, decode.
+    """One training forward as one module (so DDP sees a single forward): encode, quantise or sample, decode,
+    and with a discriminator its three looks at the batch.
 
-    Returns (reconstruction, regulariser per sample or scalar, codebook indices or None). VQ: diffusers'
-    VQ loss (commitment + β·codebook, CompVis's legacy placement of β). KL: KL(q(z|x) || N(0, I)) summed
-    over the latent, divided by the number of pixel values (so kl_weight means what CompVis's does).
+    Returns (reconstruction, regulariser, codebook indices or None, logits or None). VQ: diffusers' VQ loss
+    (commitment + β·codebook, CompVis's legacy placement of β). KL: KL(q(z|x) || N(0, I)) summed over the
+    latent, divided by the number of pixel values (so kl_weight means what CompVis's does). Logits:
+    D(x̂) through D's weights detached (the autoencoder's adversarial term: gradient to the decoder only), and
+    D(x), D(x̂ detached) (the discriminator's hinge loss: gradient to D only). One backward and one optimiser
+    step then update both, where taming alternates two optimisers on the same batch.
     """
 
-    def __init__(self, autoencoder: VQModel | AutoencoderKL):
+    def __init__(self, autoencoder: VQModel | AutoencoderKL, discriminator: nn.Module | None = None):
         super().__init__()
         self.ae = autoencoder
+        self.discriminator = discriminator
 
-    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+    def reconstruct(self, x: torch.Tensor, generator: torch.Generator | None = None):
         ae = self.ae
         if isinstance(ae, VQModel):
             h = ae.encode(x).latents
@@ -90,6 +103,15 @@ class ReconstructionStep(nn.Module):
         posterior = ae.encode(x).latent_dist
         z = posterior.sample(generator=generator)
         return ae.decode(z).sample, posterior.kl() / x[0].numel(), None
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        recon, regulariser, indices = self.reconstruct(x, generator)
+        d = self.discriminator
+        if d is None:
+            return recon, regulariser, indices, None
+        frozen = {name: p.detach() for name, p in d.named_parameters()}
+        fake_for_ae = torch.func.functional_call(d, frozen, (recon,))
+        return recon, regulariser, indices, (fake_for_ae, d(x), d(recon.detach()))
 
 
 def _augment(images: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
@@ -210,12 +232,23 @@ def train_autoencoder(
     perceptual = make_perceptual(l_cfg.perceptual)
     if perceptual is not None:
         perceptual.to(accelerator.device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=t_cfg.learning_rate, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
+    discriminator = None
+    if l_cfg.disc_weight > 0:
+        discriminator = PatchDiscriminator(3, l_cfg.disc_channels, l_cfg.disc_num_layers)
+        if l_cfg.disc_start >= recipe.total_steps and accelerator.is_main_process:
+            print(f"warning: recipe {recipe.name}: loss.disc_start {l_cfg.disc_start} >= train.steps {recipe.total_steps}: "
+                  "the patch-GAN term never starts", flush=True)
+    wrapper = ReconstructionStep(model, discriminator)
+    # one optimiser, one parameter group per network (each clipped on its own); CompVis: same rate and betas for D
+    groups = [{"params": list(model.parameters())}]
+    if discriminator is not None:
+        groups.append({"params": list(discriminator.parameters())})
+    optimizer = torch.optim.AdamW(groups, lr=t_cfg.learning_rate, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
                                   weight_decay=t_cfg.weight_decay)
     warmup = t_cfg.warmup_steps
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
     # the engine always keeps an EMA; without one in the recipe it runs at decay 0 and the export ignores it
-    engine, step = build_engine(accelerator, ReconstructionStep(model), optimizer, lr_scheduler,
+    engine, step = build_engine(accelerator, wrapper, optimizer, lr_scheduler,
                                 ema_decay=t_cfg.ema_decay or 0.0, run=run, resume_from=resume_from, cfg=t_cfg)
 
     total = recipe.total_steps if max_steps is None else max_steps
@@ -224,33 +257,55 @@ def train_autoencoder(
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=t_cfg.num_workers,
                               pin_memory=accelerator.device.type == "cuda"))
 
-    def micro_loss(g: torch.Generator, _step: int):
+    def micro_loss(g: torch.Generator, step_: int):
         x = _augment(next(batches)["image"], recipe.patch_size, t_cfg.random_flips, g).to(accelerator.device)
         with accelerator.autocast():
-            recon, regulariser, indices = engine.model(x, g)
+            recon, regulariser, indices, logits = engine.model(x, g)
             loss, terms = autoencoder_loss(
                 x, recon, regulariser, kind=recipe.model.kind, l1_weight=l_cfg.l1_weight, l2_weight=l_cfg.l2_weight,
                 perceptual=perceptual, perceptual_weight=l_cfg.perceptual_weight,
                 codebook_weight=l_cfg.codebook_weight, kl_weight=l_cfg.kl_weight)
+        if logits is not None:
+            fake_for_ae, real, fake = logits
+            adversarial = -fake_for_ae.float().mean()
+            if step_ >= l_cfg.disc_start:
+                last_layer = engine.unwrapped.ae.decoder.conv_out.weight
+                weight = adaptive_adversarial_weight(loss, adversarial, last_layer, l_cfg.disc_weight)
+                d_loss = hinge_discriminator_loss(real, fake)
+            else:  # CompVis's adopt_weight: D sees the batch but neither network learns from it yet
+                weight = adversarial.new_zeros(())
+                d_loss = 0.0 * hinge_discriminator_loss(real, fake)
+            loss = loss + weight * adversarial + d_loss
+            terms.update(adversarial=adversarial.detach(), adv_weight=weight, disc=d_loss.detach(),
+                         logits_real=real.detach().float().mean(), logits_fake=fake.detach().float().mean())
         if indices is not None:  # distinct codebook entries this micro-batch used (a collapse shows here first)
             terms["codes"] = torch.tensor(float(torch.unique(indices).numel()), device=loss.device)
         return loss, terms, x.shape[0]
 
     def export(wrapper: ReconstructionStep, ema) -> None:
-        export_autoencoder(wrapper.ae, ema if t_cfg.ema_decay is not None else None, run / AUTOENCODER, recipe, store,
+        weights = None
+        if t_cfg.ema_decay is not None:  # the EMA tracks the wrapper; the autoencoder's shadows are those named ae.*
+            weights = [w for (name, _), w in zip(wrapper.named_parameters(), ema.shadow_params) if name.startswith("ae.")]
+        export_autoencoder(wrapper.ae, weights, run / AUTOENCODER, recipe, store,
                            ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], accelerator.device)
 
     return run_steps(engine, step=step, total=total, micro_loss=micro_loss, export=export, recipe_name=recipe.name,
                      plot=plot_autoencoder_losses, progress=progress)
 
 
-def export_autoencoder(ae, ema: EMAModel | None, where: Path, recipe: AutoencoderRecipe, store: PatchStore,
-                       step: int, device) -> None:
-    """save_pretrained a copy (EMA weights if any) whose config carries scaling_factor = 1/std of its latents."""
+def export_autoencoder(ae, ema_weights: list[torch.Tensor] | None, where: Path, recipe: AutoencoderRecipe,
+                       store: PatchStore, step: int, device) -> None:
+    """save_pretrained a copy (EMA weights, in ``ae.parameters()`` order, if any) whose config carries
+    scaling_factor = 1/std of its latents."""
     copy = type(ae).from_config(ae.config)
     copy.load_state_dict(ae.state_dict())
-    if ema is not None:
-        ema.copy_to(copy.parameters())
+    if ema_weights is not None:
+        params = list(copy.parameters())
+        if len(params) != len(ema_weights):
+            raise TrainingError(f"EMA holds {len(ema_weights)} tensors for {len(params)} autoencoder parameters", where.parent)
+        with torch.no_grad():
+            for p, w in zip(params, ema_weights):
+                p.copy_(w)
     copy.to(device)
     t = recipe.train
     scaling, n = latent_scaling_factor(copy, store, t.scaling_factor_images, t.batch_size, t.seed, device)
@@ -260,7 +315,7 @@ def export_autoencoder(ae, ema: EMAModel | None, where: Path, recipe: Autoencode
                             where.parent)
     copy.register_to_config(scaling_factor=scaling)
     info = {
-        "recipe": recipe.name, "step": step, "store": str(store.path), "ema": ema is not None,
+        "recipe": recipe.name, "step": step, "store": str(store.path), "ema": ema_weights is not None,
         "scaling_factor": {"value": scaling, "images": n, "split": "train",
                            "latents": "encoder output before quantisation" if recipe.model.kind == "vq" else "posterior sample"},
     }
@@ -282,7 +337,7 @@ def plot_autoencoder_losses(losses_jsonl: Path, out_png: Path) -> None:
     rows = [json.loads(r) for r in Path(losses_jsonl).read_text().splitlines() if r]
     if not rows:
         return
-    keys = [k for k in ("loss", "l1", "perceptual", "vq", "kl", "codes") if k in rows[0]]
+    keys = [k for k in ("loss", "l1", "perceptual", "vq", "kl", "codes", "adversarial", "disc") if k in rows[0]]
     steps = np.array([r["step"] for r in rows])
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
     for ax, key in zip(np.atleast_1d(axes), keys):
@@ -293,7 +348,8 @@ def plot_autoencoder_losses(losses_jsonl: Path, out_png: Path) -> None:
         if key != "codes" and (vals > 0).all():
             ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title({"codes": "codebook entries used / batch"}.get(key, key))
+        ax.set_title({"codes": "codebook entries used / batch", "adversarial": "adversarial −D(x̂)",
+                      "disc": "discriminator hinge"}.get(key, key))
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)

@@ -213,7 +213,10 @@ def run_steps(engine: Engine, *, step: int, total: int, micro_loss: MicroLoss, e
                         )
                     acc.backward(loss)
                     if acc.sync_gradients and cfg.max_grad_norm > 0:
-                        acc.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+                        # each parameter group (network) on its own; accelerate's call also unscales fp16 grads, once
+                        for i, group in enumerate(optimizer.param_groups):
+                            clip = acc.clip_grad_norm_ if i == 0 else torch.nn.utils.clip_grad_norm_
+                            clip(group["params"], cfg.max_grad_norm)
                     optimizer.step()
                     engine.lr_scheduler.step()
                     optimizer.zero_grad(set_to_none=True)

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from histosynth.cli_common import user_errors
-from histosynth.errors import OutputExistsError
+from histosynth.errors import HistosynthError, OutputExistsError
 
 __all__ = ["recon", "register"]
 
@@ -26,13 +26,20 @@ __all__ = ["recon", "register"]
 @click.option("--seed", default=0, show_default=True, help="Draws the --num patches.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--features", default="none", show_default=True,
+              help="Also report rFD, the Fréchet distance of reconstructions to originals, on these features: "
+                   "inception (LDM's rFID; downloads unless --features-weights), effnet-lite0 (offline) or a local "
+                   "encoder's PATH (as `evaluate fid`); none: pixel metrics only.")
+@click.option("--features-weights", default=None, type=click.Path(path_type=Path),
+              help="Local weight file for inception / effnet-lite0.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="JSON file for the metrics.")
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
               help="PNG of originals over reconstructions (default: --out with .png).")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --grid files.")
 @user_errors
-def recon(autoencoder, data, split, num, seed, batch_size, device, out, grid, overwrite):
-    """Reconstruction quality (SSIM, PSNR, MSE; PathLDM Table 2) of an autoencoder on a store's patches."""
+def recon(autoencoder, data, split, num, seed, batch_size, device, features, features_weights, out, grid, overwrite):
+    """Reconstruction quality (SSIM, PSNR, MSE; PathLDM Table 2; optionally rFD) of an autoencoder on a store's
+    patches."""
     import torch
 
     from histosynth.evaluate.reconstruction import evaluate_reconstruction
@@ -47,9 +54,18 @@ def recon(autoencoder, data, split, num, seed, batch_size, device, out, grid, ov
     if report is not None:
         for line in report.summary():
             click.echo(line, err=True)
-    ae.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    ae.to(device)
+    extractor = None
+    if features.strip().lower() != "none":
+        from histosynth.evaluate.features import load_feature_extractor
+
+        extractor = load_feature_extractor(features, features_weights, device)
+    elif features_weights is not None:
+        raise HistosynthError("--features-weights needs --features inception or effnet-lite0", features_weights)
     result, originals, recons = evaluate_reconstruction(
-        ae, data, split=None if split == "all" else split, num=num, seed=seed, batch_size=batch_size)
+        ae, data, split=None if split == "all" else split, num=num, seed=seed, batch_size=batch_size,
+        extractor=extractor)
     result["autoencoder"]["source"] = str(autoencoder)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))

@@ -11,7 +11,10 @@ mode (deterministic) → decoder — and the output is clamped to [-1, 1]. Metri
   this; torchmetrics' own mean also counts the reflect-padded border), then over channels and images;
 * PSNR: ``PeakSignalNoiseRatio(data_range=1, dim=(1, 2, 3))``: per image, then averaged over images;
 * MSE: ``MeanSquaredError`` over all pixel values of all images (equal-size images: the mean of per-image
-  MSEs), on [0, 1]; ``mse_255`` is the same on the 0..255 scale (PathLDM does not state its scale).
+  MSEs), on [0, 1]; ``mse_255`` is the same on the 0..255 scale (PathLDM does not state its scale);
+* rFD (optional, with a feature extractor): the Fréchet distance between the features of the originals and of
+  their reconstructions rounded to uint8 — LDM's rFID with Inception; it sees what pixel metrics forgive
+  (blur, lost texture), which is what a patch-GAN trades PSNR for.
 """
 
 from __future__ import annotations
@@ -26,6 +29,8 @@ from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image import PeakSignalNoiseRatio
 
 from histosynth.data.store import PatchStore
+from histosynth.evaluate.features import FeatureExtractor
+from histosynth.evaluate.fid import feature_statistics, frechet_distance
 from histosynth.errors import DataError, HistosynthError
 from histosynth.models.autoencoders import autoencoder_kind, latent_channels_of
 
@@ -91,9 +96,11 @@ def evaluate_reconstruction(
     seed: int = 0,
     batch_size: int = 8,
     grid_images: int = 8,
+    extractor: FeatureExtractor | None = None,
 ) -> tuple[dict, list[np.ndarray], list[np.ndarray]]:
     """Metrics (with protocol) of ``ae`` on ``num`` patches of ``split`` (all when None; otherwise drawn by
-    ``seed``), and the first ``grid_images`` originals and reconstructions as uint8 (H, W, 3) arrays."""
+    ``seed``), and the first ``grid_images`` originals and reconstructions as uint8 (H, W, 3) arrays.
+    With ``extractor`` the metrics also hold ``rfd``, the Fréchet distance of reconstructions to originals."""
     store = store if isinstance(store, PatchStore) else PatchStore(store)
     indices = store.indices(split)
     if not indices:
@@ -111,20 +118,35 @@ def evaluate_reconstruction(
     ae.eval()
     device = next(ae.parameters()).device
     metrics = ReconstructionMetrics(device)
+    if extractor is not None and len(indices) < 2:
+        raise HistosynthError(f"rFD needs at least 2 patches, the selection has {len(indices)}", store.path)
     originals, recons = [], []
+    feats_real, feats_rec = [], []
     for i in range(0, len(indices), batch_size):
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(store[j]["image"])).permute(2, 0, 1)
                               for j in indices[i : i + batch_size]])
         rec = reconstruct(ae, images)
         metrics.update(images.to(device).float() / 255.0, rec)
+        if extractor is not None:
+            fdev = next(iter(extractor.parameters())).device
+            with torch.inference_mode():
+                feats_real.append(extractor(images.to(fdev)).double().cpu().numpy())
+                feats_rec.append(extractor((rec * 255).round().byte().to(fdev)).double().cpu().numpy())
         for a, b in zip(images, rec):
             if len(originals) < grid_images:
                 originals.append(a.permute(1, 2, 0).numpy())
                 recons.append((b * 255).round().byte().permute(1, 2, 0).cpu().numpy())
     latent = store.patch_size // factor
+    values = metrics.compute()
+    protocol = dict(PROTOCOL)
+    if extractor is not None:
+        values["rfd"] = frechet_distance(*feature_statistics(np.concatenate(feats_real)),
+                                         *feature_statistics(np.concatenate(feats_rec)))
+        protocol["rfd"] = {"features": extractor.protocol, "compared": "originals (uint8) vs reconstructions "
+                           "rounded to uint8, same patches; Fréchet distance of Gaussian fits (the FID formula)"}
     result = {
-        "metrics": metrics.compute(),
-        "protocol": {**PROTOCOL, "store": str(store.path), "split": split, "patch_size": store.patch_size,
+        "metrics": values,
+        "protocol": {**protocol, "store": str(store.path), "split": split, "patch_size": store.patch_size,
                      "magnification": store.magnification, "num_patches": len(indices),
                      "selection": "all patches of the split" if num is None or num >= len(store.indices(split))
                      else f"{len(indices)} drawn without replacement by numpy default_rng({seed})"},

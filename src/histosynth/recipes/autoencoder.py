@@ -4,7 +4,7 @@ One named field per hyperparameter. The architecture fields are diffusers' ``VQM
 arguments under the names of the CompVis configs they come from (ch * ch_mult = block_out_channels,
 num_res_blocks = layers_per_block, z_channels = latent_channels, n_embed = num_vq_embeddings, embed_dim =
 vq_embed_dim). Loss weights follow CompVis ``VQLPIPSWithDiscriminator`` / ``LPIPSWithDiscriminator``
-without the discriminator (see :mod:`histosynth.diffusion.autoencoder_loss`).
+(see :mod:`histosynth.diffusion.autoencoder_loss`); the patch-GAN term is off unless ``disc_weight > 0``.
 """
 
 from __future__ import annotations
@@ -46,7 +46,8 @@ class AutoencoderModelConfig:
 
 @dataclass
 class AutoencoderLossConfig:
-    """loss = l1·|x−x̂| + l2·(x−x̂)² + perceptual·d(x, x̂) + (codebook·L_vq | kl·KL/pixels), all means."""
+    """loss = l1·|x−x̂| + l2·(x−x̂)² + perceptual·d(x, x̂) + (codebook·L_vq | kl·KL/pixels) [+ λ_adv·(−D(x̂))], all means;
+    the discriminator D minimises the hinge loss on the same batch (one optimiser step for both, see the trainer)."""
 
     l1_weight: float = 1.0
     l2_weight: float = 0.0
@@ -55,6 +56,11 @@ class AutoencoderLossConfig:
     codebook_weight: float = 1.0  # weight of diffusers' VQ loss (commitment + β·codebook; see below)
     commitment_beta: float = 0.25  # β of the VQ loss (VQ-VAE / CompVis, legacy placement)
     kl_weight: float = 1.0e-6  # times KL summed over the latent / number of pixel values = CompVis kl_weight
+    # patch-GAN (taming NLayerDiscriminator, hinge loss, adaptive weight); CompVis: vq-f4 0.75, kl-f8 0.5
+    disc_weight: float = 0.0  # 0: no discriminator at all
+    disc_start: int = 0  # optimisation step from which D trains and the adversarial term counts (CompVis kl-f8: 50001)
+    disc_num_layers: int = 3  # strided conv layers of D (3: 70 px receptive field per logit)
+    disc_channels: int = 64  # width of D's first layer (doubles per layer, at most 8x)
 
 
 @dataclass
@@ -105,6 +111,9 @@ class AutoencoderRecipe:
             problems.append(f"loss.perceptual must be one of {PERCEPTUAL}, got {loss.perceptual!r}")
         if t.codebook_init not in CODEBOOK_INIT:
             problems.append(f"train.codebook_init must be one of {CODEBOOK_INIT}, got {t.codebook_init!r}")
+        if not loss.disc_weight >= 0 or loss.disc_start < 0 or loss.disc_num_layers < 1 or loss.disc_channels < 1:
+            problems.append(f"loss.disc_weight must be >= 0 (got {loss.disc_weight}), disc_start >= 0 (got {loss.disc_start}), "
+                            f"disc_num_layers and disc_channels >= 1 (got {loss.disc_num_layers}, {loss.disc_channels})")
         if t.mixed_precision not in MIXED_PRECISION:
             problems.append(f"train.mixed_precision must be one of {MIXED_PRECISION}, got {t.mixed_precision!r}")
         if not m.block_out_channels:
