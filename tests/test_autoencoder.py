@@ -444,3 +444,36 @@ def test_rfd_is_zero_for_a_perfect_autoencoder_and_grows_with_blur(consep_store,
         scores.append(result["metrics"]["rfd"])
         assert result["protocol"]["rfd"]["features"]["extractor"] == "effnet-lite0"
     assert abs(scores[0]) < 0.01 * scores[1] and scores[1] < scores[2], scores
+
+
+def test_lpips_perceptual_needs_the_package_and_adapts_its_output(monkeypatch):
+    """Without the lpips package the recipe's choice fails with what to install; with it (a stand-in module
+    here: the real one downloads VGG) the distance is per image, shape (B,), from LPIPS-VGG."""
+    import sys
+    import types
+
+    from histosynth.diffusion.autoencoder_loss import make_perceptual
+    from histosynth.errors import HistosynthError
+
+    monkeypatch.setitem(sys.modules, "lpips", None)  # import lpips -> ImportError
+    with pytest.raises(HistosynthError, match=r"pip install lpips.*effnet-lite0"):
+        make_perceptual("lpips")
+
+    built = {}
+
+    class FakeLPIPS(torch.nn.Module):
+        def __init__(self, net, verbose):
+            super().__init__()
+            built.update(net=net, verbose=verbose)
+
+        def forward(self, x, y):  # LPIPS returns (B, 1, 1, 1)
+            return (x - y).abs().mean(dim=(1, 2, 3), keepdim=True)
+
+    monkeypatch.setitem(sys.modules, "lpips", types.SimpleNamespace(LPIPS=FakeLPIPS))
+    dist = make_perceptual("lpips")
+    x = torch.zeros(3, 3, 8, 8)
+    y = torch.stack([torch.full((3, 8, 8), v) for v in (0.0, 0.5, 1.0)])
+    assert built == {"net": "vgg", "verbose": False}
+    assert torch.allclose(dist(x, y), torch.tensor([0.0, 0.5, 1.0]))
+    with pytest.raises(HistosynthError, match="unknown perceptual distance 'vgg'"):
+        make_perceptual("vgg")
