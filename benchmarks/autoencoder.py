@@ -15,9 +15,8 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
-from machine_info import machine, peak_memory
+from machine_info import machine, peak_memory, timed
 
 
 def measure(recipe_name: str, phase: str, batch: int, reps: int, size: int, precision: str) -> dict:
@@ -45,15 +44,7 @@ def measure(recipe_name: str, phase: str, batch: int, reps: int, size: int, prec
         fn = encode if phase == "encode" else decode
         if dev == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        fn()  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = timed(fn, dev, reps)
     return {"model": recipe_name, "kind": recipe.model.kind, "params_M": round(params, 1), "phase": phase, "size": size,
             "latent": list(latents.shape[1:]), "batch": batch, "reps": reps, "precision": precision, "device": dev,
             "seconds": round(dt, 2), "images_per_s": round(batch * reps / dt, 3), **peak_memory(dev)}

@@ -24,7 +24,7 @@ import subprocess
 import sys
 import time
 
-from machine_info import machine, peak_memory
+from machine_info import machine, peak_memory, timed
 
 MODELS = {"paper": ("pathldm-256", "vq-f4"), "tiny": ("pathldm-tiny-cpu", "vq-f4-tiny-cpu")}
 
@@ -68,15 +68,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        one()  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = timed(one, dev, steps)
         ips = batch * steps / dt
     else:
         unet.eval().requires_grad_(False)
@@ -94,14 +86,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
                     x = sched.step(classifier_free_guidance(eps_u, eps_c, 1.75), t, x).prev_sample
                 return ae.decode(x).sample
 
-        generate(2)  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        generate(steps)
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = timed(lambda: generate(steps), dev, warm_up=lambda: generate(2))
         ips = batch / dt  # images per second for `steps` guided DDIM steps + decoding
     return {"model": model_key, "recipe": ldm_name, "autoencoder": ae_name, "unet_params_M": round(params, 1),
             "phase": phase, "size": size, "latent": f"{size // f}x{size // f}x{channels}", "batch": batch, "steps": steps,

@@ -38,3 +38,23 @@ def peak_memory(device: str) -> dict:
         return {"peak_mem_GiB": round(torch.cuda.max_memory_allocated() / 2**30, 2), "peak_mem_kind": "cuda max allocated"}
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     return {"peak_mem_GiB": round(rss, 2), "peak_mem_kind": "process max RSS"}
+
+
+def timed(run, device: str, reps: int = 1, warm_up=None) -> float:
+    """Seconds for ``reps`` calls of ``run`` after one untimed warm-up call (``warm_up``, default ``run``);
+    on a GPU the clock stops only when the queued kernels have finished."""
+    import time
+
+    import torch
+
+    def sync() -> None:
+        if device == "cuda":
+            torch.cuda.synchronize()
+
+    (warm_up or run)()
+    sync()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        run()
+    sync()
+    return time.perf_counter() - t0

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 
-from machine_info import machine, peak_memory
+from machine_info import machine, peak_memory, timed
 
 MODELS = {"paper": "nasdm-lizard-20x", "tiny": "nasdm-tiny-cpu"}
 
@@ -56,27 +56,14 @@ def measure(model_key: str, phase: str, batch: int, steps: int, size: int, preci
             opt.step()
             opt.zero_grad(set_to_none=True)
 
-        one()  # warm-up
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        for _ in range(steps):
-            one()
-        if dev == "cuda":
-            torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+        dt = timed(one, dev, steps)
         ips = batch * steps / dt
     else:
         pipe = NASDMPipeline(unet=model.eval(), scheduler=sched, class_names=[str(i) for i in range(num_classes)])
         with amp:
-            pipe(cond, guidance_scale=1.0, num_inference_steps=2, sampler="ddim", progress=False)  # warm-up
-            if dev == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            pipe(cond, guidance_scale=1.0, num_inference_steps=steps, sampler="ddim", progress=False)
-            if dev == "cuda":
-                torch.cuda.synchronize()
-        dt = time.perf_counter() - t0
+            dt = timed(lambda: pipe(cond, guidance_scale=1.0, num_inference_steps=steps, sampler="ddim", progress=False),
+                       dev, warm_up=lambda: pipe(cond, guidance_scale=1.0, num_inference_steps=2, sampler="ddim",
+                                                 progress=False))
         ips = batch / dt  # images per second for `steps` guided denoising steps
     return {"model": model_key, "recipe": recipe.name, "params_M": round(params, 1), "phase": phase, "size": size,
             "batch": batch, "steps": steps, "precision": precision, "device": dev, "seconds": round(dt, 2),
