@@ -122,20 +122,21 @@ def evaluate_reconstruction(
         raise HistosynthError(f"rFD needs at least 2 patches, the selection has {len(indices)}", store.path)
     originals, recons = [], []
     feats_real, feats_rec = [], []
+    fdev = next(iter(extractor.parameters())).device if extractor is not None else None
     for i in range(0, len(indices), batch_size):
         images = torch.stack([torch.from_numpy(np.ascontiguousarray(store[j]["image"])).permute(2, 0, 1)
                               for j in indices[i : i + batch_size]])
         rec = reconstruct(ae, images)
         metrics.update(images.to(device).float() / 255.0, rec)
+        rec_u8 = (rec * 255).round().byte()  # what a saved image holds: the features and the grid see this
         if extractor is not None:
-            fdev = next(iter(extractor.parameters())).device
             with torch.inference_mode():
                 feats_real.append(extractor(images.to(fdev)).double().cpu().numpy())
-                feats_rec.append(extractor((rec * 255).round().byte().to(fdev)).double().cpu().numpy())
-        for a, b in zip(images, rec):
+                feats_rec.append(extractor(rec_u8.to(fdev)).double().cpu().numpy())
+        for a, b in zip(images, rec_u8):
             if len(originals) < grid_images:
                 originals.append(a.permute(1, 2, 0).numpy())
-                recons.append((b * 255).round().byte().permute(1, 2, 0).cpu().numpy())
+                recons.append(b.permute(1, 2, 0).cpu().numpy())
     latent = store.patch_size // factor
     values = metrics.compute()
     protocol = dict(PROTOCOL)
