@@ -23,7 +23,7 @@ def measure(recipe_name: str, phase: str, batch: int, reps: int, size: int, prec
     import torch
     from diffusers import VQModel
 
-    from histosynth.diffusion.autoencoder_training import make_model
+    from histosynth.training.autoencoder import make_model
     from histosynth.recipes import load_recipe
 
     recipe = load_recipe(recipe_name)

@@ -32,8 +32,9 @@ MODELS = {"paper": ("pathldm-256", "vq-f4"), "tiny": ("pathldm-tiny-cpu", "vq-f4
 def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) -> dict:
     import torch
 
-    from histosynth.diffusion.autoencoder_training import make_model as make_autoencoder
-    from histosynth.diffusion.latent_training import make_noise_scheduler, make_sampling_scheduler, make_unet
+    from histosynth.training.autoencoder import make_model as make_autoencoder
+    from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
+    from histosynth.training.pathldm import make_unet
     from histosynth.pipelines.pathldm import classifier_free_guidance
     from histosynth.recipes import load_recipe
 
@@ -51,7 +52,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if phase in ("train", "train+encode"):
-        sched = make_noise_scheduler(recipe)
+        sched = ddpm_scheduler(recipe.diffusion)
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
 
         def one():
@@ -76,7 +77,8 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
 
         @torch.no_grad()
         def generate(n_steps: int):
-            sched = make_sampling_scheduler(recipe)
+            d = recipe.diffusion
+            sched = ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end)
             sched.set_timesteps(n_steps)
             x = torch.randn(batch, channels, size // f, size // f, device=dev)
             ctx = torch.cat([null, context])

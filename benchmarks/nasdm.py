@@ -25,7 +25,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, size: int, preci
     import torch
 
     from histosynth.diffusion.hybrid_loss import hybrid_loss
-    from histosynth.diffusion.training import make_model, make_noise_scheduler
+    from histosynth.training.nasdm import make_model, make_noise_scheduler
     from histosynth.pipelines.nasdm import NASDMPipeline
     from histosynth.recipes import load_recipe
 

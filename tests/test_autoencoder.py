@@ -250,7 +250,7 @@ def _rows(run: Path) -> list[dict]:
 
 
 def test_tiny_autoencoder_learns_real_patches(consep_store, tmp_path):
-    from histosynth.diffusion.autoencoder_training import train_autoencoder
+    from histosynth.training.autoencoder import train_autoencoder
 
     recipe = micro_recipe(steps=30, random_flips=False, checkpoint_every=1000)
     result = train_autoencoder(recipe, consep_store, tmp_path / "run", progress=False)
@@ -270,7 +270,7 @@ GAN = {"disc_weight": 0.75, "disc_start": 2, "disc_num_layers": 2, "disc_channel
 
 @pytest.mark.parametrize("kind,loss", [("vq", None), ("kl", None), ("vq", GAN)], ids=["vq", "kl", "vq-gan"])
 def test_resume_reproduces_uninterrupted_run(consep_store, tmp_path, kind, loss):
-    from histosynth.diffusion.autoencoder_training import train_autoencoder
+    from histosynth.training.autoencoder import train_autoencoder
 
     recipe = micro_recipe(kind, loss)
     train_autoencoder(recipe, consep_store, tmp_path / "ref", progress=False)  # 4 steps, checkpoints at 2 and 4
@@ -288,7 +288,7 @@ def test_resume_reproduces_uninterrupted_run(consep_store, tmp_path, kind, loss)
 
 
 def test_diverging_training_stops_with_an_error_naming_the_run(consep_store, tmp_path):
-    from histosynth.diffusion.autoencoder_training import train_autoencoder
+    from histosynth.training.autoencoder import train_autoencoder
     from histosynth.errors import TrainingError
 
     recipe = micro_recipe(learning_rate=1e30, max_grad_norm=0.0, steps=5, checkpoint_every=1000)
@@ -300,7 +300,7 @@ def test_diverging_training_stops_with_an_error_naming_the_run(consep_store, tmp
 
 
 def test_init_from_checkpoint_with_other_latent_channels_is_refused(consep_store, tmp_path):
-    from histosynth.diffusion.autoencoder_training import train_autoencoder
+    from histosynth.training.autoencoder import train_autoencoder
 
     other = make_autoencoder("vq", (16, 16, 32), 1, 4, num_vq_embeddings=128, vq_embed_dim=4, norm_num_groups=8,
                              mid_block_attention=False)
@@ -312,7 +312,7 @@ def test_init_from_checkpoint_with_other_latent_channels_is_refused(consep_store
     # the same architecture with 3 channels loads, as a CompVis .ckpt and as a diffusers folder
     same = make_autoencoder("vq", (16, 16, 32), 1, 3, num_vq_embeddings=128, vq_embed_dim=3, norm_num_groups=8,
                             mid_block_attention=False)
-    from histosynth.diffusion.autoencoder_training import load_init_weights, make_model
+    from histosynth.training.autoencoder import load_init_weights, make_model
 
     same.save_pretrained(tmp_path / "folder")
     for source in (compvis_ckpt(tmp_path / "vq-3ch.ckpt", same), tmp_path / "folder"):
@@ -384,7 +384,7 @@ def test_patch_gan_terms_reach_only_their_own_network_and_match_hand_computation
     """The adversarial term trains the decoder only, the hinge loss the discriminator only; the adaptive weight
     equals the ratio of gradient norms computed independently with .backward()."""
     from histosynth.diffusion.autoencoder_loss import adaptive_adversarial_weight, hinge_discriminator_loss
-    from histosynth.diffusion.autoencoder_training import ReconstructionStep
+    from histosynth.training.autoencoder import ReconstructionStep
     from histosynth.models.patch_discriminator import PatchDiscriminator
 
     torch.manual_seed(0)

@@ -27,7 +27,7 @@ from histosynth.conditions.captions import (
     summarize_reports,
     tumor_til_class,
 )
-from histosynth.conditions.cli_captions import captions
+from histosynth.cli.captions import captions
 from histosynth.errors import HistosynthError
 
 # ------------------------------------------------------------------------------------ PathLDM captions

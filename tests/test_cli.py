@@ -105,7 +105,7 @@ def test_recipe_typo_names_file_and_key(tmp_path):
 
 def test_sample_refuses_existing_output(tmp_path, hgsc_store):
     from conftest import micro_recipe
-    from histosynth.diffusion.training import train
+    from histosynth.training.nasdm import train
 
     train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=2, progress=False)
     args = ["sample", "--model", str(tmp_path / "run"), "--masks", str(hgsc_store), "--num", "3", "--steps", "3",

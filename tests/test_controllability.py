@@ -364,13 +364,13 @@ def cli(monkeypatch, sample_dir):
     """An `evaluate` group with these commands, and load_segmenter faked to give the oracle."""
     import click
 
-    from histosynth.evaluate.cli_controllability import register
+    from histosynth.cli.evaluate_controllability import COMMANDS
 
     lookup = sample_dir[2]
     fake = types.ModuleType("histosynth.evaluate.segmenter")
     fake.load_segmenter = lambda path, device="cpu": (DropOne if "drop" in str(path) else Oracle)(lookup)
     monkeypatch.setitem(sys.modules, "histosynth.evaluate.segmenter", fake)
-    return register(click.Group("evaluate"))
+    return click.Group("evaluate", commands=COMMANDS)
 
 
 def test_cli_commands(cli, sample_dir, tmp_path):

@@ -1,4 +1,4 @@
-"""`evaluate fid | kid | is` (histosynth.evaluate.cli_distribution), run through click's CliRunner on the command
+"""`evaluate fid | kid | is` (histosynth.cli.evaluate_distribution), run through click's CliRunner on the command
 objects. Real CoNSeP tiles (../shared/data/consep) with the offline EfficientNet-Lite0; nothing is downloaded.
 1280-d Fréchet distances (slow scipy sqrtm) are avoided: the effnet FID test checks what is handed to
 frechet_distance, and a tiny TorchScript encoder runs FID end to end."""
@@ -19,8 +19,8 @@ from PIL import Image
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 from histosynth.evaluate import features as features_mod
 from histosynth.evaluate import fid as fid_mod
-from histosynth.evaluate import cli_distribution
-from histosynth.evaluate.cli_distribution import COMMANDS, register
+from histosynth.cli import evaluate_distribution as cli_distribution
+from histosynth.cli.evaluate_distribution import COMMANDS
 from histosynth.evaluate.features import FeatureExtractor, load_feature_extractor
 from histosynth.evaluate.fid import (
     extract_features,
@@ -170,7 +170,7 @@ def _spy_reads(monkeypatch) -> list[Path]:
 def test_commands_register_in_a_click_group():
     import click
 
-    group = register(click.Group("evaluate"))
+    group = click.Group("evaluate", commands=COMMANDS)
     assert set(group.commands) == {"fid", "kid", "is"} and COMMANDS == (cli_distribution.fid, cli_distribution.kid, cli_distribution.is_)
     assert is_.name == "is"
     opts = {o for p in fid.params for o in p.opts}

@@ -136,16 +136,18 @@ def test_float32_finite():
 
 
 def test_guidance_formula():
+    # one convention (diffusers' g): eps(0) + g * (eps(y) - eps(0)); NASDM's s is g - 1
     c, u = torch.tensor([1.0, -2.0, 0.5]), torch.tensor([0.5, 1.0, 0.5])
-    torch.testing.assert_close(classifier_free_guidance(c, u, 0.0), c)
-    torch.testing.assert_close(classifier_free_guidance(c, u, 1.0), 2 * c - u)
-    torch.testing.assert_close(classifier_free_guidance(c, u, 2.0), torch.tensor([2.0, -8.0, 0.5]))
+    torch.testing.assert_close(classifier_free_guidance(u, c, 1.0), c)
+    torch.testing.assert_close(classifier_free_guidance(u, c, 2.0), 2 * c - u)
+    torch.testing.assert_close(classifier_free_guidance(u, c, 3.0), torch.tensor([2.0, -8.0, 0.5]))
+    torch.testing.assert_close(classifier_free_guidance(u, c, 0.0), u)
 
 
 def test_guided_model_output_keeps_variance_channels():
     g = torch.Generator().manual_seed(0)
     cond, uncond = torch.randn(2, 6, 4, 4, generator=g), torch.randn(2, 6, 4, 4, generator=g)
-    out = guided_model_output(cond, uncond, 1.5, in_channels=3)
+    out = guided_model_output(uncond, cond, 2.5, in_channels=3)  # g = 2.5 is NASDM's s = 1.5
     torch.testing.assert_close(out[:, :3], cond[:, :3] + 1.5 * (cond[:, :3] - uncond[:, :3]))
     assert torch.equal(out[:, 3:], cond[:, 3:])
-    assert torch.equal(guided_model_output(cond, uncond, 0.0, in_channels=3), cond)
+    torch.testing.assert_close(guided_model_output(uncond, cond, 1.0, in_channels=3), cond)

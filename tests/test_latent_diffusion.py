@@ -25,7 +25,7 @@ from diffusers.loaders.single_file_utils import DIFFUSERS_TO_LDM_MAPPING
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.diffusion.latent_training import train_latent
+from histosynth.training.pathldm import train_latent
 from histosynth.diffusion.unet_init import init_unet_from
 from histosynth.errors import DataError, HistosynthError
 from histosynth.pipelines.pathldm import PathLDMPipeline, classifier_free_guidance, ldm_ddim_scheduler
@@ -121,7 +121,7 @@ def _class_pipeline() -> PathLDMPipeline:
 # ------------------------------------------------------------------------------------------------ recipes
 def test_builtin_ldm_recipes_load_and_unknown_keys_are_refused(tmp_path):
     paper = load_recipe("pathldm-256")
-    assert paper.method == "ldm" and paper.unet.block_out_channels == (192, 384, 576, 960)
+    assert paper.method == "pathldm" and paper.unet.block_out_channels == (192, 384, 576, 960)
     assert (paper.diffusion.beta_schedule, paper.diffusion.beta_start, paper.diffusion.beta_end) == ("scaled_linear", 0.0015, 0.0195)
     assert (paper.sampling.guidance_scale, paper.sampling.num_inference_steps) == (1.75, 50)
     assert paper.conditioner.max_tokens == 154 and paper.train.condition_dropout == 0.1
@@ -261,7 +261,7 @@ def test_guidance_formula_and_how_the_pipeline_uses_it():
     g = 1.75
     assert torch.allclose(classifier_free_guidance(eps_u, eps_c, g), eps_u + g * (eps_c - eps_u))
     # NASDM's scale s is the same combination with g = s + 1
-    assert torch.allclose(classifier_free_guidance(eps_u, eps_c, g), guided_model_output(eps_c, eps_u, g - 1, 3), atol=1e-6)
+    assert torch.allclose(classifier_free_guidance(eps_u, eps_c, g), guided_model_output(eps_u, eps_c, g, 3), atol=1e-6)
 
     pipe = _class_pipeline()
 

@@ -63,10 +63,10 @@ def test_guidance_runs_the_null_condition_and_changes_only_when_asked():
     pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()))
     cond = _cond(2)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    s0 = pipe(cond, guidance_scale=0.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
-    assert seen[0].shape[0] == 2  # s = 0: conditional pass only
+    s0 = pipe(cond, guidance_scale=1.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
+    assert seen[0].shape[0] == 2  # g = 1 (NASDM's s = 0): conditional pass only
     seen.clear()
-    s2 = pipe(cond, guidance_scale=2.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
+    s2 = pipe(cond, guidance_scale=3.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
     assert seen[0].shape[0] == 4 and torch.equal(seen[0][:2], cond) and not seen[0][2:].any()  # y then ∅ = zeros
     assert not torch.allclose(s0.images, s2.images)
 

@@ -286,12 +286,10 @@ def test_image_only_store_round_trip_and_checks(tmp_path):
 
 @needs_wsi
 def test_cli(tmp_path):
-    import click
     from click.testing import CliRunner
 
-    from histosynth.data.cli_slides import register
+    from histosynth.cli.prepare import prepare as group
 
-    group = register(click.Group("prepare"))
     runner = CliRunner()
     res = runner.invoke(group, ["slides", str(WSI), "--out", str(tmp_path / "s"), "--patch", "256", "--magnification", "10x"])
     assert res.exit_code == 0, res.output

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 from conftest import micro_recipe
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.diffusion.training import train
+from histosynth.training.nasdm import train
 from histosynth.errors import HistosynthError, OutputExistsError, TrainingError
 
 
@@ -88,7 +88,7 @@ def test_tiny_model_overfits_a_few_real_patches(tmp_path):
 
 
 def test_nan_loss_is_a_clear_error_and_keeps_checkpoints(hgsc_store, tmp_path, monkeypatch):
-    import histosynth.diffusion.training as training
+    import histosynth.training.nasdm as training
 
     calls = {"n": 0}
     real_loss = training.hybrid_loss

@@ -1,20 +1,29 @@
 """histosynth: labelled histopathology image synthesis with diffusion models.
 
-Heavy classes are imported lazily so that `histosynth --help` stays fast; diffusers' loaders find
-models and pipelines by name on this module (model_index.json says ["histosynth", "SemanticUNet"]).
+Heavy classes are imported lazily so that `histosynth --help` stays fast. Every registered method's pipeline is
+an attribute of this module (``histosynth.NASDMPipeline``, ``histosynth.PathLDMPipeline``, ...), found through the
+method registry; diffusers' loaders also find models by name here (model_index.json says
+["histosynth", "SemanticUNet"]).
 """
 
 __version__ = "0.1.0"
 
-_LAZY = {
-    "SemanticUNet": "histosynth.models",
-    "NASDMPipeline": "histosynth.pipelines.nasdm",
-}
+_MODELS = ("SemanticUNet",)
+_REGISTRY = ("Method", "register_method", "get_method", "load_pipeline", "methods")
 
 
 def __getattr__(name):
-    if name in _LAZY:
-        import importlib
+    if name in _MODELS:
+        from histosynth import models
 
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return getattr(models, name)
+    if name.startswith("_"):
+        raise AttributeError(name)
+    from histosynth import methods as registry
+
+    if name in _REGISTRY:
+        return getattr(registry, name)
+    for method in registry.methods():
+        if method.pipeline is not None and method.pipeline.__name__ == name:
+            return method.pipeline
     raise AttributeError(f"module 'histosynth' has no attribute {name!r}")

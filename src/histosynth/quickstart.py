@@ -23,7 +23,7 @@ SAMPLE_DIR = "assets/hgsc"
 NUM_SAMPLES = 32
 SAMPLING_STEPS = 100
 SAMPLER = "ddpm"  # ancestral DDPM: with the learned variance it is robust for a briefly trained model
-GUIDANCE = 1.0
+GUIDANCE = 2.0  # g (diffusers convention) = NASDM's s = 1
 
 
 def bundled_sample() -> Path:
@@ -33,7 +33,7 @@ def bundled_sample() -> Path:
 def run_quickstart(out: str | Path, *, max_steps: int | None = None, overwrite: bool = False) -> dict:
     from histosynth.data.formats import read_nuclei
     from histosynth.data.store import prepare_nuclei
-    from histosynth.diffusion.training import train
+    from histosynth.training.nasdm import train
     from histosynth.evaluate.adherence import nuclei_contrast
     from histosynth.evaluate.fid import evaluate_distribution
     from histosynth.pipelines.nasdm import NASDMPipeline

@@ -46,25 +46,37 @@ def save_grid(rows: list[list[np.ndarray]], path: Path, pad: int = 2, scale: int
     img.save(path)
 
 
-def plot_losses(losses_jsonl: Path, out_png: Path) -> None:
+NASDM_LOSS_COLUMNS = {"simple": "L_simple (ε MSE)", "vlb": "L_vlb term (bits/dim)"}
+
+
+def plot_loss_curves(losses_jsonl: Path, out_png: Path, columns: dict[str, str]) -> None:
+    """One panel per column of a losses.jsonl present in its rows (raw + moving average over ~1/50 of the run;
+    log scale where every value is positive), titled by ``columns[key]``; nothing is written for an empty log."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = [json.loads(r) for r in Path(losses_jsonl).read_text().splitlines() if r]
-    if not rows:
+    keys = [k for k in columns if rows and k in rows[0]]
+    if not keys:
         return
     steps = np.array([r["step"] for r in rows])
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
-    for ax, key in zip(axes, ("simple", "vlb")):
-        vals = np.array([r[key] for r in rows])
+    fig, axes = plt.subplots(1, len(keys), figsize=(3.4 * len(keys) + 1.5, 3.5))
+    for ax, key in zip(np.atleast_1d(axes), keys):
+        vals = np.array([r[key] for r in rows], dtype=float)
         ax.plot(steps, vals, lw=0.5, alpha=0.4)
         k = max(1, len(vals) // 50)
         ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), lw=1.5)
-        ax.set_yscale("log")
+        if (vals > 0).all():
+            ax.set_yscale("log")
         ax.set_xlabel("step")
-        ax.set_title({"simple": "L_simple (ε MSE)", "vlb": "L_vlb term (bits/dim)"}[key])
+        ax.set_title(columns[key])
     fig.tight_layout()
     fig.savefig(out_png, dpi=100)
     plt.close(fig)
+
+
+def plot_losses(losses_jsonl: Path, out_png: Path) -> None:
+    """NASDM's curves (L_simple and the L_vlb term)."""
+    plot_loss_curves(losses_jsonl, out_png, NASDM_LOSS_COLUMNS)

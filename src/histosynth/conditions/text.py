@@ -48,10 +48,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NamedTuple
 
+import numpy as np
 import torch
 from torch import nn
 
-from histosynth.errors import HistosynthError
+from histosynth.errors import DataError, HistosynthError
 
 __all__ = [
     "CONFIG_NAME",
@@ -455,6 +456,22 @@ class TextConditioner(nn.Module):
         return text.final_layer_norm(out[0])
 
     @torch.no_grad()
+    # the conditioner interface every latent pipeline samples through (ClassConditioner has the same three)
+    def encode_prompts(self, prompts: Sequence) -> Conditioning:
+        """Captions (strings) → (B, max_tokens, D) context; anything else is a HistosynthError."""
+        if not all(isinstance(p, str) for p in prompts):
+            raise HistosynthError("a text-conditioned model takes captions (strings)")
+        return self.encode(list(prompts))
+
+    def prompt_for_row(self, entry: dict, path) -> str:
+        """The prompt of a prompts-file entry (``read_prompts``): its caption."""
+        if not isinstance(entry.get("prompt"), str):
+            raise DataError(f"line {entry.get('line')} has no caption (a text model needs captions)", path)
+        return entry["prompt"]
+
+    def manifest_fields(self, prompt) -> dict:
+        return {}
+
     def null_condition(self, batch: int) -> Conditioning:
         """The classifier-free-guidance null condition: the encoding of the empty caption, repeated ``batch`` times."""
         key = (str(self.device), self.dtype)
@@ -501,6 +518,7 @@ class ClassConditioner(nn.Module):
         self.dim = int(dim)
         self.class_names = tuple(class_names) if class_names is not None else None
         self.embedding = nn.Embedding(self.num_classes + 1, self.dim)
+        self.class_rule: dict | None = None  # ClassRule fields: how a captions row becomes a class (set by the pipeline)
 
     @property
     def null_index(self) -> int:
@@ -515,6 +533,43 @@ class ClassConditioner(nn.Module):
                              f"got {labels.min().item()}..{labels.max().item()}")
         emb = self.embedding(labels)[:, None, :]
         return Conditioning(emb, torch.ones(labels.shape[0], 1, dtype=torch.long, device=emb.device))
+
+    def class_index(self, prompt) -> int:
+        """A class given as its index (3, "3") or its name ("high tumor; high til")."""
+        names = list(self.class_names or [])
+        if isinstance(prompt, (int, np.integer)) or (isinstance(prompt, str) and prompt.strip().isdigit()):
+            c = int(prompt)
+        elif isinstance(prompt, str) and prompt.strip() in names:
+            c = names.index(prompt.strip())
+        else:
+            raise HistosynthError(f"unknown class {prompt!r}; this model's classes: "
+                                  + ", ".join(f"{i} {n!r}" for i, n in enumerate(names)) if names else
+                                  f"unknown class {prompt!r}; give an index 0..{self.num_classes - 1}")
+        if not 0 <= c < self.num_classes:
+            raise HistosynthError(f"class {c} is outside 0..{self.num_classes - 1}")
+        return c
+
+    def encode_prompts(self, prompts: Sequence) -> Conditioning:
+        """Class indices or names → (B, 1, dim) context."""
+        return self(torch.tensor([self.class_index(p) for p in prompts], dtype=torch.long))
+
+    def prompt_for_row(self, entry: dict, path) -> int:
+        """The class of a prompts-file entry: by the rule the model was trained with when the row carries a
+        class, tumor/TIL probabilities or counts, else its text as a class name or index."""
+        from histosynth.conditions.patch_captions import ClassRule
+
+        rule = ClassRule(**self.class_rule) if self.class_rule else ClassRule()
+        try:
+            if any(entry.get(k) is not None for k in ("class", "tumor_prob", "counts")):
+                return rule.label(entry)
+            return self.class_index(entry["prompt"])
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"line {entry.get('line')}: {exc}", path) from None
+
+    def manifest_fields(self, prompt) -> dict:
+        names = list(self.class_names or [])
+        c = int(prompt)
+        return {"class": c, "class_name": names[c] if c < len(names) else None}
 
     def null_condition(self, batch: int) -> Conditioning:
         return self(torch.full((batch,), self.null_index, dtype=torch.long))

@@ -33,10 +33,10 @@ class EffNetPerceptualDistance(nn.Module):
 
     def __init__(self, weights_path=None):
         super().__init__()
-        from histosynth.evaluate.features import EffNetLite0FeatureExtractor
+        from histosynth.models.efficientnet_lite0 import build_effnet_lite0
 
         # [-1, 1] is exactly the extractor's input normalisation (mean 0.5, std 0.5 on [0, 1])
-        self.net = EffNetLite0FeatureExtractor(weights_path).model
+        self.net = build_effnet_lite0(weights_path)[0]
         self.net.requires_grad_(False).eval()
 
     def train(self, mode: bool = True) -> "EffNetPerceptualDistance":

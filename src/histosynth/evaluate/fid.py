@@ -8,6 +8,8 @@ Sources (``real`` / ``generated``) are either
   to change that. ``split`` selects the sub-folder ``source/split`` (e.g. ``consep`` + ``train``).
 * a histosynth patch store (a folder holding ``store.json``); ``split`` selects the store's split.
 
+(The sources are read by :mod:`histosynth.data.images`; ``list_images`` and ``count_images`` are re-exported here.)
+
 The metric functions are small and independent (numpy / scipy, float64) and follow torch-fidelity's
 definitions, so numbers match torch-fidelity / torchmetrics for the same features:
 
@@ -28,7 +30,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import fnmatch
 import json
 import math
 import os
@@ -43,6 +44,17 @@ import scipy.linalg
 import scipy.special
 import torch
 
+from histosynth.data.images import (
+    DEFAULT_EXCLUDE,
+    DEFAULT_PATTERNS,
+    count_images,
+    image_patterns,
+    is_store,
+    list_images,
+    load_image,
+    open_store_split,
+    resolve_image_folder,
+)
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 from histosynth.evaluate.features import FeatureExtractor, check_protocol, load_feature_extractor
 
@@ -67,99 +79,15 @@ __all__ = [
     "evaluate_distribution",
 ]
 
-DEFAULT_PATTERNS: tuple[str, ...] = ("*.png", "*.jpg", "*.jpeg", "*.tif", "*.tiff")
-DEFAULT_EXCLUDE: tuple[str, ...] = ("mask",)
-STORE_MARKER = "store.json"
-
 
 # ----------------------------------------------------------------------------------------------- image sources
-def _patterns(patterns: str | Sequence[str] | None) -> tuple[str, ...]:
-    if patterns is None:
-        return DEFAULT_PATTERNS
-    if isinstance(patterns, str):
-        patterns = patterns.split(",")
-    out = tuple(p.strip().lower() for p in patterns if p.strip())
-    if not out:
-        raise HistosynthError(f"no image pattern given ({patterns!r})")
-    return out
-
-
-def _is_store(path: Path) -> bool:
-    return (path / STORE_MARKER).is_file()
-
-
-def _resolve_folder(source: str | Path, split: str | None) -> Path:
-    root = Path(source).expanduser()
-    if not root.exists():
-        raise DataError("image source does not exist", root)
-    if not root.is_dir():
-        raise DataError("image source must be a folder of images or a patch store (a folder with store.json)", root)
-    if split is not None and not _is_store(root):
-        sub = root / split
-        if not sub.is_dir():
-            raise DataError(f"no split sub-folder {split!r} in this image folder", root)
-        return sub
-    return root
-
-
-def list_images(
-    source: str | Path,
-    split: str | None = None,
-    patterns: str | Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-) -> list[Path]:
-    """Image files of a folder (recursive, sorted); see the module docstring for the default selection."""
-    folder = _resolve_folder(source, split)
-    pats = _patterns(patterns)
-    excl = tuple(e.lower() for e in exclude)
-    files = []
-    for p in folder.rglob("*"):
-        rel = p.relative_to(folder)
-        if any(part.startswith(".") for part in rel.parts) or not p.is_file():
-            continue
-        name = p.name.lower()
-        if any(fnmatch.fnmatchcase(name, pat) for pat in pats) and not any(e in name for e in excl):
-            files.append(p)
-    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
-
-
-def _open_store(root: Path, split: str | None):
-    from histosynth.data.store import PatchStore  # lazily: the store module is optional for folder sources
-
-    store = PatchStore(root)
-    return store, list(store.indices(split))
-
-
 def _describe(source: str | Path, split: str | None, patterns, exclude) -> str:
-    if _is_store(Path(source)):
+    if is_store(source):
         return f"no patches in this store{f' for split {split!r}' if split else ''}"
     return (
-        f"no images found (patterns {', '.join(_patterns(patterns))}, recursive; names containing "
+        f"no images found (patterns {', '.join(image_patterns(patterns))}, recursive; names containing "
         f"{', '.join(map(repr, exclude)) or 'nothing'} skipped)"
     )
-
-
-def count_images(
-    source: str | Path,
-    split: str | None = None,
-    patterns: str | Sequence[str] | None = None,
-    exclude: Sequence[str] = DEFAULT_EXCLUDE,
-) -> int:
-    """Number of images :func:`iter_image_batches` will yield for this source."""
-    root = _resolve_folder(source, split)
-    if _is_store(root):
-        return len(_open_store(root, split)[1])
-    return len(list_images(root, None, patterns, exclude))
-
-
-def _load_image(path: Path) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # PIL raises many kinds
-        raise DataError(f"cannot read image: {e}", path) from e
 
 
 def _to_hwc_uint8(image: Any, where: str) -> np.ndarray:
@@ -189,14 +117,14 @@ def iter_image_batches(
     """
     if batch_size < 1:
         raise HistosynthError(f"batch size must be >= 1, got {batch_size}")
-    root = _resolve_folder(source, split)
-    if _is_store(root):
-        store, idx = _open_store(root, split)
+    root = resolve_image_folder(source, split)
+    if is_store(root):
+        store, idx = open_store_split(root, split)
         items = ((lambda i=i: _to_hwc_uint8(store[i]["image"], f"{root}[{i}]")) for i in idx)
         n = len(idx)
     else:
         files = list_images(root, None, patterns, exclude)
-        items = ((lambda p=p: _load_image(p)) for p in files)
+        items = ((lambda p=p: load_image(p)) for p in files)
         n = len(files)
     if n == 0:
         raise DataError(_describe(root, split, patterns, exclude), root)

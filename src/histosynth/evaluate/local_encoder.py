@@ -38,7 +38,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.errors import HistosynthError
-from histosynth.evaluate.features import FeatureExtractor, _sha256
+from histosynth.evaluate.features import FeatureExtractor
+from histosynth.models.efficientnet_lite0 import file_sha256
 
 __all__ = [
     "LocalEncoderFeatureExtractor",
@@ -283,7 +284,7 @@ def _load_torchscript(path: Path, side: dict, sidecar: Path | None, explicit: di
     protocol = {
         "extractor": "local-torchscript",
         "architecture": f"TorchScript module ({getattr(model, 'original_name', 'unknown')})",
-        "weights": f"sha256:{_sha256(path)}",
+        "weights": f"sha256:{file_sha256(path)}",
         "weights_file": path.name,
         **prep.protocol(),
         "layer": "output of the TorchScript module",
@@ -355,7 +356,7 @@ def _timm_extractor(kind: str, src: Path, weights: Path, arch: str, model: nn.Mo
         "extractor": "local-timm",
         "architecture": f"timm {arch}",
         "model_args": json.loads(json.dumps(dict(model_args, **({"global_pool": pool} if pool is not None else {})))),
-        "weights": f"sha256:{_sha256(weights)}",
+        "weights": f"sha256:{file_sha256(weights)}",
         "weights_file": weights.name,
         **prep.protocol(),
         "layer": layer,

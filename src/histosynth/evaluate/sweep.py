@@ -1,6 +1,6 @@
 """Sampling sweeps: image quality (and mask adherence) against the guidance scale or the number of steps.
 
-NASDM (Fig. 2, Sec. 4.2) samples the held-out masks at several guidance scales s and plots FID and IS against
+NASDM (Fig. 2, Sec. 4.2) samples the held-out masks at several guidance scales (its s = g − 1) and plots FID and IS against
 s: quality first improves as nuclei gain detail, then degrades as nuclei and stain are overemphasised.
 :func:`guidance_sweep` reproduces that study for any trained model: for each value it samples the same masks
 with the same seed into ``OUT/<param>=<value>/`` (a complete ``histosynth sample`` output), measures
@@ -61,7 +61,7 @@ def parse_values(values: str | Sequence[Any], param: str = "guidance") -> list[f
                 raise HistosynthError(f"--values: steps must be whole numbers >= 1, got {v!r}")
             x = int(x)
         elif x < 0:
-            raise HistosynthError(f"--values: NASDM guidance scales are >= 0 (0 = conditional only), got {v!r}")
+            raise HistosynthError(f"--values: guidance scales g are >= 0 (1 = conditional only), got {v!r}")
         out.append(x)
     if len(set(out)) != len(out):
         raise HistosynthError(f"--values: repeated values in {items}")
@@ -123,7 +123,7 @@ def guidance_sweep(
     *,
     num: int | None = 16,
     steps: int = 250,
-    guidance: float = 1.0,
+    guidance: float = 2.0,
     sampler: str = "ddpm",
     seed: int = 0,
     split: str | None = "test",
@@ -140,7 +140,7 @@ def guidance_sweep(
         model: a training run / saved pipeline path, or an NASDMPipeline.
         masks_store: the patch store whose ``split`` masks condition the samples; its real patches of that split
             are the reference set of FD/KID.
-        values: the values of ``param`` ("0,0.5,1" or numbers). ``param="guidance"``: NASDM guidance scales s,
+        values: the values of ``param`` ("0,0.5,1" or numbers). ``param="guidance"``: guidance scales g (1 = conditional only),
             each sampled with ``steps`` steps; ``param="steps"``: step counts, each sampled at guidance ``guidance``.
         num, sampler, seed, batch_size: as ``histosynth sample`` (the same masks and seeds for every value).
         features: ``"effnet-lite0"`` (offline), ``"inception"`` or a FeatureExtractor.
@@ -155,7 +155,7 @@ def guidance_sweep(
 
     from histosynth.evaluate.features import FeatureExtractor, load_feature_extractor
     from histosynth.evaluate.fid import extract_features
-    from histosynth.sampling import prepare_output_dir, sample_store
+    from histosynth.sampling import prepare_output_dir
 
     _check_param(param)
     values = parse_values(values, param)
@@ -166,13 +166,18 @@ def guidance_sweep(
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
-    if isinstance(model, (str, Path)):
-        from histosynth.pipelines.nasdm import NASDMPipeline
+    from histosynth.methods import load_pipeline, methods
 
+    if isinstance(model, (str, Path)):
         model_name = str(model)
-        pipe = NASDMPipeline.from_pretrained(model)
+        method, pipe = load_pipeline(model)
     else:
-        model_name, pipe = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__, model
+        model_name = getattr(getattr(model, "config", None), "_name_or_path", None) or type(model).__name__
+        method, pipe = next((m for m in methods() if m.pipeline is not None and isinstance(model, m.pipeline)), None), model
+    if method is None or method.sample_input != "masks":
+        raise HistosynthError(f"evaluate sweep measures against the real patches of the masks' store: it needs a model "
+                              f"that samples the masks of a store, not a {getattr(method, 'label', type(pipe).__name__)} "
+                              "model", model_name)
     pipe = pipe.to(device)
     if segmenter is not None:  # fail before sampling anything
         from histosynth.data.store import PatchStore
@@ -203,8 +208,8 @@ def guidance_sweep(
         t0 = time.perf_counter()
         g = value if param == "guidance" else guidance
         k = value if param == "steps" else steps
-        sample_store(pipe, masks_store, sub, split=split, num=num, guidance_scale=float(g), num_inference_steps=int(k),
-                     sampler=sampler, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=progress)
+        method.sample(pipe, masks_store, sub, split=split, num=num, guidance_scale=float(g), num_inference_steps=int(k),
+                      sampler=sampler, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=progress)
         t_sample = time.perf_counter() - t0
         f_gen, logits_gen = extract_features(sub / "images", extractor, device=device, progress=progress,
                                              desc=f"{param}={value}")

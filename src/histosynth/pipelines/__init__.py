@@ -1,3 +1,1 @@
-from histosynth.pipelines.nasdm import NASDMPipeline
-
-__all__ = ["NASDMPipeline"]
+"""Sampling pipelines (diffusers ``DiffusionPipeline`` subclasses), one file per method, each read top to bottom."""

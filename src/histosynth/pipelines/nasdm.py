@@ -1,12 +1,16 @@
 """NASDM sampling pipeline: nuclei masks in, H&E images out.
 
     pipe = NASDMPipeline.from_pretrained("RUN")            # a training run, or its pipeline/ folder
-    images = pipe(conditions, guidance_scale=1.0, num_inference_steps=250, sampler="ddpm").images
+    images = pipe(conditions, guidance_scale=2.0, num_inference_steps=250, sampler="ddpm").images
 
 Reads top to bottom: build the condition tensor (one channel per type + instance edges), start from
 Gaussian noise, and at each of exactly `num_inference_steps` steps predict ε with and without the
-condition, combine them with NASDM's guidance ε̂ = ε(y) + s·(ε(y) − ε(∅)) (noise channels only; the
+condition, combine them with classifier-free guidance ε̂ = ε(∅) + g·(ε(y) − ε(∅)) (noise channels only; the
 learned variance comes from the conditional pass), and step the scheduler.
+
+Guidance: ``guidance_scale`` is diffusers' g, as everywhere in histosynth (g = 1: the conditional model
+alone, one pass per step). NASDM's eq. 7 writes the same combination with s = g − 1: the paper's s = 1
+is ``guidance_scale=2.0``, the default.
 """
 
 from __future__ import annotations
@@ -72,7 +76,7 @@ class NASDMPipeline(DiffusionPipeline):
     def __call__(
         self,
         masks,
-        guidance_scale: float = 1.0,
+        guidance_scale: float = 2.0,
         num_inference_steps: int = 250,
         sampler: str = "ddpm",
         eta: float = 0.0,
@@ -88,8 +92,8 @@ class NASDMPipeline(DiffusionPipeline):
             )
         device, dtype = self.unet.device, self.unet.dtype
         cond = cond.to(device=device, dtype=dtype)
-        do_guidance = guidance_scale != 0
-        model_cond = torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond
+        do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
+        model_cond = torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond  # [y, ∅]
 
         # 2. exactly the number of steps asked
         total_t = self.scheduler.config.num_train_timesteps
@@ -109,7 +113,7 @@ class NASDMPipeline(DiffusionPipeline):
             out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond)
             if do_guidance:
                 out_c, out_u = out.chunk(2)
-                out = guided_model_output(out_c, out_u, guidance_scale, in_ch)
+                out = guided_model_output(out_u, out_c, guidance_scale, in_ch)
             if sampler == "ddim" and out.shape[1] == 2 * in_ch:  # DDIM uses the mean only
                 out = out[:, :in_ch]
             kwargs = {"eta": eta} if sampler == "ddim" else {}

@@ -39,22 +39,11 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
+from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.diffusion.schedulers import ldm_ddim_scheduler
 from histosynth.errors import HistosynthError
 
 CONDITIONER_DIR = "conditioner"
-
-
-def classifier_free_guidance(eps_uncond: torch.Tensor, eps_cond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
-    """diffusers / LDM guidance ε(∅) + g·(ε(y) − ε(∅)) (= NASDM's ε(y) + s·(ε(y) − ε(∅)) with s = g − 1)."""
-    return eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-
-
-def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start: float, beta_end: float,
-                       prediction_type: str = "epsilon") -> DDIMScheduler:
-    """DDIM with LDM's conventions (see the module docstring)."""
-    return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
-                         beta_end=beta_end, prediction_type=prediction_type, clip_sample=False,
-                         set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
 @dataclass
@@ -78,6 +67,8 @@ class PathLDMPipeline(DiffusionPipeline):
         self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), class_rule=class_rule,
                                 magnification=magnification, patch_size=patch_size, sampling=sampling)
         self.conditioner = conditioner
+        if class_rule is not None and isinstance(conditioner, ClassConditioner):
+            conditioner.class_rule = dict(class_rule)  # how a captions row becomes a class, for sampling from rows
 
     # ------------------------------------------------------------------------------------ saving / loading
     @classmethod
@@ -113,32 +104,12 @@ class PathLDMPipeline(DiffusionPipeline):
     def is_class_conditional(self) -> bool:
         return isinstance(self.conditioner, ClassConditioner)
 
-    def class_index(self, prompt) -> int:
-        """A class given as its index (3, "3") or its name ("high tumor; high til")."""
-        names = list(self.conditioner.class_names or [])
-        if isinstance(prompt, (int, np.integer)) or (isinstance(prompt, str) and prompt.strip().isdigit()):
-            c = int(prompt)
-        elif isinstance(prompt, str) and prompt.strip() in names:
-            c = names.index(prompt.strip())
-        else:
-            raise HistosynthError(f"unknown class {prompt!r}; this model's classes: "
-                                  + ", ".join(f"{i} {n!r}" for i, n in enumerate(names)) if names else
-                                  f"unknown class {prompt!r}; give an index 0..{self.conditioner.num_classes - 1}")
-        if not 0 <= c < self.conditioner.num_classes:
-            raise HistosynthError(f"class {c} is outside 0..{self.conditioner.num_classes - 1}")
-        return c
-
     def encode_prompts(self, prompts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """(condition, null condition) as cross-attention context (B, T, D) on the UNet's device and dtype."""
+        """(condition, null condition) as cross-attention context (B, T, D) on the UNet's device and dtype, through
+        the conditioner's ``encode_prompts`` (captions for a text model, class indices or names for a class model)."""
         if self.conditioner is None:
             raise HistosynthError("this pipeline has no conditioner (pass conditioner=... or load a saved pipeline)")
-        if self.is_class_conditional:
-            labels = torch.tensor([self.class_index(p) for p in prompts], dtype=torch.long)
-            cond = self.conditioner(labels.to(self.conditioner.embedding.weight.device)).embeddings
-        else:
-            if not all(isinstance(p, str) for p in prompts):
-                raise HistosynthError("a text-conditioned model takes captions (strings)")
-            cond = self.conditioner.encode(list(prompts)).embeddings
+        cond = self.conditioner.encode_prompts(list(prompts)).embeddings
         null = self.conditioner.null_condition(len(prompts)).embeddings
         return (cond.to(self.unet.device, self.unet.dtype), null.to(self.unet.device, self.unet.dtype))
 

@@ -9,6 +9,8 @@ import click
 
 from histosynth.errors import HistosynthError
 
+__all__ = ["user_errors"]
+
 
 def user_errors(fn):
     """Turn a HistosynthError (bad user input) into one line on stderr and exit status 2, without a traceback."""

@@ -1,6 +1,7 @@
 """`histosynth seg train | predict | evaluate`: the nuclei segmenter used as an evaluation instrument.
 
-Thin calls into :mod:`histosynth.evaluate.segmenter`. ``seg train`` trains on the train split of a labelled
+The group :data:`seg` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. Thin calls into
+:mod:`histosynth.evaluate.segmenter`. ``seg train`` trains on the train split of a labelled
 store; ``seg evaluate`` scores it on a split (Dice, AJI, PQ, mPQ, PQ per type: the ceiling every number measured
 with it is read against); ``seg predict`` writes instance and type maps for a store, a folder of images or a
 ``histosynth sample`` output. User errors print one line naming the file and exit with status 2.
@@ -16,7 +17,7 @@ from pathlib import Path
 import click
 import numpy as np
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 from histosynth.errors import OutputExistsError
 
 __all__ = ["seg", "predict_to_folder"]
@@ -94,7 +95,8 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
     from skimage.segmentation import find_boundaries
     from tqdm.auto import tqdm
 
-    from histosynth.evaluate.fid import _is_store, _open_store, _load_image, list_images, resolve_generated
+    from histosynth.data.images import is_store, list_images, load_image, open_store_split
+    from histosynth.evaluate.fid import resolve_generated
     from histosynth.viz import colour_mask, save_grid
 
     if (out.exists() or out.is_symlink()) and not overwrite:
@@ -102,12 +104,12 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
     source = Path(source)
     if (source / "samples.jsonl").is_file():
         source = resolve_generated(source)
-    if _is_store(source):
-        store, idx = _open_store(source, split)
+    if is_store(source):
+        store, idx = open_store_split(source, split)
         items = [(f"{i:06d}", lambda i=i: np.asarray(store[i]["image"])) for i in idx]
     else:
         files = list_images(source, split)
-        items = [(p.stem, lambda p=p: _load_image(p)) for p in files]
+        items = [(p.stem, lambda p=p: load_image(p)) for p in files]
     if not items:
         from histosynth.errors import DataError
 

@@ -1,7 +1,7 @@
 """`histosynth evaluate fid | kid | is`: distribution metrics on the command line.
 
-The commands are added to the ``evaluate`` group of :mod:`histosynth.cli` (``register(evaluate)`` or
-``evaluate.add_command(...)`` for each of :data:`COMMANDS`). Each is a thin call into
+The commands of :data:`COMMANDS` are attached to the ``evaluate`` group in :mod:`histosynth.cli`. Each is a thin
+call into
 :func:`histosynth.evaluate.fid.evaluate_distribution` and prints the metrics as JSON on stdout (progress and what
 was loaded go to stderr). User errors raise :class:`~histosynth.errors.HistosynthError` (the CLI's wrapper prints
 one line naming the file and exits with status 2).
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
-__all__ = ["COMMANDS", "register", "fid", "kid", "is_"]
+__all__ = ["COMMANDS", "fid", "kid", "is_"]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -173,11 +173,5 @@ def is_(generated, generated_split, splits, **options):
          generated_split=generated_split, is_splits=splits, **options)
 
 
+#: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`
 COMMANDS = (fid, kid, is_)
-
-
-def register(group: click.Group) -> click.Group:
-    """Add ``fid``, ``kid`` and ``is`` to a click group (the ``evaluate`` group of histosynth.cli)."""
-    for cmd in COMMANDS:
-        group.add_command(cmd)
-    return group

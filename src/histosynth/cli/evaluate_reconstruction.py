@@ -1,6 +1,6 @@
 """`histosynth evaluate recon`: reconstruction SSIM / PSNR / MSE of an autoencoder on held-out patches.
 
-Added to the ``evaluate`` group of :mod:`histosynth.cli` by :func:`register`. Writes the metrics with their
+Attached to the ``evaluate`` group in :mod:`histosynth.cli` (:data:`COMMANDS`). Writes the metrics with their
 protocol as JSON (``--out``) and a PNG of originals (top row) over reconstructions (bottom row).
 """
 
@@ -11,10 +11,10 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
-__all__ = ["recon", "register"]
+__all__ = ["COMMANDS", "recon"]
 
 
 @click.command("recon")
@@ -74,7 +74,5 @@ def recon(autoencoder, data, split, num, seed, batch_size, device, features, fea
     click.echo(f"wrote {out} and {grid} (top: originals, bottom: reconstructions)", err=True)
 
 
-def register(group: click.Group) -> click.Group:
-    """Add ``recon`` to a click group (the ``evaluate`` group of histosynth.cli)."""
-    group.add_command(recon)
-    return group
+#: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`
+COMMANDS = (recon,)

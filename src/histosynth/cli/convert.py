@@ -1,4 +1,8 @@
-"""`histosynth convert autoencoder CKPT --out DIR`: an official CompVis / LDM checkpoint as a diffusers folder."""
+"""`histosynth convert autoencoder CKPT --out DIR`: an official CompVis / LDM checkpoint as a diffusers folder.
+
+The group :data:`convert` is attached to the ``histosynth`` command in :mod:`histosynth.cli`; a thin call into
+:func:`histosynth.models.compvis_autoencoder.convert_compvis_first_stage`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 from histosynth.errors import OutputExistsError
 
 __all__ = ["convert"]

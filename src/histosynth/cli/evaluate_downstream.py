@@ -1,7 +1,8 @@
 """`histosynth evaluate augment | cas`: is the synthetic data useful downstream?
 
 Thin calls into :mod:`histosynth.evaluate.augment` (segmenter trained on real vs real + synthetic, HistoSmith)
-and :mod:`histosynth.evaluate.cas` (Classification Accuracy Score, PathLDM). Results are printed as JSON.
+and :mod:`histosynth.evaluate.cas` (Classification Accuracy Score, PathLDM). Results are printed as JSON. The
+commands of :data:`COMMANDS` are attached to the ``evaluate`` group in :mod:`histosynth.cli`.
 """
 
 from __future__ import annotations
@@ -11,9 +12,9 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 
-__all__ = ["COMMANDS", "register"]
+__all__ = ["COMMANDS", "augment_cmd", "cas_cmd"]
 
 
 def _device(device: str | None) -> str:
@@ -69,9 +70,5 @@ def cas_cmd(real, synthetic, label, real_labels, features, batch_size, seed, dev
     click.echo(json.dumps(result, indent=2, default=str))
 
 
+#: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`
 COMMANDS = (augment_cmd, cas_cmd)
-
-
-def register(group: click.Group) -> None:
-    for command in COMMANDS:
-        group.add_command(command)

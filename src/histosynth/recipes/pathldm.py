@@ -1,4 +1,4 @@
-"""Typed recipe of a latent diffusion model (PathLDM): frozen autoencoder + cross-attention UNet + conditioner.
+"""PathLDM's recipe (``method: pathldm``; ``ldm`` is read as an alias): frozen autoencoder + cross-attention UNet + conditioner.
 
 One named field per hyperparameter; the YAML files ``pathldm-256.yaml`` (the paper's setting) and
 ``pathldm-tiny-cpu.yaml`` / ``pathldm-tiny-cpu-class.yaml`` (CPU runs) fill them in.
@@ -10,11 +10,10 @@ relative to the directory you run from; ``{data}`` in them stands for the patch 
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
+from typing import Literal
 
-from histosynth.recipes import register_recipe_type
-
-METHOD = "ldm"
+from histosynth.recipes.base import EngineConfig, Recipe, register_recipe_type
 
 #: PathLDM's class baseline (Sec. 4.2), in class-index order (as conditions.captions.PATHLDM_CLASSES).
 PATHLDM_CLASS_NAMES = ("low tumor; low til", "low tumor; high til", "high tumor; low til", "high tumor; high til")
@@ -35,7 +34,7 @@ class AutoencoderConfig:
 class ConditionerConfig:
     """What the UNet cross-attends to: a frozen text encoder (PathLDM) or a learned class embedding (baseline)."""
 
-    kind: str = "text"  # "text" | "class"
+    kind: Literal["text", "class"] = "text"
     # text: hub id (openai/clip-vit-base-patch32, vinid/plip), a local folder, or "minilm" (offline)
     text_encoder: str = "minilm"
     max_tokens: int = 154  # PathLDM: two 77-token CLIP halves (see conditions/text.py)
@@ -73,10 +72,10 @@ class LatentDiffusionConfig:
     """Forward process and objective (LDM: make_beta_schedule "linear" is sqrt-spaced = diffusers' scaled_linear)."""
 
     num_train_timesteps: int = 1000
-    beta_schedule: str = "scaled_linear"
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
-    prediction_type: str = "epsilon"
+    prediction_type: Literal["epsilon"] = "epsilon"  # what PathLDM / LDM train; others are not implemented
 
 
 @dataclass
@@ -88,20 +87,16 @@ class SamplingConfig:
     eta: float = 0.0
 
 
-@dataclass
-class LatentTrainConfig:
+@dataclass(kw_only=True)
+class LatentTrainConfig(EngineConfig):
     steps: int
     learning_rate: float = 2e-5
     lr_warmup_steps: int = 10000  # linear warm-up from 1e-6·lr (LDM's LambdaLinearScheduler), then constant
     batch_size: int = 48  # per device
-    gradient_accumulation_steps: int = 1
     condition_dropout: float = 0.1  # caption → "" (text) or class → null class, for classifier-free guidance
     weight_decay: float = 0.01  # LDM: torch.optim.AdamW's default
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    ema_decay: float = 0.9999  # 0 = no averaging (the exported weights are the trained ones)
+    ema_decay: float | None = 0.9999  # 0 or null = no averaging (the exported weights are the trained ones)
     max_grad_norm: float = 0.0  # 0 = no clipping (LDM)
-    mixed_precision: str = "no"  # "no" | "fp16" | "bf16" (accelerate)
     random_flips: bool = True  # PathLDM: random horizontal and vertical flips (4 variants)
     # encode every patch (and its flips) once into RUN/cache; off for stores too large to cache on disk
     cache_latents: bool = True
@@ -109,18 +104,11 @@ class LatentTrainConfig:
     # (e.g. "{data}/../latent-cache" for a text and a class model on the same latents)
     cache_dir: str | None = None
     init_unet: str | None = None  # a diffusers UNet folder or a CompVis LDM .ckpt (shape-matching tensors)
-    checkpoint_every: int = 5000
-    keep_checkpoints: int = 2
-    log_every: int = 50
-    seed: int = 0
-    num_workers: int = 2  # only without cache_latents (image loading)
 
 
-@dataclass
-class LatentDiffusionRecipe:
-    name: str
-    method: str
-    description: str
+@dataclass(kw_only=True)
+class LatentDiffusionRecipe(Recipe):
+    METHOD = "pathldm"
     patch_size: int  # image pixels; the latent size is patch_size / the autoencoder's downsampling factor
     magnification: str
     autoencoder: AutoencoderConfig
@@ -130,12 +118,24 @@ class LatentDiffusionRecipe:
     diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
+    def problems(self) -> list[str]:
+        u, t = self.unet, self.train
+        problems = t.problems()
+        n = len(u.block_out_channels)
+        for name in ("down_block_types", "up_block_types", "attention_head_dim"):
+            if len(getattr(u, name)) != n:
+                problems.append(f"unet.{name} has {len(getattr(u, name))} entries for {n} blocks (block_out_channels)")
+        if any(ch % u.norm_num_groups for ch in u.block_out_channels):
+            problems.append(f"unet.block_out_channels {u.block_out_channels} must be multiples of norm_num_groups {u.norm_num_groups}")
+        if not 0.0 <= t.condition_dropout <= 1.0:
+            problems.append(f"train.condition_dropout must be in [0, 1], got {t.condition_dropout}")
+        if t.steps < 1:
+            problems.append(f"train.steps must be at least 1, got {t.steps}")
+        return problems
+
     @property
     def total_steps(self) -> int:
         return self.train.steps
 
-    def to_dict(self) -> dict:
-        return asdict(self)
 
-
-register_recipe_type(METHOD, LatentDiffusionRecipe)
+register_recipe_type(LatentDiffusionRecipe)

@@ -1,6 +1,6 @@
 """`histosynth captions` commands: build caption files, summarise pathology reports with an LLM.
 
-The group :data:`captions` is registered in :mod:`histosynth.cli` (``main.add_command(captions)``). Each
+The group :data:`captions` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. Each
 command is a thin call into :mod:`histosynth.conditions.captions`; user errors print one line naming the
 file and exit with status 2.
 """
@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["captions", "build_cmd", "summarize_cmd", "parse_levels"]

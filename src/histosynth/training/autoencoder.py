@@ -1,6 +1,6 @@
 """Train the first stage of latent diffusion: a VQ (PathLDM's VQ-f4) or KL autoencoder on a patch store.
 
-The loop is the shared engine of :mod:`histosynth.diffusion.training` (accelerate, atomic checkpoints,
+The task runs on the one engine (:mod:`histosynth.training.engine`: accelerate, atomic checkpoints,
 exact resume) with an autoencoder micro-loss: every random draw of optimisation step s (crop offsets,
 flips/rotations, the KL posterior sample) comes from the engine's generator seeded by (seed, micro-batch
 number) and the data order is a pure function of (seed, epoch), so a resumed run reproduces the losses of
@@ -27,10 +27,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate.utils import set_seed
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
@@ -40,11 +39,11 @@ from histosynth.diffusion.autoencoder_loss import (
     hinge_discriminator_loss,
     make_perceptual,
 )
-from histosynth.diffusion.training import StreamBatchSampler, TrainResult, build_engine, run_steps, start_run
 from histosynth.errors import DataError, HistosynthError, TrainingError
 from histosynth.models.autoencoders import latent_channels_of, load_autoencoder, make_autoencoder
 from histosynth.models.patch_discriminator import PatchDiscriminator
 from histosynth.recipes.autoencoder import AutoencoderRecipe
+from histosynth.training.task import TrainingTask
 
 AUTOENCODER = "autoencoder"
 INFO = "histosynth.json"
@@ -202,95 +201,103 @@ def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_im
     return (1.0 / std if std != 0 else float("inf")), len(picks)
 
 
-def train_autoencoder(
-    recipe: AutoencoderRecipe,
-    data: str | Path,
-    out: str | Path,
-    *,
-    max_steps: int | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    progress: bool = True,
-) -> TrainResult:
-    if not isinstance(recipe, AutoencoderRecipe):
-        raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not an autoencoder recipe")
-    run, data = Path(out), Path(data)
-    t_cfg, l_cfg = recipe.train, recipe.loss
-    store = PatchStore(data)
-    _check_store(recipe, store)
-    accelerator, resume_from = start_run(run, recipe, data, t_cfg, resume=resume, overwrite=overwrite)
+class AutoencoderTask(TrainingTask):
+    plot_columns = {"loss": "loss", "l1": "l1", "perceptual": "perceptual", "vq": "vq", "kl": "kl",
+                    "codes": "codebook entries used / batch", "adversarial": "adversarial −D(x̂)",
+                    "disc": "discriminator hinge"}
 
-    dataset = ImagePatchDataset(store, "train")
-    set_seed(t_cfg.seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
-    model = make_model(recipe)
-    if recipe.init is not None and resume_from is None:
-        load_init_weights(model, recipe)
-    elif isinstance(model, VQModel) and t_cfg.codebook_init == "data" and resume_from is None:
-        init_codebook_from_data(model, store, t_cfg.seed)
-    if isinstance(model, VQModel):
-        model.quantize.beta = l_cfg.commitment_beta  # diffusers fixes 0.25 in the constructor
-    perceptual = make_perceptual(l_cfg.perceptual)
-    if perceptual is not None:
-        perceptual.to(accelerator.device)
-    discriminator = None
-    if l_cfg.disc_weight > 0:
-        discriminator = PatchDiscriminator(3, l_cfg.disc_channels, l_cfg.disc_num_layers)
-        if l_cfg.disc_start >= recipe.total_steps and accelerator.is_main_process:
-            print(f"warning: recipe {recipe.name}: loss.disc_start {l_cfg.disc_start} >= train.steps {recipe.total_steps}: "
-                  "the patch-GAN term never starts", flush=True)
-    wrapper = ReconstructionStep(model, discriminator)
-    # one optimiser, one parameter group per network (each clipped on its own); CompVis: same rate and betas for D
-    groups = [{"params": list(model.parameters())}]
-    if discriminator is not None:
-        groups.append({"params": list(discriminator.parameters())})
-    optimizer = torch.optim.AdamW(groups, lr=t_cfg.learning_rate, betas=(t_cfg.adam_beta1, t_cfg.adam_beta2),
-                                  weight_decay=t_cfg.weight_decay)
-    warmup = t_cfg.warmup_steps
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup) if warmup else 1.0)
-    # the engine always keeps an EMA; without one in the recipe it runs at decay 0 and the export ignores it
-    engine, step = build_engine(accelerator, wrapper, optimizer, lr_scheduler,
-                                ema_decay=t_cfg.ema_decay or 0.0, run=run, resume_from=resume_from, cfg=t_cfg)
+    def __init__(self, recipe: AutoencoderRecipe, data: Path, *, progress: bool = True):
+        if not isinstance(recipe, AutoencoderRecipe):
+            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not an autoencoder recipe")
+        super().__init__(recipe, data, progress=progress)
+        self.store = PatchStore(data)
+        _check_store(recipe, self.store)
 
-    total = recipe.total_steps if max_steps is None else max_steps
-    ga, nproc, rank = t_cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
-    sampler = StreamBatchSampler(len(dataset), t_cfg.batch_size, t_cfg.seed, start=step * ga * nproc + rank, stride=nproc)
-    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=t_cfg.num_workers,
-                              pin_memory=accelerator.device.type == "cuda"))
+    def setup(self, accelerator, run, resuming):
+        self.device, self.autocast = accelerator.device, accelerator.autocast
+        self._dataset = ImagePatchDataset(self.store, "train")
 
-    def micro_loss(g: torch.Generator, step_: int):
-        x = _augment(next(batches)["image"], recipe.patch_size, t_cfg.random_flips, g).to(accelerator.device)
-        with accelerator.autocast():
-            recon, regulariser, indices, logits = engine.model(x, g)
+    def build_model(self, accelerator, run, resuming):
+        recipe, l_cfg, t_cfg = self.recipe, self.recipe.loss, self.recipe.train
+        model = make_model(recipe)
+        if recipe.init is not None and not resuming:
+            load_init_weights(model, recipe)
+        elif isinstance(model, VQModel) and t_cfg.codebook_init == "data" and not resuming:
+            init_codebook_from_data(model, self.store, t_cfg.seed)
+        if isinstance(model, VQModel):
+            model.quantize.beta = l_cfg.commitment_beta  # diffusers fixes 0.25 in the constructor
+        self.perceptual = make_perceptual(l_cfg.perceptual)
+        if self.perceptual is not None:
+            self.perceptual.to(self.device)
+        discriminator = None
+        if l_cfg.disc_weight > 0:
+            discriminator = PatchDiscriminator(3, l_cfg.disc_channels, l_cfg.disc_num_layers)
+            if l_cfg.disc_start >= recipe.total_steps and accelerator.is_main_process:
+                print(f"warning: recipe {recipe.name}: loss.disc_start {l_cfg.disc_start} >= train.steps "
+                      f"{recipe.total_steps}: the patch-GAN term never starts", flush=True)
+        return ReconstructionStep(model, discriminator)
+
+    def parameter_groups(self, model):
+        # one parameter group per network (each clipped on its own); CompVis: same rate and betas for D
+        groups = [{"params": list(model.ae.parameters())}]
+        if model.discriminator is not None:
+            groups.append({"params": list(model.discriminator.parameters())})
+        return groups
+
+    def lr_factor(self, step: int) -> float:
+        warmup = self.recipe.train.warmup_steps
+        return min(1.0, (step + 1) / warmup) if warmup else 1.0
+
+    def dataset(self):
+        return self._dataset
+
+    def micro_loss(self, model, batch, g, step):
+        recipe, l_cfg = self.recipe, self.recipe.loss
+        x = _augment(batch["image"], recipe.patch_size, recipe.train.random_flips, g).to(self.device)
+        with self.autocast():
+            recon, regulariser, indices, logits = model(x, g)
             loss, terms = autoencoder_loss(
                 x, recon, regulariser, kind=recipe.model.kind, l1_weight=l_cfg.l1_weight, l2_weight=l_cfg.l2_weight,
-                perceptual=perceptual, perceptual_weight=l_cfg.perceptual_weight,
+                perceptual=self.perceptual, perceptual_weight=l_cfg.perceptual_weight,
                 codebook_weight=l_cfg.codebook_weight, kl_weight=l_cfg.kl_weight)
         if logits is not None:
-            fake_for_ae, real, fake = logits
-            adversarial = -fake_for_ae.float().mean()
-            if step_ >= l_cfg.disc_start:
-                last_layer = engine.unwrapped.ae.decoder.conv_out.weight
-                weight = adaptive_adversarial_weight(loss, adversarial, last_layer, l_cfg.disc_weight)
-                d_loss = hinge_discriminator_loss(real, fake)
-            else:  # CompVis's adopt_weight: D sees the batch but neither network learns from it yet
-                weight = adversarial.new_zeros(())
-                d_loss = 0.0 * hinge_discriminator_loss(real, fake)
-            loss = loss + weight * adversarial + d_loss
-            terms.update(adversarial=adversarial.detach(), adv_weight=weight, disc=d_loss.detach(),
-                         logits_real=real.detach().float().mean(), logits_fake=fake.detach().float().mean())
+            loss = self._adversarial(model, loss, logits, terms, step)
         if indices is not None:  # distinct codebook entries this micro-batch used (a collapse shows here first)
             terms["codes"] = torch.tensor(float(torch.unique(indices).numel()), device=loss.device)
         return loss, terms, x.shape[0]
 
-    def export(wrapper: ReconstructionStep, ema) -> None:
-        weights = None
-        if t_cfg.ema_decay is not None:  # the EMA tracks the wrapper; the autoencoder's shadows are those named ae.*
-            weights = [w for (name, _), w in zip(wrapper.named_parameters(), ema.shadow_params) if name.startswith("ae.")]
-        export_autoencoder(wrapper.ae, weights, run / AUTOENCODER, recipe, store,
-                           ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], accelerator.device)
+    def _adversarial(self, model, loss, logits, terms, step):
+        """Add the patch-GAN terms: the autoencoder's adaptively weighted −D(x̂), and D's hinge loss."""
+        l_cfg = self.recipe.loss
+        fake_for_ae, real, fake = logits
+        adversarial = -fake_for_ae.float().mean()
+        if step >= l_cfg.disc_start:
+            unwrapped = model.module if hasattr(model, "module") else model
+            last_layer = unwrapped.ae.decoder.conv_out.weight
+            weight = adaptive_adversarial_weight(loss, adversarial, last_layer, l_cfg.disc_weight)
+            d_loss = hinge_discriminator_loss(real, fake)
+        else:  # CompVis's adopt_weight: D sees the batch but neither network learns from it yet
+            weight = adversarial.new_zeros(())
+            d_loss = 0.0 * hinge_discriminator_loss(real, fake)
+        terms.update(adversarial=adversarial.detach(), adv_weight=weight, disc=d_loss.detach(),
+                     logits_real=real.detach().float().mean(), logits_fake=fake.detach().float().mean())
+        return loss + weight * adversarial + d_loss
 
-    return run_steps(engine, step=step, total=total, micro_loss=micro_loss, export=export, recipe_name=recipe.name,
-                     plot=plot_autoencoder_losses, progress=progress)
+    def export(self, wrapper, ema, run):
+        weights = None
+        if ema is not None:  # the EMA tracks the wrapper; the autoencoder's shadows are those named ae.*
+            weights = [w for (name, _), w in zip(wrapper.named_parameters(), ema.shadow_params) if name.startswith("ae.")]
+        export_autoencoder(wrapper.ae, weights, run / AUTOENCODER, self.recipe, self.store,
+                           ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], self.device)
+
+
+def train_autoencoder(recipe: AutoencoderRecipe, data: str | Path, out: str | Path, *, max_steps: int | None = None,
+                      resume: bool = False, overwrite: bool = False, progress: bool = True):
+    """Train the autoencoder ``recipe`` on the train split of patch store ``data`` into run directory ``out``."""
+    from histosynth.training.engine import fit
+
+    return fit(AutoencoderTask(recipe, data, progress=progress), out, max_steps=max_steps, resume=resume,
+               overwrite=overwrite, progress=progress)
 
 
 def export_autoencoder(ae, ema_weights: list[torch.Tensor] | None, where: Path, recipe: AutoencoderRecipe,
@@ -325,31 +332,3 @@ def export_autoencoder(ae, ema_weights: list[torch.Tensor] | None, where: Path, 
         (tmp / INFO).write_text(json.dumps(info, indent=2))
 
     ckpt.write_atomically(where, write)
-
-
-def plot_autoencoder_losses(losses_jsonl: Path, out_png: Path) -> None:
-    """Curves of the total loss and each of its terms (log scale, raw + moving average)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [json.loads(r) for r in Path(losses_jsonl).read_text().splitlines() if r]
-    if not rows:
-        return
-    keys = [k for k in ("loss", "l1", "perceptual", "vq", "kl", "codes", "adversarial", "disc") if k in rows[0]]
-    steps = np.array([r["step"] for r in rows])
-    fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys), 3.2))
-    for ax, key in zip(np.atleast_1d(axes), keys):
-        vals = np.array([r[key] for r in rows], dtype=float)
-        ax.plot(steps, vals, lw=0.5, alpha=0.4)
-        k = max(1, len(vals) // 50)
-        ax.plot(steps[k - 1 :], np.convolve(vals, np.ones(k) / k, mode="valid"), lw=1.5)
-        if key != "codes" and (vals > 0).all():
-            ax.set_yscale("log")
-        ax.set_xlabel("step")
-        ax.set_title({"codes": "codebook entries used / batch", "adversarial": "adversarial −D(x̂)",
-                      "disc": "discriminator hinge"}.get(key, key))
-    fig.tight_layout()
-    fig.savefig(out_png, dpi=100)
-    plt.close(fig)

@@ -1,7 +1,7 @@
 """`histosynth evaluate` commands for controllability, sweeps and the report.
 
-The commands are registered in the ``evaluate`` group of :mod:`histosynth.cli` (``register(evaluate)`` or
-``evaluate.add_command(...)`` for each of :data:`COMMANDS`). Each is a thin call into
+The commands of :data:`COMMANDS` are attached to the ``evaluate`` group in :mod:`histosynth.cli`. Each is a thin
+call into
 :mod:`histosynth.evaluate.controllability`, :mod:`~histosynth.evaluate.sweep` and
 :mod:`~histosynth.evaluate.report`; user errors print one line naming the file and exit with status 2.
 """
@@ -13,9 +13,9 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli_common import user_errors
+from histosynth.cli.common import user_errors
 
-__all__ = ["COMMANDS", "register", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
+__all__ = ["COMMANDS", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
 
 
 def _device(device: str | None) -> str:
@@ -94,7 +94,7 @@ def counts_cmd(generated, segmenter, out, batch_size, device):
 @click.option("--values", default="0,0.5,1,1.5,2,3", show_default=True, help="Comma-separated values of --param.")
 @click.option("--num", default=16, show_default=True, help="Masks sampled per value (the same masks for every value).")
 @click.option("--steps", default=250, show_default=True, help="Denoising steps (when sweeping guidance).")
-@click.option("--guidance", default=1.0, show_default=True, help="Guidance scale s (when sweeping steps).")
+@click.option("--guidance", default=2.0, show_default=True, help="Guidance scale g (when sweeping steps; NASDM's s = g − 1).")
 @click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(["ddpm", "ddim"]))
 @click.option("--seed", default=0, show_default=True)
 @click.option("--features", default="effnet-lite0", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
@@ -132,11 +132,5 @@ def report_cmd(inputs, out):
     click.echo(f"wrote {path} (figures in {path.parent / (path.stem + '_files')})")
 
 
-COMMANDS = [mask_adherence_cmd, counts_cmd, sweep_cmd, report_cmd]
-
-
-def register(group: click.Group) -> click.Group:
-    """Add the commands of this module to a click group (the `evaluate` group of histosynth.cli)."""
-    for cmd in COMMANDS:
-        group.add_command(cmd)
-    return group
+#: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`
+COMMANDS = (mask_adherence_cmd, counts_cmd, sweep_cmd, report_cmd)

@@ -1,0 +1,61 @@
+"""`histosynth sample`: generate images with a trained model (NASDM on the masks of a store, PathLDM on prompts)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from histosynth.cli.common import user_errors
+from histosynth.errors import HistosynthError
+
+__all__ = ["sample"]
+
+
+@click.command()
+@click.option("--model", required=True, type=click.Path(path_type=Path), help="A training run or a saved pipeline.")
+@click.option("--masks", type=click.Path(path_type=Path), default=None,
+              help="NASDM: patch store whose masks condition the samples.")
+@click.option("--prompts", type=click.Path(path_type=Path), default=None,
+              help="PathLDM: one prompt per line (captions; class names or indices for a class model), or a "
+                   "captions JSONL of `histosynth captions build`.")
+@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]),
+              help="With --masks: the split whose masks are drawn.")
+@click.option("--num", type=int, default=None,
+              help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
+                   "(default: each prompt once, in order).")
+@click.option("--guidance", type=float, default=None,
+              help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
+                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM the recipe's, 1.75).")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM the recipe's: 50).")
+@click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
+              help="NASDM: ddpm (default) or ddim. PathLDM: ddim only.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--batch-size", default=16, show_default=True)
+@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@click.option("--out", required=True, type=click.Path(path_type=Path))
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def sample(model, masks, prompts, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
+    """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
+    PathLDM on prompts. Unset options take the method's defaults."""
+    import torch
+
+    from histosynth.methods import load_pipeline, method_of_model
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    method = method_of_model(model)
+    given = {"masks": masks, "prompts": prompts}
+    wanted, other = method.sample_input, ", ".join(f"--{k}" for k in given if k != method.sample_input)
+    if given[wanted] is None or any(v is not None for k, v in given.items() if k != wanted):
+        raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give --{wanted} "
+                              f"{_METAVAR[wanted]} (and no {other})", model)
+    _, pipe = load_pipeline(model, device)
+    settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "sampler": sampler}
+    method.sample(pipe, given[wanted], out, split=None if split == "all" else split, seed=seed, batch_size=batch_size,
+                  overwrite=overwrite, **{k: v for k, v in settings.items() if v is not None})
+    click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
+
+
+_METAVAR = {"masks": "STORE", "prompts": "FILE"}

@@ -1,0 +1,43 @@
+"""`histosynth train`: train what a recipe describes, through the method registry and the one engine.
+
+Multi-GPU / multi-node through accelerate: ``accelerate launch -m histosynth.cli train ...``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from histosynth.cli.common import user_errors
+from histosynth.errors import HistosynthError
+
+__all__ = ["train"]
+
+
+@click.command()
+@click.argument("what", required=False, type=click.Choice(["diffusion", "autoencoder"]))
+@click.option("--recipe", required=True, help="Built-in recipe name (nasdm-tiny-cpu, vq-f4, ...) or a YAML path.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store made by `prepare`.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
+@click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps (default: the recipe's).")
+@click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
+@user_errors
+def train(what, recipe, data, out, max_steps, resume, overwrite):
+    """Train what RECIPE describes (WHAT, optional: diffusion | autoencoder, checked against the recipe).
+
+    Multi-GPU / multi-node: `accelerate launch -m histosynth.cli train ...`.
+    """
+    from histosynth.methods import get_method
+    from histosynth.recipes import load_recipe
+    from histosynth.training import fit
+
+    loaded = load_recipe(recipe)
+    is_autoencoder = loaded.method == "autoencoder"
+    if what is not None and (what == "autoencoder") != is_autoencoder:
+        raise HistosynthError(f"recipe {recipe!r} trains {'an autoencoder' if is_autoencoder else 'a diffusion model'}"
+                              f" (method {loaded.method!r}), not {'an autoencoder' if what == 'autoencoder' else 'a diffusion model'}")
+    task = get_method(loaded.method).task(loaded, data)
+    result = fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
+    click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s")

@@ -1,0 +1,70 @@
+"""One writer of sampling output for every method: OUT/images/N.png, any per-image side files (masks, labels,
+real patches), one manifest row per image (OUT/samples.jsonl), and OUT/grid.png. Never overwrites without
+``overwrite``."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from histosynth.errors import OutputExistsError
+from histosynth.viz import save_grid
+
+MANIFEST = "samples.jsonl"
+
+
+def prepare_output_dir(out: Path, overwrite: bool) -> None:
+    """Create ``out``; an existing non-empty one is an error unless ``overwrite`` (then it is replaced)."""
+    if out.exists() and any(out.iterdir()):
+        if not overwrite:
+            raise OutputExistsError("output directory exists and is not empty; pass --overwrite to replace it", out)
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+
+
+class SampleWriter:
+    """``with SampleWriter(out, overwrite) as w: w.add(image, row, files={...}, grid=[...])``.
+
+    ``image``: uint8 (H, W, 3); ``files``: relative path (e.g. ``masks/00000.png``) → uint8/uint16 array saved
+    as PNG; ``row``: the manifest fields of this image (its name and image path are added first); ``grid``: the
+    panels of this image's grid row (default: the image alone, ``grid_columns`` images per row).
+    """
+
+    def __init__(self, out: str | Path, overwrite: bool = False, *, grid_rows: int = 8, grid_columns: int = 1):
+        self.out, self.overwrite = Path(out), overwrite
+        self.grid_rows, self.grid_columns = grid_rows, grid_columns
+        self.count, self._panels = 0, []
+
+    def __enter__(self) -> "SampleWriter":
+        prepare_output_dir(self.out, self.overwrite)
+        (self.out / "images").mkdir()
+        self._manifest = open(self.out / MANIFEST, "w")
+        return self
+
+    def add(self, image: np.ndarray, row: dict, *, files: dict[str, np.ndarray] | None = None,
+            grid: list[np.ndarray] | None = None) -> str:
+        name = f"{self.count:05d}"
+        Image.fromarray(image).save(self.out / "images" / f"{name}.png")
+        for rel, array in (files or {}).items():
+            path = self.out / rel.format(name=name)
+            path.parent.mkdir(exist_ok=True)
+            Image.fromarray(array).save(path)
+        self._manifest.write(json.dumps({"name": name, "image": f"images/{name}.png", **row}) + "\n")
+        if len(self._panels) < self.grid_rows * self.grid_columns:
+            self._panels.append(grid if grid is not None else [image])
+        self.count += 1
+        return name
+
+    def __exit__(self, *exc) -> None:
+        self._manifest.close()
+        if exc[0] is None and self._panels:
+            if self.grid_columns > 1:  # images side by side, grid_columns per row
+                flat = [p for panel in self._panels for p in panel]
+                rows = [flat[r:r + self.grid_columns] for r in range(0, len(flat), self.grid_columns)]
+            else:
+                rows = self._panels
+            save_grid(rows, self.out / "grid.png", scale=max(1, 128 // rows[0][0].shape[0]))

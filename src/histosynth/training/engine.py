@@ -1,0 +1,240 @@
+"""The one training engine: every method trains through :func:`fit` with its :class:`TrainingTask`.
+
+The engine owns what every loop shares: the run directory (refusing to clobber, checking a resumed run is the
+same recipe and store), the accelerator (``accelerate launch`` for several GPUs / nodes), seeding, AdamW with
+the task's parameter groups and LR factor, the data order, gradient accumulation, clipping per parameter
+group, EMA (diffusers' ``EMAModel``), the loss log and its NaN stop, atomic checkpoints with the EMA weights,
+exact resume, the loss plot and the export at every checkpoint.
+
+Exact resume: every random draw of optimisation step s comes from a generator seeded by (seed, micro-batch
+number) and the data order is a pure function of (seed, epoch) (``data_order.py``). Together with the
+checkpointed model/optimizer/scheduler/EMA state, a run killed at any moment and resumed from its last
+checkpoint reproduces the losses of an uninterrupted run bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from diffusers.training_utils import EMAModel
+from safetensors.torch import load_file, save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from histosynth.diffusion import checkpoint as ckpt
+from histosynth.errors import TrainingError
+from histosynth.training.data_order import StreamBatchSampler, step_generator
+from histosynth.training.run_dir import LOSS_PNG, LOSSES, prepare_run_dir, truncate_losses
+from histosynth.training.task import TrainingTask
+from histosynth.viz import plot_loss_curves
+
+
+@dataclass
+class TrainResult:
+    run: Path
+    step: int
+    last_loss: float
+    images_per_second: float
+
+
+@dataclass
+class Engine:
+    """The prepared model/optimizer/scheduler, the EMA, the run and its engine config."""
+
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    lr_scheduler: Any
+    ema: EMAModel
+    run: Path
+    cfg: Any
+
+    @property
+    def unwrapped(self) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(self.model)
+
+
+def fit(task: TrainingTask, out: str | Path, *, max_steps: int | None = None, resume: bool = False,
+        overwrite: bool = False, progress: bool = True, cpu: bool = False) -> TrainResult:
+    """Train ``task`` into run directory ``out`` up to ``max_steps`` (default: the recipe's) optimisation steps.
+
+    Raises:
+        OutputExistsError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
+        HistosynthError: resuming with another recipe or store, or no run to resume.
+        TrainingError: a non-finite loss (the last good checkpoint is kept and named).
+    """
+    run, cfg = Path(out), task.train_config
+    accelerator = Accelerator(mixed_precision=cfg.mixed_precision, cpu=cpu,
+                              gradient_accumulation_steps=cfg.gradient_accumulation_steps,
+                              step_scheduler_with_optimizer=False)  # LR factors are indexed by optimisation step
+    resume_from = prepare_run_dir(run, task.recipe, task.data, resume, overwrite) if accelerator.is_main_process else None
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process and resume:
+        resume_from = ckpt.latest_checkpoint(run)
+    resuming = resume_from is not None
+    task.setup(accelerator, run, resuming)
+    set_seed(cfg.seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
+    model = task.build_model(accelerator, run, resuming)
+    optimizer = torch.optim.AdamW(task.parameter_groups(model), lr=task.learning_rate(),
+                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_factor)
+    engine, step = _build_engine(accelerator, model, optimizer, lr_scheduler, run=run, resume_from=resume_from, cfg=cfg)
+
+    dataset = task.dataset()
+    ga, nproc, rank = cfg.gradient_accumulation_steps, accelerator.num_processes, accelerator.process_index
+    sampler = StreamBatchSampler(len(dataset), cfg.batch_size, cfg.seed, start=step * ga * nproc + rank, stride=nproc)
+    batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=task.collate_fn,
+                              pin_memory=accelerator.device.type == "cuda"))
+    total = task.total_steps if max_steps is None else max_steps
+    result = _run_steps(engine, task, batches, step=step, total=total, progress=progress)
+    if accelerator.is_main_process and (run / LOSSES).exists():
+        plot_loss_curves(run / LOSSES, run / LOSS_PNG, task.plot_columns)
+    accelerator.wait_for_everyone()
+    return result
+
+
+def _build_engine(accelerator, model, optimizer, lr_scheduler, *, run: Path, resume_from: Path | None, cfg):
+    """Prepare model/optimizer/scheduler, create the EMA, and restore all of them from `resume_from`."""
+    model, optimizer, lr_scheduler = accelerator.prepare(model, optimizer, lr_scheduler)
+    # without averaging in the recipe the EMA runs at decay 0 (checkpoints keep one format) and exports ignore it
+    ema = EMAModel(accelerator.unwrap_model(model).parameters(), decay=cfg.ema_decay or 0.0)
+    ema.to(accelerator.device)
+    engine = Engine(accelerator, model, optimizer, lr_scheduler, ema, run, cfg)
+    step = 0
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        _load_ema(ema, resume_from, engine.unwrapped)
+        step = ckpt.read_trainer_state(resume_from)["step"]
+        if accelerator.is_main_process:
+            truncate_losses(run / LOSSES, step)
+            accelerator.print(f"resumed {run} from {resume_from.name} (step {step})")
+    return engine, step
+
+
+def _check_finite(loss: torch.Tensor, terms: dict, step: int, run: Path) -> None:
+    if not torch.isfinite(loss):
+        shown = ", ".join(f"{k}={float(v):.4g}" for k, v in terms.items())
+        raise TrainingError(f"loss is {loss.item()} at step {step + 1}{f' ({shown})' if shown else ''}; "
+                            f"last good checkpoint: {ckpt.latest_checkpoint(run) or 'none'}. "
+                            "Lower the learning rate or train in fp32 (mixed_precision: no).", run)
+
+
+def _optimise(engine: Engine, loss: torch.Tensor) -> None:
+    """Backward, clip each parameter group (network) on its own, step the optimizer and the LR schedule."""
+    acc, optimizer = engine.accelerator, engine.optimizer
+    acc.backward(loss)
+    if acc.sync_gradients and engine.cfg.max_grad_norm > 0:
+        for i, group in enumerate(optimizer.param_groups):  # accelerate's call also unscales fp16 grads, once
+            clip = acc.clip_grad_norm_ if i == 0 else torch.nn.utils.clip_grad_norm_
+            clip(group["params"], engine.cfg.max_grad_norm)
+    optimizer.step()
+    engine.lr_scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _one_step(engine: Engine, task: TrainingTask, batches, step: int) -> tuple[dict[str, float], int]:
+    """One optimisation step over its micro-batches: the mean of each logged term over them (and processes)."""
+    acc, cfg = engine.accelerator, engine.cfg
+    ga, nproc, rank = cfg.gradient_accumulation_steps, acc.num_processes, acc.process_index
+    sums: dict[str, float] = {}
+    seen = 0
+    for a in range(ga):
+        g = step_generator(cfg.seed, (step * ga + a) * nproc + rank)
+        with acc.accumulate(engine.model):
+            loss, terms, n = task.micro_loss(engine.model, next(batches), g, step)
+            _check_finite(loss, terms, step, engine.run)
+            _optimise(engine, loss)
+        logged = torch.stack([loss.detach().float(), *(torch.as_tensor(v).detach().float().to(loss.device)
+                                                       for v in terms.values())])
+        if nproc > 1:  # log the mean over all processes, not rank 0's share
+            logged = acc.reduce(logged, reduction="mean")
+        for key, value in zip(("loss", *terms), logged.tolist()):
+            sums[key] = sums.get(key, 0.0) + value / ga
+        seen += n * nproc
+    engine.ema.step(engine.unwrapped.parameters())
+    return sums, seen
+
+
+def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total: int, progress: bool) -> TrainResult:
+    """Optimise from `step` to `total`: a row per step in RUN/losses.jsonl, a checkpoint (and export) every
+    `checkpoint_every` steps and at the end."""
+    acc, cfg, run = engine.accelerator, engine.cfg, engine.run
+    bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_local_main_process), desc="train", unit="step")
+    log = open(run / LOSSES, "a") if acc.is_main_process else None
+    t0, seen, loss_value = time.perf_counter(), 0, float("nan")
+    try:
+        while step < total:
+            stage = task.stage_of(step)
+            lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged before the scheduler moves it)
+            sums, n = _one_step(engine, task, batches, step)
+            step, seen, loss_value = step + 1, seen + n, sums["loss"]
+            if log is not None:
+                row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
+                log.write(json.dumps({**row, "stage": stage} if stage is not None else row) + "\n")
+                log.flush()
+            bar.update(1)
+            if step % cfg.log_every == 0 or step == total:
+                bar.set_postfix(loss=f"{loss_value:.4f}", **({"stage": stage} if stage else {}),
+                                img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+            if step % cfg.checkpoint_every == 0 or step == total:
+                save_checkpoint(engine, task, step)
+    finally:
+        bar.close()
+        if log is not None:
+            log.close()
+    return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / max(time.perf_counter() - t0, 1e-9))
+
+
+def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
+    """Write checkpoint `step` atomically (accelerate state + EMA weights), then the task's export."""
+    acc, run = engine.accelerator, engine.run
+    final = ckpt.checkpoint_dir(run, step)
+    tmp = ckpt.temporary_dir(final)
+    if acc.is_main_process and tmp.exists():
+        shutil.rmtree(tmp)
+    acc.wait_for_everyone()
+    acc.save_state(str(tmp), safe_serialization=True)
+    if acc.is_main_process:
+        model = engine.unwrapped
+        names = [n for n, _ in model.named_parameters()]
+        state = engine.ema.state_dict()
+        shadow = state.pop("shadow_params")
+        save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, shadow)}, str(tmp / "ema.safetensors"))
+        (tmp / "ema_state.json").write_text(json.dumps(state))
+        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": task.recipe.name, "time": time.time()}))
+        ckpt.finalize(tmp, final)
+        ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints)
+        task.export(model, engine.ema if engine.cfg.ema_decay is not None else None, run)
+    acc.wait_for_everyone()
+    return final
+
+
+def _load_ema(ema: EMAModel, ckpt_dir: Path, model) -> None:
+    weights = load_file(str(ckpt_dir / "ema.safetensors"))
+    state = json.loads((ckpt_dir / "ema_state.json").read_text())
+    names = [n for n, _ in model.named_parameters()]
+    state["shadow_params"] = [weights[n].to(next(model.parameters()).device) for n in names]
+    ema.load_state_dict(state)
+
+
+def ema_copy(model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
+    """A CPU copy of `model` (a diffusers ModelMixin, or any module) holding the EMA weights (the model's own
+    weights when ``ema`` is None)."""
+    import copy
+
+    if hasattr(model, "from_config"):
+        twin = type(model).from_config(model.config)
+        twin.load_state_dict(model.state_dict())
+    else:
+        twin = copy.deepcopy(model)
+    if ema is not None:
+        ema.copy_to(twin.parameters())
+    return twin.cpu()

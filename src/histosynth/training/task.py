@@ -1,0 +1,82 @@
+"""What a method gives the training engine: a :class:`TrainingTask`.
+
+The engine (``engine.py``) owns the run directory, accelerate, seeding, AdamW and the LR schedule, the data
+order, accumulation, clipping, EMA, the NaN stop, atomic checkpoints, exact resume, the loss log and plot,
+and calls :meth:`TrainingTask.export` at every checkpoint. A task says only what differs between methods.
+Order of calls: ``__init__`` (read and check every input; nothing is written yet) → ``setup`` (after the run
+directory exists: caches) → ``build_model`` (after ``set_seed(train.seed)``) → ``parameter_groups`` →
+``dataset`` → ``micro_loss`` per micro-batch → ``export``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+
+from histosynth.errors import HistosynthError
+
+
+class TrainingTask:
+    """Base class of a method's training task. ``recipe.train`` is an :class:`~histosynth.recipes.EngineConfig`."""
+
+    #: columns of losses.jsonl drawn in loss.png (those present), with their titles
+    plot_columns: dict[str, str] = {"loss": "loss"}
+    #: custom DataLoader collate function (None: torch's default)
+    collate_fn = None
+
+    def __init__(self, recipe, data: Path, *, progress: bool = True):
+        self.recipe, self.data, self.progress = recipe, Path(data), progress
+
+    @property
+    def train_config(self):
+        return self.recipe.train
+
+    @property
+    def total_steps(self) -> int:
+        return self.recipe.total_steps
+
+    def check_patch_size(self, store) -> None:
+        """The store's patches must be the recipe's size (the diffusion models are trained at one size)."""
+        if store.patch_size != self.recipe.patch_size:
+            raise HistosynthError(f"the store holds {store.patch_size} px patches but recipe {self.recipe.name} trains "
+                                  f"at {self.recipe.patch_size} px", store.path)
+
+    # ------------------------------------------------------------------------------------------- hooks
+    def setup(self, accelerator, run: Path, resuming: bool) -> None:
+        """Work that needs the run directory (e.g. caches the main process writes and the others read)."""
+
+    def build_model(self, accelerator, run: Path, resuming: bool) -> torch.nn.Module:
+        """The module the engine optimises (one forward per micro-batch, so DDP sees one module)."""
+        raise NotImplementedError
+
+    def parameter_groups(self, model: torch.nn.Module) -> list[dict]:
+        """AdamW parameter groups; each is clipped on its own (e.g. an autoencoder and its discriminator)."""
+        return [{"params": list(model.parameters())}]
+
+    def learning_rate(self) -> float:
+        """The base learning rate that :meth:`lr_factor` multiplies."""
+        return self.train_config.learning_rate
+
+    def lr_factor(self, step: int) -> float:
+        """Factor of the base rate at optimisation step ``step`` (0-based)."""
+        return 1.0
+
+    def stage_of(self, step: int) -> str | None:
+        """Name of the training stage of ``step`` (logged), or None."""
+        return None
+
+    def dataset(self) -> Dataset:
+        """Map-style dataset of the training items; the engine decides their order."""
+        raise NotImplementedError
+
+    def micro_loss(self, model, batch, generator: torch.Generator, step: int):
+        """(loss with graph, {term: detached scalar}, number of samples) of one micro-batch. Every random draw
+        comes from ``generator``. Called inside ``accelerator.accumulate``."""
+        raise NotImplementedError
+
+    def export(self, model: torch.nn.Module, ema, run: Path) -> None:
+        """Write the ready-to-use result (a pipeline, an autoencoder, a segmenter) from the unwrapped model;
+        ``ema`` is the run's ``EMAModel``, or None when the recipe averages no weights."""
+        raise NotImplementedError
