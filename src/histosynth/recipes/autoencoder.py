@@ -107,9 +107,5 @@ class AutoencoderRecipe(Recipe):
                 problems.append(f"{name} must be at least 1, got {value}")
         return problems
 
-    @property
-    def total_steps(self) -> int:
-        return self.train.steps
-
 
 register_recipe_type(AutoencoderRecipe)

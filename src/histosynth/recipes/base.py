@@ -59,6 +59,16 @@ class EngineConfig:
         return out
 
 
+@dataclass
+class ForwardProcessConfig:
+    """The diffusion forward process: T steps of a β schedule (diffusers' names)."""
+
+    num_train_timesteps: int = 1000
+    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+
+
 @dataclass(kw_only=True)
 class Recipe:
     """Base of every method's recipe: its name, method and description; ``problems()`` lists broken rules."""
@@ -80,7 +90,8 @@ class Recipe:
 
     @property
     def total_steps(self) -> int:
-        raise NotImplementedError
+        """Optimisation steps of a full run (default: ``train.steps``)."""
+        return self.train.steps
 
     def to_dict(self) -> dict:
         return asdict(self)

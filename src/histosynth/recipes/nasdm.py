@@ -8,9 +8,8 @@ conditional); NASDM's published scale s is ``g − 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
-from histosynth.recipes.base import EngineConfig, Recipe, register_recipe_type
+from histosynth.recipes.base import EngineConfig, ForwardProcessConfig, Recipe, register_recipe_type
 
 
 @dataclass
@@ -27,13 +26,9 @@ class ModelConfig:
 
 
 @dataclass
-class DiffusionConfig:
-    """DDPM forward process and objective (NASDM Sec. 3.3 / 4.1)."""
+class DiffusionConfig(ForwardProcessConfig):
+    """DDPM forward process (linear 1e-4 → 0.02, T = 1000) and objective (NASDM Sec. 3.3 / 4.1)."""
 
-    num_train_timesteps: int = 1000
-    beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "linear"
-    beta_start: float = 1e-4
-    beta_end: float = 0.02
     learn_sigma: bool = True  # "learned range" variance, trained by the L_vlb term
     lambda_vlb: float = 0.001  # λ in L_hybrid = L_simple + λ·L_vlb
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histosynth.recipes.base import EngineConfig, Recipe, register_recipe_type
+from histosynth.recipes.base import EngineConfig, ForwardProcessConfig, Recipe, register_recipe_type
 
 #: PathLDM's class baseline (Sec. 4.2), in class-index order (as conditions.captions.PATHLDM_CLASSES).
 PATHLDM_CLASS_NAMES = ("low tumor; low til", "low tumor; high til", "high tumor; low til", "high tumor; high til")
@@ -68,10 +68,9 @@ class UNetConfig:
 
 
 @dataclass
-class LatentDiffusionConfig:
+class LatentDiffusionConfig(ForwardProcessConfig):
     """Forward process and objective (LDM: make_beta_schedule "linear" is sqrt-spaced = diffusers' scaled_linear)."""
 
-    num_train_timesteps: int = 1000
     beta_schedule: Literal["linear", "scaled_linear", "squaredcos_cap_v2"] = "scaled_linear"
     beta_start: float = 0.0015
     beta_end: float = 0.0195
@@ -132,10 +131,6 @@ class LatentDiffusionRecipe(Recipe):
         if t.steps < 1:
             problems.append(f"train.steps must be at least 1, got {t.steps}")
         return problems
-
-    @property
-    def total_steps(self) -> int:
-        return self.train.steps
 
 
 register_recipe_type(LatentDiffusionRecipe)

@@ -60,9 +60,5 @@ class SegmenterRecipe(Recipe):
             out.append(f"train.crop {t.crop} must be a multiple of 32, at least 32")
         return out
 
-    @property
-    def total_steps(self) -> int:
-        return self.train.steps
-
 
 register_recipe_type(SegmenterRecipe)
