@@ -4,7 +4,7 @@ A :class:`Method` names a method's recipe type, its training task, its pipeline 
 (``sample_input``: which ``histosynth sample`` option carries its conditions, and the function that samples
 them). ``histosynth train`` finds the task by the recipe's ``method:``; ``histosynth sample``,
 ``evaluate sweep`` and :func:`load_pipeline` find the method of a run or pipeline folder by the pipeline class
-its ``model_index.json`` names. A method without a pipeline (the autoencoder, the segmenter) only trains.
+its ``model_index.json`` names. A method without a pipeline (the autoencoder) only trains.
 Adding a method: ``register_method(Method(...))`` (see docs/architecture.md, "Adding a method").
 """
 
@@ -96,19 +96,17 @@ def load_pipeline(model: str | Path, device: str | None = None):
 def _register_builtins() -> None:
     from histosynth.pipelines.nasdm import NASDMPipeline
     from histosynth.pipelines.pathldm import PathLDMPipeline
-    from histosynth.recipes import AutoencoderRecipe, LatentDiffusionRecipe, NASDMRecipe, SegmenterRecipe
+    from histosynth.recipes import AutoencoderRecipe, LatentDiffusionRecipe, NASDMRecipe
     from histosynth.sampling import sample_prompts, sample_store
     from histosynth.training.autoencoder import AutoencoderTask
     from histosynth.training.nasdm import NASDMTask
     from histosynth.training.pathldm import PathLDMTask
-    from histosynth.training.segmenter import SegmenterTask
 
     register_method(Method("nasdm", NASDMRecipe, NASDMTask, "NASDM", NASDMPipeline, sample_store, "masks",
                            "the masks of a store"))
     register_method(Method("pathldm", LatentDiffusionRecipe, PathLDMTask, "PathLDM", PathLDMPipeline, sample_prompts,
                            "prompts"))
     register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder"))
-    register_method(Method("segmenter", SegmenterRecipe, SegmenterTask, "nuclei segmenter"))
 
 
 _register_builtins()

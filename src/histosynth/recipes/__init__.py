@@ -1,6 +1,6 @@
 """Typed training recipes: one named field per hyperparameter, loaded from YAML, no `target:` strings.
 
-Each method's recipe lives in its own module (``nasdm``, ``pathldm``, ``autoencoder``, ``segmenter``); the
+Each method's recipe lives in its own module (``nasdm``, ``pathldm``, ``autoencoder``); the
 loader and the engine's shared fields are in ``base``. See :mod:`histosynth.recipes.base`.
 """
 
@@ -18,8 +18,7 @@ from histosynth.recipes.base import (
 from histosynth.recipes.autoencoder import AutoencoderRecipe
 from histosynth.recipes.nasdm import NASDMRecipe
 from histosynth.recipes.pathldm import LatentDiffusionRecipe
-from histosynth.recipes.segmenter import SegmenterRecipe
 
 __all__ = ["METHOD_ALIASES", "RECIPE_DIR", "RECIPE_TYPES", "AutoencoderRecipe", "EngineConfig", "LatentDiffusionRecipe",
-           "NASDMRecipe", "Recipe", "SegmenterRecipe", "builtin_recipes", "load_recipe", "recipe_from_dict",
+           "NASDMRecipe", "Recipe", "builtin_recipes", "load_recipe", "recipe_from_dict",
            "register_recipe_type"]
