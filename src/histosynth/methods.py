@@ -18,6 +18,7 @@ from typing import Literal
 
 from histosynth.errors import HistosynthError
 from histosynth.recipes import register_recipe_type
+from histosynth.training.run_dir import PIPELINE
 
 
 @dataclass(frozen=True)
@@ -67,7 +68,7 @@ def methods() -> list[Method]:
 def pipeline_folder(model: str | Path) -> Path:
     """The pipeline folder of a training run (RUN/pipeline) or a saved pipeline."""
     model = Path(model)
-    for folder in (model / "pipeline", model):
+    for folder in (model / PIPELINE, model):
         if (folder / "model_index.json").is_file():
             return folder
     raise HistosynthError("not a training run or saved pipeline (no model_index.json)", model)

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from histosynth.errors import HistosynthError
+from histosynth.models.efficientnet_lite0 import effnet_lite0_weights_path
 
 __all__ = [
     "FeatureExtractor",
@@ -62,18 +63,6 @@ __all__ = [
 INCEPTION_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
-
-# re-exported from histosynth.models.efficientnet_lite0, imported on first use (importing histosynth.models
-# loads diffusers, which this module does not need otherwise)
-_FROM_EFFICIENTNET_LITE0 = ("effnet_lite0_weights_path",)
-
-
-def __getattr__(name: str):
-    if name in _FROM_EFFICIENTNET_LITE0:
-        from histosynth.models import efficientnet_lite0
-
-        return getattr(efficientnet_lite0, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class FeatureExtractor(nn.Module):

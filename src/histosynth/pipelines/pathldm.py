@@ -40,7 +40,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
 from histosynth.diffusion.guidance import classifier_free_guidance
-from histosynth.diffusion.schedulers import ldm_ddim_scheduler
+from histosynth.diffusion.schedulers import ldm_ddim_scheduler  # noqa: F401  (re-exported: LDM's sampler of this pipeline)
 from histosynth.errors import HistosynthError
 
 CONDITIONER_DIR = "conditioner"
@@ -100,10 +100,6 @@ class PathLDMPipeline(DiffusionPipeline):
         return self
 
     # ------------------------------------------------------------------------------------ conditions
-    @property
-    def is_class_conditional(self) -> bool:
-        return isinstance(self.conditioner, ClassConditioner)
-
     def encode_prompts(self, prompts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
         """(condition, null condition) as cross-attention context (B, T, D) on the UNet's device and dtype, through
         the conditioner's ``encode_prompts`` (captions for a text model, class indices or names for a class model)."""

@@ -19,6 +19,7 @@ import torch
 from tqdm.auto import tqdm
 
 from histosynth.conditions.patch_captions import read_prompts
+from histosynth.errors import HistosynthError
 from histosynth.sampling.writer import SampleWriter
 
 
@@ -41,12 +42,15 @@ def sample_prompts(
     overwrite: bool = False,
     progress: bool = True,
     grid_size: tuple[int, int] = (4, 8),
-    **unused,
+    split: str | None = None,
 ) -> Path:
     """Writes OUT/images/N.png, OUT/samples.jsonl (prompt, class, seed, sampler settings per image) and OUT/grid.png.
-    Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 50 steps, g 1.75, η 0)."""
-    from histosynth.errors import HistosynthError
+    Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 50 steps, g 1.75, η 0). ``split`` is
+    accepted for the common sampling signature and unused (a prompts file has no split).
 
+    Raises:
+        HistosynthError: a sampler other than DDIM; DataError: an entry the model cannot take (names the line).
+    """
     if sampler not in (None, "ddim"):
         raise HistosynthError(f"this model samples with DDIM (--sampler ddim), not {sampler}")
     defaults = pipe.config.get("sampling") or {}

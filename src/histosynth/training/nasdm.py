@@ -22,10 +22,10 @@ from histosynth.models import SemanticUNet
 from histosynth.pipelines.nasdm import NASDMPipeline
 from histosynth.recipes.nasdm import NASDMRecipe
 from histosynth.training.engine import ema_copy
+from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import TrainingTask
 from histosynth.viz import NASDM_LOSS_COLUMNS
 
-PIPELINE = "pipeline"
 
 
 def make_noise_scheduler(recipe: NASDMRecipe):

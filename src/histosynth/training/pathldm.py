@@ -34,11 +34,11 @@ from histosynth.errors import DataError
 from histosynth.pipelines.pathldm import PathLDMPipeline
 from histosynth.recipes.pathldm import LatentDiffusionRecipe
 from histosynth.training.engine import ema_copy
+from histosynth.training.run_dir import PIPELINE
 from histosynth.training.latent_conditions import CONDITIONINGS, resolve_path
 from histosynth.training.task import TrainingTask
 
 LR_WARMUP_START = 1e-6  # LDM's LambdaLinearScheduler f_start
-PIPELINE = "pipeline"
 
 
 class LatentDenoiser(torch.nn.Module):

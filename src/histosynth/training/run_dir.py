@@ -15,6 +15,7 @@ from histosynth.recipes import recipe_from_dict
 LOSSES = "losses.jsonl"
 RECIPE = "recipe.yaml"
 LOSS_PNG = "loss.png"
+PIPELINE = "pipeline"  # RUN/pipeline: the ready-to-sample export of a generative method
 
 
 def _plain(recipe) -> dict:
@@ -50,11 +51,3 @@ def truncate_losses(path: Path, step: int) -> None:
     if path.exists():
         rows = [r for r in path.read_text().splitlines() if r and json.loads(r)["step"] <= step]
         path.write_text("".join(r + "\n" for r in rows))
-
-
-def load_run_recipe(run: str | Path):
-    """The typed recipe a run was started with."""
-    path = Path(run) / RECIPE
-    if not path.is_file():
-        raise HistosynthError("not a training run (recipe.yaml missing)", run)
-    return recipe_from_dict(yaml.safe_load(path.read_text())["recipe"], source=path)
