@@ -1,10 +1,14 @@
 """One writer of sampling output for every method: OUT/images/N.png, any per-image side files (masks, labels,
-real patches), one manifest row per image (OUT/samples.jsonl), and OUT/grid.png. Never overwrites without
-``overwrite``."""
+real patches), one manifest row per image (OUT/samples.jsonl), and OUT/grid.png.
+
+Written atomically: everything goes to a hidden sibling folder that is renamed to OUT only when sampling ended
+without an error, so a failed or killed run never leaves a half-written OUT that blocks the rerun. An existing
+non-empty OUT is replaced only with ``overwrite``."""
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -40,17 +44,21 @@ class SampleWriter:
         self.count, self._panels = 0, []
 
     def __enter__(self) -> "SampleWriter":
-        prepare_output_dir(self.out, self.overwrite)
-        (self.out / "images").mkdir()
-        self._manifest = open(self.out / MANIFEST, "w")
+        if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
+            raise OutputExistsError("output directory exists and is not empty; pass --overwrite to replace it", self.out)
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.root = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
+        shutil.rmtree(self.root, ignore_errors=True)
+        (self.root / "images").mkdir(parents=True)
+        self._manifest = open(self.root / MANIFEST, "w")
         return self
 
     def add(self, image: np.ndarray, row: dict, *, files: dict[str, np.ndarray] | None = None,
             grid: list[np.ndarray] | None = None) -> str:
         name = f"{self.count:05d}"
-        Image.fromarray(image).save(self.out / "images" / f"{name}.png")
+        Image.fromarray(image).save(self.root / "images" / f"{name}.png")
         for rel, array in (files or {}).items():
-            path = self.out / rel.format(name=name)
+            path = self.root / rel
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
         self._manifest.write(json.dumps({"name": name, "image": f"images/{name}.png", **row}) + "\n")
@@ -61,10 +69,16 @@ class SampleWriter:
 
     def __exit__(self, *exc) -> None:
         self._manifest.close()
-        if exc[0] is None and self._panels:
+        if exc[0] is not None:
+            shutil.rmtree(self.root, ignore_errors=True)
+            return
+        if self._panels:
             if self.grid_columns > 1:  # images side by side, grid_columns per row
                 flat = [p for panel in self._panels for p in panel]
                 rows = [flat[r:r + self.grid_columns] for r in range(0, len(flat), self.grid_columns)]
             else:
                 rows = self._panels
-            save_grid(rows, self.out / "grid.png", scale=max(1, 128 // rows[0][0].shape[0]))
+            save_grid(rows, self.root / "grid.png", scale=max(1, 128 // rows[0][0].shape[0]))
+        if self.out.exists():  # empty, or replaced with overwrite (checked on entry)
+            shutil.rmtree(self.out)
+        os.replace(self.root, self.out)
