@@ -110,7 +110,7 @@ class NASDMTask(TrainingTask):
 
     def export(self, model, ema, run):
         """``RUN/pipeline``: a ready-to-sample NASDMPipeline with the EMA weights (what NASDM samples with)."""
-        pipe = NASDMPipeline(unet=ema_copy(model, ema), scheduler=make_noise_scheduler(self.recipe),
+        pipe = NASDMPipeline(unet=ema_copy(model, ema), scheduler=self.noise_scheduler,
                              class_names=list(self.store.class_names), magnification=self.store.magnification)
         ckpt.write_atomically(run / PIPELINE, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
 
