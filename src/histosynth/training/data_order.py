@@ -48,7 +48,3 @@ def step_generator(seed: int, micro_batch: int) -> torch.Generator:
     """The generator of every random draw of one micro-batch (CPU, so runs on any device draw the same)."""
     return torch.Generator().manual_seed(int(seed) * 1_000_003 + int(micro_batch))
 
-
-def numpy_rng(generator: torch.Generator) -> np.random.Generator:
-    """A numpy generator drawn from `generator` (for augmentations written with numpy), as reproducible as it."""
-    return np.random.default_rng(int(torch.randint(0, 2**62, (1,), generator=generator)))
