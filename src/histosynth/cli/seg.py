@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 
 import click
 import numpy as np
 
+from histosynth.atomic import atomic_folder
 from histosynth.cli.common import user_errors
 from histosynth.errors import OutputExistsError
 
@@ -115,13 +115,10 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
 
         raise DataError("no images to segment", source)
     names = segmenter.class_names
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    (partial / "instances").mkdir(parents=True)
-    (partial / "types").mkdir()
     overview = []
-    try:
+    with atomic_folder(out) as partial:
+        (partial / "instances").mkdir()
+        (partial / "types").mkdir()
         with open(partial / "predictions.jsonl", "w", encoding="utf-8") as manifest:
             for start in tqdm(range(0, len(items), batch_size), desc="segment", unit="batch", disable=not progress,
                               file=sys.stderr):
@@ -143,12 +140,6 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
                         overview.append((image, colour_mask(typ, find_boundaries(inst, mode="inner"))))
         if overview and all(a.shape == overview[0][0].shape for a, _ in overview):
             save_grid([[a for a, _ in overview], [b for _, b in overview]], partial / "overview.png")
-        if out.exists() or out.is_symlink():
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
     return len(items)
 
 

@@ -14,15 +14,14 @@ The synthetic pairs are the generated images with the label maps they were condi
 from __future__ import annotations
 
 import json
-import os
 import platform
-import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from histosynth.atomic import atomic_folder
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
 __all__ = ["SyntheticPairs", "augmentation_benefit"]
@@ -149,12 +148,7 @@ def augmentation_benefit(
     if crop > size:
         raise HistosynthError(f"crop {crop} is larger than the synthetic images ({size} px); pass --crop <= {size}")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    work = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if work.exists():
-        shutil.rmtree(work)
-    work.mkdir()
-    try:
+    with atomic_folder(out) as work:
         settings = dict(steps=steps, batch_size=batch_size, crop=crop, seed=seed, device=device, progress=progress)
         results: dict[str, Any] = {}
         for arm, more in (("real", None), ("real+synthetic", extra)):
@@ -184,10 +178,4 @@ def augmentation_benefit(
         })
         (work / RESULT).write_text(json.dumps(results, indent=2, default=float), encoding="utf-8")
         _plot(results, names, work / PLOT)
-        if out.exists() or out.is_symlink():
-                shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(work, out)
-    finally:
-        if work.exists():
-                shutil.rmtree(work)
     return results

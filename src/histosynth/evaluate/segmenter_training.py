@@ -14,9 +14,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
-import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -29,6 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from histosynth.data.nuclei_maps import distance_targets
+from histosynth.atomic import atomic_folder
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 from histosynth.evaluate.segmenter import LOSS_PNG, LOSSES, SEGMENTER_JSON, PostprocessConfig, as_store
 from histosynth.viz import plot_loss_curves
@@ -192,13 +191,8 @@ def train_segmenter(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: _lr_factor(s, cfg))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
-    if partial.exists():
-        shutil.rmtree(partial)
-    partial.mkdir()
     started = time.time()
-    try:
+    with atomic_folder(out) as partial:
         with open(partial / LOSSES, "w", encoding="utf-8") as log:
             bar = tqdm(range(cfg.steps), desc="seg train", unit="step", disable=not progress, file=sys.stderr)
             for step in bar:
@@ -241,12 +235,6 @@ def train_segmenter(
         }
         (partial / SEGMENTER_JSON).write_text(json.dumps(info, indent=2), encoding="utf-8")
         plot_loss_curves(partial / LOSSES, partial / LOSS_PNG, LOSS_COLUMNS)
-        if out.exists() or out.is_symlink():
-            if not overwrite:
-                raise OutputExistsError("output appeared while training; pass overwrite=True to replace it", out)
-            shutil.rmtree(out) if out.is_dir() and not out.is_symlink() else out.unlink()
-        os.replace(partial, out)
-    finally:
-        if partial.exists():
-            shutil.rmtree(partial)
+        if (out.exists() or out.is_symlink()) and not overwrite:
+            raise OutputExistsError("output appeared while training; pass overwrite=True to replace it", out)
     return out

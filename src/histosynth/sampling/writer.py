@@ -8,13 +8,13 @@ non-empty OUT is replaced only with ``overwrite``."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 
+from histosynth.atomic import atomic_folder
 from histosynth.errors import OutputExistsError
 from histosynth.viz import save_grid
 
@@ -46,10 +46,9 @@ class SampleWriter:
     def __enter__(self) -> "SampleWriter":
         if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
             raise OutputExistsError("output directory exists and is not empty; pass --overwrite to replace it", self.out)
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.root = self.out.parent / f".{self.out.name}.partial-{os.getpid()}"
-        shutil.rmtree(self.root, ignore_errors=True)
-        (self.root / "images").mkdir(parents=True)
+        self._folder = atomic_folder(self.out)
+        self.root = self._folder.__enter__()
+        (self.root / "images").mkdir()
         self._manifest = open(self.root / MANIFEST, "w")
         return self
 
@@ -69,16 +68,11 @@ class SampleWriter:
 
     def __exit__(self, *exc) -> None:
         self._manifest.close()
-        if exc[0] is not None:
-            shutil.rmtree(self.root, ignore_errors=True)
-            return
-        if self._panels:
+        if exc[0] is None and self._panels:
             if self.grid_columns > 1:  # images side by side, grid_columns per row
                 flat = [p for panel in self._panels for p in panel]
                 rows = [flat[r:r + self.grid_columns] for r in range(0, len(flat), self.grid_columns)]
             else:
                 rows = self._panels
             save_grid(rows, self.root / "grid.png", scale=max(1, 128 // rows[0][0].shape[0]))
-        if self.out.exists():  # empty, or replaced with overwrite (checked on entry)
-            shutil.rmtree(self.out)
-        os.replace(self.root, self.out)
+        self._folder.__exit__(*exc)  # renames the folder into place, or removes it after an error
