@@ -1,10 +1,12 @@
 """`histosynth prepare nuclei | slides`: build a patch store from a labelled dataset or from whole slides.
 
 The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. ``prepare nuclei`` is a
-thin call into :func:`histosynth.data.store.prepare_nuclei` (a reader of :mod:`histosynth.data.formats`, optional
-stain normalisation); ``prepare slides`` into :func:`histosynth.data.slides.prepare_slides`. User errors (corrupt
-image, size mismatch, unknown class id, missing or corrupt slide, no resolution metadata, target above the slide's
-magnification) print one line naming the file and exit with status 2.
+thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
+``--sources SOURCES.yaml``, each read by :mod:`histosynth.data.formats`, mapped onto one class list with a tissue
+name; ``--append`` adds to an existing store; optional stain normalisation); ``prepare slides`` into
+:func:`histosynth.data.slides.prepare_slides`. User errors (corrupt image, size mismatch, unknown class id, a class
+map naming an unknown class, missing or corrupt slide, no resolution metadata, target above the slide's
+magnification) print one line naming the file (or option) and exit with status 2.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from histosynth.errors import HistosynthError
 __all__ = ["MAGNIFICATIONS", "prepare", "prepare_nuclei_cmd", "slides_cmd"]
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
+FORMATS = ["lizard", "conic", "pannuke", "consep", "folder"]
 
 
 @click.group()
@@ -28,8 +31,11 @@ def prepare():
 
 
 @prepare.command("nuclei")
-@click.argument("src", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(["lizard", "conic", "pannuke", "consep", "folder"]))
+@click.argument("src", required=False, type=click.Path(path_type=Path))
+@click.option("--format", "fmt", default=None, type=click.Choice(FORMATS), help="Format of SRC (one source).")
+@click.option("--sources", "sources_file", type=click.Path(path_type=Path), default=None,
+              help="YAML listing several datasets (path, format, tissue, class_map, ...) mapped into its classes: "
+                   "list; instead of SRC --format.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The patch store to create.")
 @click.option("--patch", default=128, show_default=True, help="Patch size in pixels.")
 @click.option("--overlap", default=0.5, show_default=True, help="Overlap of neighbouring patches (NASDM: 0.5).")
@@ -43,36 +49,113 @@ def prepare():
 @click.option("--class-names", default=None, help="Comma-separated class names for type ids 1..K (folder format).")
 @click.option("--consep-classes", type=click.Choice(["merged", "original", "merge-original"]), default="merged", show_default=True)
 @click.option("--pannuke-test-folds", default="3", show_default=True, help="Comma-separated PanNuke folds used as test.")
+@click.option("--tissue", default=None, help="Tissue name of SRC (e.g. colon), written into every patch's manifest row.")
+@click.option("--class-map", default=None,
+              help="Map SRC's classes onto --classes: 'neoplastic=epithelial,connective=spindle-shaped,dead=drop' "
+                   "or a YAML/JSON file; unlisted classes keep their name.")
+@click.option("--classes", default=None,
+              help="Target class names in type-id order (e.g. epithelial,spindle-shaped,inflammatory,other).")
+@click.option("--append", is_flag=True,
+              help="Add the source(s) to the existing store at --out (its patches kept; same patch size, "
+                   "magnification, classes, overlap, hold-out, seed, stain normalization, taken from it).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def prepare_nuclei_cmd(src, fmt, out, patch, overlap, magnification, source_magnification, holdout, stain_normalize,
-                       stain_target, class_names, consep_classes, pannuke_test_folds, seed, overwrite):
-    """Tile SRC (a dataset in its native FORMAT) into a streaming patch store with a manifest."""
-    from histosynth.data.formats import read_nuclei
-    from histosynth.data.stain import make_stain_normalizer
-    from histosynth.data.store import prepare_nuclei
+def prepare_nuclei_cmd(src, fmt, sources_file, out, patch, overlap, magnification, source_magnification, holdout,
+                       stain_normalize, stain_target, class_names, consep_classes, pannuke_test_folds, tissue,
+                       class_map, classes, append, seed, overwrite):
+    """Tile SRC (a dataset in its native FORMAT), or every dataset of --sources, into a patch store with a manifest.
 
-    options = {}
-    if fmt == "consep":
-        options["classes"] = consep_classes
-    elif fmt == "pannuke":
-        test = tuple(int(f) for f in pannuke_test_folds.split(","))
-        options.update(test_folds=test, train_folds=tuple(f for f in (1, 2, 3) if f not in test))
-    elif fmt == "folder":
-        if class_names:
-            options["class_names"] = tuple(c.strip() for c in class_names.split(","))
-        options["magnification"] = source_magnification
+    With --tissue, --class-map / --classes or --sources, several datasets share one class scheme and each patch
+    row names its tissue (see histosynth.data.sources).
+    """
+    from histosynth.data.sources import prepare_sources, read_sources_file
+    from histosynth.data.stain import make_stain_normalizer
+
+    given = _given(click.get_current_context())
+    if append:
+        patch, magnification, overlap, holdout, seed, stain_normalize, stain_target = _store_settings(
+            out, given, patch, magnification, overlap, holdout, seed, stain_normalize, stain_target)
+    if sources_file is not None:
+        _refuse_single_source_options(given, src)
+        target, sources = read_sources_file(sources_file)
+    else:
+        target, sources = _single_source(src, fmt, given, source_magnification, class_names, consep_classes,
+                                         pannuke_test_folds, tissue, class_map, classes)
     if stain_normalize != "none" and stain_target is None:
         raise HistosynthError(f"--stain-normalize {stain_normalize} needs --stain-target IMAGE")
     normalizer = make_stain_normalizer(stain_normalize, stain_target)
-    store = prepare_nuclei(
-        read_nuclei(fmt, src, **options), out, patch=patch, overlap=overlap, magnification=magnification,
-        holdout=holdout, source_magnification=source_magnification, stain_normalizer=normalizer, seed=seed,
-        overwrite=overwrite, command=" ".join(sys.argv),
+    store = prepare_sources(
+        sources, out, classes=target, patch=patch, overlap=overlap, magnification=magnification, holdout=holdout,
+        stain_normalizer=normalizer, seed=seed, overwrite=overwrite, append=append, command=" ".join(sys.argv),
     )
     counts = {s: len(store.indices(s)) for s in ("train", "test")}
     click.echo(f"wrote {out}: {len(store)} patches ({counts['train']} train, {counts['test']} test), classes {list(store.class_names)}")
+    tissues = store.meta.get("tissues")
+    if tissues:
+        click.echo(f"tissues: {', '.join(tissues)}")
+
+
+SINGLE_SOURCE_OPTIONS = ("fmt", "source_magnification", "class_names", "consep_classes", "pannuke_test_folds",
+                         "tissue", "class_map", "classes")
+
+
+def _given(ctx: click.Context) -> set[str]:
+    """Names of the parameters the user set (not their defaults)."""
+    from click.core import ParameterSource
+
+    return {name for name in ctx.params if ctx.get_parameter_source(name) not in (ParameterSource.DEFAULT, None)}
+
+
+def _word(name: str) -> str:
+    return "--format" if name == "fmt" else "--" + name.replace("_", "-")
+
+
+def _refuse_single_source_options(given: set[str], src) -> None:
+    if src is not None:
+        raise HistosynthError(f"give either SRC ({src}) with --format, or --sources SOURCES.yaml, not both")
+    for name in SINGLE_SOURCE_OPTIONS:
+        if name in given:
+            raise HistosynthError(f"{_word(name)} belongs to one source: with --sources, set it in SOURCES.yaml"
+                                  + (" (classes: at its top)" if name == "classes" else " (per entry)"))
+
+
+def _single_source(src, fmt, given, source_magnification, class_names, consep_classes, pannuke_test_folds, tissue,
+                   class_map, classes):
+    """(target classes or None, [NucleiSource]) from SRC and the single-source options."""
+    from histosynth.data.class_mapping import parse_class_list, parse_class_map
+    from histosynth.data.sources import NucleiSource, check_tissue, reader_options
+
+    if src is None or fmt is None:
+        raise HistosynthError("give SRC with --format FORMAT (one dataset), or --sources SOURCES.yaml (several)")
+    options = reader_options(
+        fmt, class_names=class_names, consep_classes=consep_classes if "consep_classes" in given else None,
+        pannuke_test_folds=pannuke_test_folds if "pannuke_test_folds" in given else None,
+        source_magnification=source_magnification,
+    )
+    source = NucleiSource(path=src, format=fmt, tissue=check_tissue(tissue), class_map=parse_class_map(class_map),
+                          source_magnification=source_magnification, options=options)
+    return (None if classes is None else parse_class_list(classes)), [source]
+
+
+def _store_settings(out, given, patch, magnification, overlap, holdout, seed, stain_normalize, stain_target):
+    """--append: settings the user left at their defaults come from the store at --out (when there is one)."""
+    from histosynth.data.store import STORE_JSON, PatchStore
+
+    if not (Path(out) / STORE_JSON).is_file():
+        return patch, magnification, overlap, holdout, seed, stain_normalize, stain_target
+    store = PatchStore(out)
+    meta = store.meta
+    pick = lambda name, value, stored: value if name in given or stored is None else stored  # noqa: E731
+    patch = pick("patch", patch, store.patch_size)
+    magnification = pick("magnification", magnification, store.magnification)
+    overlap, holdout, seed = (pick(k, v, meta.get(k)) for k, v in (("overlap", overlap), ("holdout", holdout),
+                                                                  ("seed", seed)))
+    if "stain_normalize" not in given:
+        stain_normalize = meta.get("stain_normalization") or "none"
+        if "stain_target" not in given and meta.get("stain_target"):
+            stain_target = Path(meta["stain_target"])
+    return patch, magnification, overlap, holdout, seed, stain_normalize, stain_target
 
 
 @prepare.command("slides")

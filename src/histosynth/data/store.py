@@ -4,6 +4,7 @@ Layout::
 
     STORE/store.json          format version, patch size, classes, magnification, counts, how it was made
     STORE/manifest.jsonl      one line per patch: index, source, y, x, crop, split, magnification, counts
+                              (+ "tissue" when its source has a tissue name, see data/sources.py)
     STORE/shards/NNNNN_image.npy  uint8 (n, P, P, 3)
     STORE/shards/NNNNN_inst.npy   int32 (n, P, P)
     STORE/shards/NNNNN_type.npy   uint8 (n, P, P)
@@ -25,7 +26,7 @@ import os
 import shutil
 import sys
 from collections.abc import Iterable, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 from itertools import chain
 from pathlib import Path
 
@@ -393,6 +394,10 @@ def prepare_nuclei(
     Records are consumed one at a time, so any reader's generator works. One Generator(seed) draws all
     hold-out blocks in record order: the same inputs and seed give the same split. Stain normalization
     (an object with .transform(rgb), e.g. from make_stain_normalizer) runs once per region, before patching.
+    A record whose ``meta["tissue"]`` is a string (PanNuke's tissue types, or a source's tissue set by
+    :mod:`histosynth.data.sources`) gives its patches' manifest rows ``"tissue"``, and store.json's meta
+    ``"tissues"`` lists the distinct names. Several datasets with a class mapping:
+    :func:`histosynth.data.sources.prepare_sources`.
     """
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any data
@@ -401,8 +406,24 @@ def prepare_nuclei(
     first = next(iterator, None)
     if first is None:
         raise DataError("no labelled regions to prepare", out)
-    rng = np.random.default_rng(seed)
-    meta = {
+    meta = nuclei_meta(patch, overlap, magnification, holdout, source_magnification, stain_normalizer, seed, command)
+    bar = _progress(records, progress)
+    try:
+        with PatchStoreWriter(out, first.class_names, patch, magnification, meta, overwrite, shard_size) as writer:
+            done = write_regions(writer, chain([first], iterator), np.random.default_rng(seed), overlap=overlap,
+                                 holdout=holdout, source_magnification=source_magnification,
+                                 stain_normalizer=stain_normalizer, bar=bar)
+            if done.tissues:
+                writer.meta["tissues"] = sorted(done.tissues)
+    finally:
+        if bar is not None:
+            bar.close()
+    return PatchStore(out)
+
+
+def nuclei_meta(patch, overlap, magnification, holdout, source_magnification, stain_normalizer, seed, command) -> dict:
+    """store.json's ``meta`` of a labelled store: how it was made (``args`` repeats the prepare options)."""
+    return {
         "overlap": overlap,
         "holdout": holdout,
         "source_magnification": source_magnification,
@@ -419,26 +440,48 @@ def prepare_nuclei(
             "seed": seed,
         },
     }
-    bar = _progress(records, progress)
-    sources: list[str] = []
-    try:
-        with PatchStoreWriter(out, first.class_names, patch, magnification, meta, overwrite, shard_size) as writer:
-            for record in chain([first], iterator):
-                _check_classes(record, writer.class_names)
-                sources.append(record.source)
-                region = _prepared(record, source_magnification, stain_normalizer)
-                for p in extract_patches(region, patch, overlap, magnification, holdout, rng):
-                    writer.add(p)
-                if bar is not None:
-                    bar.update(1)
-                    bar.set_postfix(patches=len(writer))
-            if len(writer) == 0:
-                only = sources[0] if len(sources) == 1 else None
-                raise DataError(_empty_message(sources, patch, magnification), only)
-    finally:
+
+
+@dataclass
+class RegionsWritten:
+    """What :func:`write_regions` wrote: region sources in order, patches, distinct tissue names."""
+
+    sources: list[str] = field(default_factory=list)
+    patches: int = 0
+    tissues: set[str] = field(default_factory=set)
+
+
+def write_regions(
+    writer: PatchStoreWriter, records: Iterable[NucleiRecord], rng: np.random.Generator, *, overlap: float,
+    holdout: float, source_magnification: str | None = None, stain_normalizer=None, bar=None,
+) -> RegionsWritten:
+    """Patch each record (hold-out blocks drawn from ``rng``) into ``writer``; patch size and target
+    magnification are the writer's. A string ``record.meta["tissue"]`` becomes each patch's ``"tissue"``.
+
+    Raises DataError naming the record when its class names differ from the writer's, and naming the sources
+    when no patch at all could be cut from ``records``.
+    """
+    done = RegionsWritten()
+    for record in records:
+        _check_classes(record, writer.class_names)
+        done.sources.append(record.source)
+        tissue = (record.meta or {}).get("tissue")
+        tissue = tissue if isinstance(tissue, str) else None
+        region = _prepared(record, source_magnification, stain_normalizer)
+        for p in extract_patches(region, writer.patch_size, overlap, writer.magnification, holdout, rng):
+            if tissue is not None:
+                p.extra["tissue"] = tissue
+            writer.add(p)
+            done.patches += 1
+        if tissue is not None:
+            done.tissues.add(tissue)
         if bar is not None:
-            bar.close()
-    return PatchStore(out)
+            bar.update(1)
+            bar.set_postfix(patches=len(writer))
+    if done.patches == 0:
+        only = done.sources[0] if len(done.sources) == 1 else None
+        raise DataError(_empty_message(done.sources, writer.patch_size, writer.magnification), only)
+    return done
 
 
 def _stain_name(normalizer) -> str:
