@@ -12,7 +12,8 @@ Pieces, in the order data flows through them:
 * :func:`distance_targets` — the distance-map target: inside each nucleus, Euclidean distance to the
   nucleus border divided by that nucleus' maximum (so 1 at its centre, 1/max at its border, 0 outside).
 * :class:`~histosynth.models.nuclei_segmenter.NucleiSegmenter` — the network (type logits + distance map).
-* :func:`postprocess` — marker-controlled watershed: foreground from the type logits (background
+* :func:`postprocess` (= :func:`histosynth.data.nuclei_maps.instances_from_maps`, the one instance-recovery
+  rule, also used for generated maps) — marker-controlled watershed: foreground from the type logits (background
   probability < 0.5), markers from the distance map thresholded at ``marker_threshold`` (the "peaks":
   nucleus cores, which stay apart where nuclei touch), watershed of −distance from the markers inside
   the foreground; foreground pieces no marker reached become their own instances; instances smaller than
@@ -30,19 +31,23 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 from scipy import ndimage as ndi
 
-from histosynth.data.nuclei_maps import distance_targets
+from histosynth.data.nuclei_maps import (
+    PostprocessConfig,
+    _drop_small_and_relabel,
+    distance_targets,
+    instances_from_maps,
+)
 from histosynth.errors import DataError
 
 __all__ = [
-    "PostprocessConfig", "Segmenter", "distance_targets", "postprocess", "train_segmenter", "load_segmenter",
-    "evaluate_segmenter", "score_segmentation", "otsu_baseline", "SEGMENTER_JSON",
+    "PostprocessConfig", "Segmenter", "distance_targets", "instances_from_maps", "postprocess", "train_segmenter",
+    "load_segmenter", "evaluate_segmenter", "score_segmentation", "otsu_baseline", "SEGMENTER_JSON",
 ]
 
 SEGMENTER_JSON = "segmenter.json"  # post-processing settings + how the model was trained
@@ -52,91 +57,15 @@ MODEL_CONFIG = "config.json"
 
 
 # ------------------------------------------------------------------------------------ post-processing
-@dataclass
-class PostprocessConfig:
-    """Settings of :func:`postprocess` (stored in ``segmenter.json`` next to the model).
-
-    Attributes:
-        foreground_threshold: a pixel is nucleus when 1 − P(background) exceeds this.
-        marker_threshold: distance-map level above which pixels are nucleus cores (watershed markers).
-        min_marker_area: cores smaller than this (px) are noise and dropped.
-        min_area: instances smaller than this (px) are dropped.
-    """
-
-    foreground_threshold: float = 0.5
-    marker_threshold: float = 0.5
-    min_marker_area: int = 4
-    min_area: int = 10
-
-
-def _as_numpy(a) -> np.ndarray:
-    if torch.is_tensor(a):
-        return a.detach().float().cpu().numpy()
-    return np.asarray(a, dtype=np.float32)
-
-
 def postprocess(
     type_logits, distance, config: PostprocessConfig | None = None, *, probabilities: bool = False
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Instances and types of one image from the network's outputs, by marker-controlled watershed.
+    """Instances and types of one image from the network's outputs (:func:`.nuclei_maps.instances_from_maps`).
 
-    Args:
-        type_logits: ``(K+1, H, W)`` logits (or probabilities with ``probabilities=True``), channel 0 background.
-        distance: ``(H, W)`` or ``(1, H, W)`` distance map in [0, 1].
-        config: thresholds; defaults of :class:`PostprocessConfig` when None.
-
-    Returns:
-        ``(inst_map int32 (H, W), type_map int32 (H, W))``: instances 1..N, 0 background; every pixel of an
-        instance carries the instance's type (majority vote of its pixels' most likely type among 1..K).
+    The watershed lives in the data layer, so that the segmenter's outputs and generated maps go through one
+    instance-recovery rule; this is its name here (``type_logits`` is its ``semantic``).
     """
-    from skimage.segmentation import watershed
-
-    cfg = config or PostprocessConfig()
-    scores = _as_numpy(type_logits)
-    dist = _as_numpy(distance)
-    if dist.ndim == 3 and dist.shape[0] == 1:
-        dist = dist[0]
-    if scores.ndim != 3 or scores.shape[0] < 2 or dist.shape != scores.shape[1:]:
-        raise ValueError(f"expected type_logits (K+1, H, W) and distance (H, W), got {scores.shape} and {dist.shape}")
-    if probabilities:
-        probs = scores
-    else:
-        shifted = np.exp(scores - scores.max(0, keepdims=True))
-        probs = shifted / shifted.sum(0, keepdims=True)
-    foreground = (1.0 - probs[0]) > cfg.foreground_threshold
-    foreground = ndi.binary_fill_holes(foreground)
-
-    markers, n = ndi.label((dist > cfg.marker_threshold) & foreground)
-    if n:
-        sizes = np.bincount(markers.ravel(), minlength=n + 1)
-        small = sizes < cfg.min_marker_area
-        small[0] = False
-        markers[small[markers]] = 0
-    inst = watershed(-dist, markers, mask=foreground) if markers.any() else np.zeros(dist.shape, np.int64)
-    # foreground pieces that no marker reached (small or flat nuclei) become instances of their own
-    leftover, n_left = ndi.label(foreground & (inst == 0))
-    if n_left:
-        inst = np.where(leftover > 0, leftover + inst.max(), inst)
-    inst = _drop_small_and_relabel(inst, cfg.min_area)
-
-    # majority vote of the per-pixel most likely nucleus type (1..K) inside each instance
-    pixel_type = probs[1:].argmax(0) + 1
-    n_inst = int(inst.max())
-    k = probs.shape[0] - 1
-    votes = np.bincount((inst * (k + 1) + pixel_type).ravel(), minlength=(n_inst + 1) * (k + 1))
-    votes = votes.reshape(n_inst + 1, k + 1)
-    inst_type = votes[:, 1:].argmax(1) + 1
-    inst_type[0] = 0
-    return inst.astype(np.int32), inst_type[inst].astype(np.int32)
-
-
-def _drop_small_and_relabel(inst: np.ndarray, min_area: int) -> np.ndarray:
-    sizes = np.bincount(inst.ravel())
-    keep = sizes >= max(min_area, 1)
-    keep[0] = False
-    lut = np.zeros(sizes.size, np.int64)
-    lut[keep] = np.arange(1, int(keep.sum()) + 1)
-    return lut[inst]
+    return instances_from_maps(type_logits, distance, config, probabilities=probabilities)
 
 
 # -------------------------------------------------------------------------------------- segmenter
