@@ -8,15 +8,17 @@ method registry; diffusers' loaders also find models by name here (model_index.j
 
 __version__ = "0.1.0"
 
-_MODELS = ("SemanticUNet",)
+#: model classes diffusers finds by name when loading a pipeline (model_index.json: ["histosynth", NAME])
+_MODELS = {"SemanticUNet": "histosynth.models", "JointVQModel": "histosynth.models.joint_autoencoder",
+           "CountConditioner": "histosynth.conditions.counts"}
 _REGISTRY = ("Method", "register_method", "get_method", "load_pipeline", "methods")
 
 
 def __getattr__(name):
     if name in _MODELS:
-        from histosynth import models
+        import importlib
 
-        return getattr(models, name)
+        return getattr(importlib.import_module(_MODELS[name]), name)
     if name.startswith("_"):
         raise AttributeError(name)
     from histosynth import methods as registry

@@ -33,8 +33,9 @@ class Method:
     title: str = ""  # how messages name it ("NASDM")
     pipeline: type | None = None
     sample: Callable | None = None
-    sample_input: Literal["masks", "prompts"] | None = None
+    sample_input: Literal["masks", "prompts", "counts"] | None = None
     sample_input_help: str = ""  # what the sample input is, for messages
+    trains: Literal["diffusion", "autoencoder"] = "diffusion"  # what `histosynth train WHAT` it answers to
 
     @property
     def label(self) -> str:
@@ -99,7 +100,12 @@ def _register_builtins() -> None:
     from histosynth.pipelines.pathldm import PathLDMPipeline
     from histosynth.recipes import AutoencoderRecipe, LatentDiffusionRecipe, NASDMRecipe
     from histosynth.sampling import sample_prompts, sample_store
+    from histosynth.pipelines.histosmith import HistoSmithPipeline
+    from histosynth.recipes.histosmith import HistoSmithRecipe, JointAutoencoderRecipe
+    from histosynth.sampling.counts import sample_counts
+    from histosynth.training.histosmith import HistoSmithTask
     from histosynth.training.autoencoder import AutoencoderTask
+    from histosynth.training.histosmith_autoencoder import JointAutoencoderTask
     from histosynth.training.nasdm import NASDMTask
     from histosynth.training.pathldm import PathLDMTask
 
@@ -107,7 +113,11 @@ def _register_builtins() -> None:
                            "the masks of a store"))
     register_method(Method("pathldm", LatentDiffusionRecipe, PathLDMTask, "PathLDM", PathLDMPipeline, sample_prompts,
                            "prompts"))
-    register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder"))
+    register_method(Method("histosmith", HistoSmithRecipe, HistoSmithTask, "HistoSmith", HistoSmithPipeline, sample_counts,
+                           "counts", "counts per nucleus type and a tissue"))
+    register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder", trains="autoencoder"))
+    register_method(Method("histosmith-autoencoder", JointAutoencoderRecipe, JointAutoencoderTask,
+                           "HistoSmith joint autoencoder", trains="autoencoder"))
 
 
 _register_builtins()

@@ -80,3 +80,35 @@ def plot_loss_curves(losses_jsonl: Path, out_png: Path, columns: dict[str, str])
 def plot_losses(losses_jsonl: Path, out_png: Path) -> None:
     """NASDM's curves (L_simple and the L_vlb term)."""
     plot_loss_curves(losses_jsonl, out_png, NASDM_LOSS_COLUMNS)
+
+
+def label_overlay(image: np.ndarray, inst_map: np.ndarray, type_map: np.ndarray) -> np.ndarray:
+    """uint8 (H, W, 3): the image with each nucleus outlined in its type's colour (PALETTE)."""
+    from skimage.segmentation import find_boundaries
+
+    out = np.asarray(image, np.uint8).copy()
+    edges = find_boundaries(inst_map, mode="inner")
+    out[edges] = PALETTE[np.clip(type_map, 0, len(PALETTE) - 1)][edges]
+    return out
+
+
+def counts_panel(requested: np.ndarray, realised: np.ndarray, class_names, size: int) -> np.ndarray:
+    """uint8 (size, size, 3) bar chart of requested (hatched outline) vs realised (filled) nuclei per type."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(2.56, 2.56), dpi=100)
+    x = np.arange(len(class_names))
+    colours = PALETTE[1 : len(class_names) + 1] / 255.0
+    ax.bar(x - 0.2, requested, 0.4, color="none", edgecolor=colours, hatch="//", label="requested")
+    ax.bar(x + 0.2, realised, 0.4, color=colours, label="realised")
+    ax.set_xticks(x, [n[:5] for n in class_names], fontsize=7)
+    ax.tick_params(axis="y", labelsize=7)
+    ax.legend(fontsize=6, frameon=False)
+    fig.tight_layout(pad=0.3)
+    fig.canvas.draw()
+    panel = np.asarray(fig.canvas.buffer_rgba())[..., :3]
+    plt.close(fig)
+    return np.asarray(Image.fromarray(panel).resize((size, size), Image.BILINEAR))

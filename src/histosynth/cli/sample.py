@@ -19,8 +19,15 @@ __all__ = ["sample"]
 @click.option("--prompts", type=click.Path(path_type=Path), default=None,
               help="PathLDM: one prompt per line (captions; class names or indices for a class model), or a "
                    "captions JSONL of `histosynth captions build`.")
-@click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]),
-              help="With --masks: the split whose masks are drawn.")
+@click.option("--counts-from", type=click.Path(path_type=Path), default=None,
+              help="HistoSmith: draw counts per type and tissue from the patches of this store (its --split).")
+@click.option("--requests", "requests_file", type=click.Path(path_type=Path), default=None,
+              help="HistoSmith: a CSV (one column per type, optional tissue) or JSONL file of count requests.")
+@click.option("--counts", default=None, help="HistoSmith: one request, e.g. inflammatory=20,epithelial=5 (others 0).")
+@click.option("--tissue", default=None, help="HistoSmith: the tissue of requests that name none.")
+@click.option("--boost", default=None, help="HistoSmith: multiply types' requested counts, e.g. other=3.")
+@click.option("--split", default=None, type=click.Choice(["train", "test", "all"]),
+              help="The split drawn from: --masks (default test), --counts-from (default train).")
 @click.option("--num", type=int, default=None,
               help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
                    "(default: each prompt once, in order).")
@@ -37,25 +44,34 @@ __all__ = ["sample"]
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def sample(model, masks, prompts, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
+def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, split, num, guidance, steps, sampler,
+           seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
-    PathLDM on prompts. Unset options take the method's defaults."""
+    PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on).
+    Unset options take the method's defaults."""
     import torch
 
     from histosynth.methods import load_pipeline, method_of_model
 
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     method = method_of_model(model)
-    given = {"masks": masks, "prompts": prompts}
-    wanted, other = method.sample_input, ", ".join(f"--{k}" for k in given if k != method.sample_input)
+    count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
+                     "boost": boost}
+    given = {"masks": masks, "prompts": prompts,
+             "counts": count_options if any(v is not None for v in count_options.values()) else None}
+    wanted = method.sample_input
+    other = " or ".join(_HOW[k].split(" ")[0] for k in given if k != wanted)
     if given[wanted] is None or any(v is not None for k, v in given.items() if k != wanted):
-        raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give --{wanted} "
-                              f"{_METAVAR[wanted]} (and no {other})", model)
+        raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give {_HOW[wanted]} "
+                              f"(and no {other})", model)
     _, pipe = load_pipeline(model, device)
     settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "sampler": sampler}
-    method.sample(pipe, given[wanted], out, split=None if split == "all" else split, seed=seed, batch_size=batch_size,
-                  overwrite=overwrite, **{k: v for k, v in settings.items() if v is not None})
+    settings = {k: v for k, v in settings.items() if v is not None}
+    if split is not None:
+        settings["split"] = None if split == "all" else split
+    method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
     click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
 
 
-_METAVAR = {"masks": "STORE", "prompts": "FILE"}
+_HOW = {"masks": "--masks STORE", "prompts": "--prompts FILE",
+        "counts": "--counts-from STORE, --requests FILE or --counts TYPE=N,... [--tissue NAME]"}

@@ -34,10 +34,11 @@ def train(what, recipe, data, out, max_steps, resume, overwrite):
     from histosynth.training import fit
 
     loaded = load_recipe(recipe)
-    is_autoencoder = loaded.method == "autoencoder"
+    method = get_method(loaded.method)
+    is_autoencoder = method.trains == "autoencoder"
     if what is not None and (what == "autoencoder") != is_autoencoder:
         raise HistosynthError(f"recipe {recipe!r} trains {'an autoencoder' if is_autoencoder else 'a diffusion model'}"
                               f" (method {loaded.method!r}), not {'an autoencoder' if what == 'autoencoder' else 'a diffusion model'}")
-    task = get_method(loaded.method).task(loaded, data)
+    task = method.task(loaded, data)
     result = fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
     click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s")

@@ -123,15 +123,20 @@ def _write_npy_atomically(final: Path, shape: tuple, fill: Callable[[np.ndarray]
 
 # ---------------------------------------------------------------------------------------------- latents
 def latent_cache(where: Path, vae, store, indices: Sequence[int], *, flips: bool, batch_size: int = 16,
-                 build: bool = True, progress: bool = True) -> np.memmap:
+                 build: bool = True, progress: bool = True, inputs: Callable = image_batch) -> np.memmap:
     """(N, F, C', h, w) float32 latent statistics of store patches `indices` (F = 4 flips or 1), memory-mapped.
 
-    With ``build=False`` (the other processes of a multi-GPU run) the file must exist already."""
+    ``inputs(store, indices)`` gives the autoencoder's input batch (default: the images; HistoSmith's joint model
+    takes image + distance map + mask). With ``build=False`` (the other processes of a multi-GPU run) the file
+    must exist already."""
     nflips = NUM_FLIPS if flips else 1
-    key = _key("latents", autoencoder_key(vae), store_key(store), list(map(int, indices)), nflips)
+    parts = ["latents", autoencoder_key(vae), store_key(store), list(map(int, indices)), nflips]
+    if inputs is not image_batch:  # keys of image caches stay as they were
+        parts.append(f"{inputs.__module__}.{inputs.__qualname__}")
+    key = _key(*parts)
     final = Path(where) / f"latents-{key}.npy"
     if not final.is_file() and build:
-        probe = encode_stats(vae, image_batch(store, indices[:1]))
+        probe = encode_stats(vae, inputs(store, indices[:1]))
         shape = (len(indices), nflips, *probe.shape[1:])
 
         def fill(arr):
@@ -140,7 +145,7 @@ def latent_cache(where: Path, vae, store, indices: Sequence[int], *, flips: bool
             work = [(s, k) for k in range(nflips) for s in range(0, len(indices), batch_size)]
             for s, k in tqdm(work, desc="encode latents", unit="batch", disable=not progress):
                 idx = indices[s:s + batch_size]
-                arr[s:s + len(idx), k] = encode_stats(vae, flip(image_batch(store, idx), [k] * len(idx))).cpu().numpy()
+                arr[s:s + len(idx), k] = encode_stats(vae, flip(inputs(store, idx), [k] * len(idx))).cpu().numpy()
 
         _write_npy_atomically(final, shape, fill, {"what": "latent statistics (unscaled)", "store": str(store.path),
                                                    "patches": len(indices), "flips": nflips, "vq": is_vq(vae)})

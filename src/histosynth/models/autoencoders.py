@@ -20,7 +20,10 @@ from histosynth.errors import HistosynthError
 
 __all__ = ["make_autoencoder", "load_autoencoder", "autoencoder_kind", "latent_channels_of", "Autoencoder"]
 
-CLASSES = {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL}
+def _classes() -> dict:
+    from histosynth.models.joint_autoencoder import JointVQModel  # HistoSmith's (image, distance, mask) VQ model
+
+    return {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL, "JointVQModel": JointVQModel}
 
 Autoencoder = VQModel | AutoencoderKL
 
@@ -103,10 +106,11 @@ def load_autoencoder(source: str | Path, kind: str | None = None, config: dict |
         class_name = json.loads(config_file.read_text()).get("_class_name")
     except ValueError as exc:
         raise HistosynthError(f"unreadable config: {exc}", config_file) from None
-    if class_name not in CLASSES:
-        raise HistosynthError(f"holds a {class_name!r}, not a VQModel or AutoencoderKL", config_file)
-    model = CLASSES[class_name]
-    if kind is not None and {"vq": VQModel, "kl": AutoencoderKL}[kind] is not model:
+    classes = _classes()
+    if class_name not in classes:
+        raise HistosynthError(f"holds a {class_name!r}, not a {', '.join(classes)}", config_file)
+    model = classes[class_name]
+    if kind is not None and not issubclass(model, {"vq": VQModel, "kl": AutoencoderKL}[kind]):
         raise HistosynthError(f"expected a {kind!r} autoencoder, found a {class_name}", path)
     try:
         return model.from_pretrained(path).eval(), None

@@ -23,6 +23,7 @@ Run directory::
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +34,7 @@ from torch.utils.data import Dataset
 
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
+from histosynth.diffusion.latent_cache import image_batch
 from histosynth.diffusion.autoencoder_loss import (
     adaptive_adversarial_weight,
     autoencoder_loss,
@@ -113,18 +115,24 @@ class ReconstructionStep(nn.Module):
         return recon, regulariser, indices, (fake_for_ae, d(x), d(recon.detach()))
 
 
-def _augment(images: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
-    """uint8 (B, 3, P, P) -> float [-1, 1] (B, 3, size, size): a random crop, then one of the 8 flips/rotations."""
-    b, _, h, w = images.shape
+def crop_and_turn(x: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
+    """(B, C, P, P) -> (B, C, size, size): a random crop, then one of the 8 flips/rotations, the same for all C
+    channels of an item (so label channels stay aligned with the image)."""
+    b, _, h, w = x.shape
     ys = torch.randint(0, h - size + 1, (b,), generator=g)
     xs = torch.randint(0, w - size + 1, (b,), generator=g)
     ks = torch.randint(0, 8, (b,), generator=g) if flips else torch.zeros(b, dtype=torch.long)
     out = []
     for i in range(b):
-        t = images[i, :, ys[i] : ys[i] + size, xs[i] : xs[i] + size]
+        t = x[i, :, ys[i] : ys[i] + size, xs[i] : xs[i] + size]
         t = torch.rot90(t, int(ks[i]) % 4, dims=(1, 2))
         out.append(t.flip(-1) if ks[i] >= 4 else t)
-    return torch.stack(out).float() / 127.5 - 1.0
+    return torch.stack(out)
+
+
+def _augment(images: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
+    """uint8 (B, 3, P, P) -> float [-1, 1] (B, 3, size, size), augmented by :func:`crop_and_turn`."""
+    return crop_and_turn(images, size, flips, g).float() / 127.5 - 1.0
 
 
 def _check_store(recipe: AutoencoderRecipe, store: PatchStore) -> None:
@@ -160,19 +168,15 @@ def _evenly_spaced_train_patches(store: PatchStore, n: int) -> list[int]:
     return [train[int(i)] for i in np.linspace(0, len(train) - 1, min(n, len(train))).round()]
 
 
-def _images(store: PatchStore, indices: list[int]) -> torch.Tensor:
-    x = torch.stack([torch.from_numpy(np.ascontiguousarray(store[j]["image"])).permute(2, 0, 1) for j in indices])
-    return x.float() / 127.5 - 1.0
-
-
 @torch.no_grad()
-def init_codebook_from_data(model: VQModel, store: PatchStore, seed: int, num_patches: int = 8) -> None:
+def init_codebook_from_data(model: VQModel, store: PatchStore, seed: int, num_patches: int = 8,
+                            inputs: Callable = image_batch) -> None:
     """Set the codebook to distinct encoder outputs (before quantisation) of evenly spaced training patches.
 
     diffusers/CompVis start from codes uniform in ±1/K, far smaller than the encoder outputs, so early on
     nearly every vector maps to the same few codes; a small model trained briefly never leaves them.
     """
-    h = model.encode(_images(store, _evenly_spaced_train_patches(store, num_patches))).latents
+    h = model.encode(inputs(store, _evenly_spaced_train_patches(store, num_patches))).latents
     vectors = h.permute(0, 2, 3, 1).reshape(-1, h.shape[1])
     k = model.quantize.embedding.weight.shape[0]
     g = torch.Generator().manual_seed(int(seed) + 7919)
@@ -182,7 +186,8 @@ def init_codebook_from_data(model: VQModel, store: PatchStore, seed: int, num_pa
 
 @torch.no_grad()
 def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_images: int, batch_size: int,
-                          seed: int, device: torch.device | str = "cpu") -> tuple[float, int]:
+                          seed: int, device: torch.device | str = "cpu",
+                          inputs: Callable = image_batch) -> tuple[float, int]:
     """1 / std of the latents the diffusion model will see, over up to ``num_images`` evenly spaced training
     patches (LDM's scale_by_std; VQ: the encoder output before quantisation, KL: a posterior sample).
     NaN or inf when the latents are not finite or constant."""
@@ -191,7 +196,7 @@ def latent_scaling_factor(ae: VQModel | AutoencoderKL, store: PatchStore, num_im
     latents = []
     ae.eval()
     for i in range(0, len(picks), batch_size):
-        x = _images(store, picks[i : i + batch_size]).to(device)
+        x = inputs(store, picks[i : i + batch_size]).to(device)
         if isinstance(ae, VQModel):
             z = ae.encode(x).latents
         else:
@@ -205,6 +210,8 @@ class AutoencoderTask(TrainingTask):
     plot_columns = {"loss": "loss", "l1": "l1", "perceptual": "perceptual", "vq": "vq", "kl": "kl",
                     "codes": "codebook entries used / batch", "adversarial": "adversarial −D(x̂)",
                     "disc": "discriminator hinge"}
+    #: the model's input batch of store patches (its latents set the exported scaling factor)
+    inputs = staticmethod(image_batch)
 
     def __init__(self, recipe: AutoencoderRecipe, data: Path, *, progress: bool = True):
         if not isinstance(recipe, AutoencoderRecipe):
@@ -288,7 +295,7 @@ class AutoencoderTask(TrainingTask):
         if ema is not None:  # the EMA tracks the wrapper; the autoencoder's shadows are those named ae.*
             weights = [w for (name, _), w in zip(wrapper.named_parameters(), ema.shadow_params) if name.startswith("ae.")]
         export_autoencoder(wrapper.ae, weights, run / AUTOENCODER, self.recipe, self.store,
-                           ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], self.device)
+                           ckpt.read_trainer_state(ckpt.latest_checkpoint(run))["step"], self.device, self.inputs)
 
 
 def train_autoencoder(recipe: AutoencoderRecipe, data: str | Path, out: str | Path, *, max_steps: int | None = None,
@@ -301,7 +308,7 @@ def train_autoencoder(recipe: AutoencoderRecipe, data: str | Path, out: str | Pa
 
 
 def export_autoencoder(ae, ema_weights: list[torch.Tensor] | None, where: Path, recipe: AutoencoderRecipe,
-                       store: PatchStore, step: int, device) -> None:
+                       store: PatchStore, step: int, device, inputs: Callable = image_batch) -> None:
     """save_pretrained a copy (EMA weights, in ``ae.parameters()`` order, if any) whose config carries
     scaling_factor = 1/std of its latents."""
     copy = type(ae).from_config(ae.config)
@@ -315,7 +322,7 @@ def export_autoencoder(ae, ema_weights: list[torch.Tensor] | None, where: Path, 
                 p.copy_(w)
     copy.to(device)
     t = recipe.train
-    scaling, n = latent_scaling_factor(copy, store, t.scaling_factor_images, t.batch_size, t.seed, device)
+    scaling, n = latent_scaling_factor(copy, store, t.scaling_factor_images, t.batch_size, t.seed, device, inputs)
     if not np.isfinite(scaling) or scaling <= 0:
         raise TrainingError(f"after step {step} the latents of the training patches have std {1 / scaling:.4g}: training "
                             "diverged or collapsed. Lower the learning rate or train in fp32 (mixed_precision: no).",

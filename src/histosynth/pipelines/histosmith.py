@@ -1,0 +1,172 @@
+"""HistoSmithPipeline: an H&E image and its nuclei labels from counts per type and a tissue (HistoSmith, Sec. 2).
+
+Top to bottom: the counts and tissue become the condition vector (conditions/counts.py) and its learned null;
+DDIM denoises one joint latent with classifier-free guidance (diffusers' g: ε(∅) + g·(ε(c) − ε(∅)), one
+batched pass for both); the joint autoencoder decodes the image and distance map (head A) and the semantic mask
+(head B); instances are recovered by marker-controlled watershed on the distance map inside the mask's
+foreground, each typed by the majority of the mask (:func:`~histosynth.data.nuclei_maps.instances_from_maps`,
+the same function the evaluation uses); realised counts are counted on those labels.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from histosynth.conditions.counts import CountConditioner
+from histosynth.data.nuclei_maps import PostprocessConfig, instances_from_maps
+from histosynth.data.store import nuclei_per_type
+from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.errors import HistosynthError
+from histosynth.models.joint_autoencoder import JointVQModel
+
+
+@dataclass
+class HistoSmithPipelineOutput(BaseOutput):
+    """images uint8 (B, H, W, 3); inst_maps int32 (B, H, W) (0 background, 1..N); type_maps int32 (B, H, W) (0
+    background, 1..K); distance_maps float32 (B, H, W) in [0, 1]; requested_counts float64 (B, K); realised_counts
+    int64 (B, K) (nuclei per type in the returned labels); tissues: the B tissue names."""
+
+    images: np.ndarray
+    inst_maps: np.ndarray
+    type_maps: np.ndarray
+    distance_maps: np.ndarray
+    requested_counts: np.ndarray
+    realised_counts: np.ndarray
+    tissues: list
+    num_steps_run: int
+
+
+class HistoSmithPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "conditioner->unet->vae"
+
+    def __init__(self, unet: UNet2DConditionModel, vae: JointVQModel, scheduler: DDIMScheduler,
+                 conditioner: CountConditioner, latent_scaling_factor: float | None = None,
+                 magnification: str | None = None, patch_size: int | None = None, sampling: dict | None = None,
+                 postprocess: dict | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, conditioner=conditioner)
+        if latent_scaling_factor is None:
+            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
+        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), magnification=magnification,
+                                patch_size=patch_size, sampling=sampling,
+                                postprocess=postprocess or asdict(PostprocessConfig()))
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
+        path = Path(pretrained_model_name_or_path)
+        if (path / "pipeline" / "model_index.json").is_file():
+            path = path / "pipeline"
+        index = path / "model_index.json"
+        if not index.is_file():
+            raise HistosynthError("not a HistoSmith pipeline or training run (no model_index.json)", path)
+        name = json.loads(index.read_text()).get("_class_name")
+        if name != cls.__name__:
+            raise HistosynthError(f"this is a {name}, not a {cls.__name__}", index)
+        return super().from_pretrained(str(path), **kwargs)
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.conditioner.config.class_names)
+
+    @property
+    def tissues(self) -> list[str]:
+        return list(self.conditioner.config.tissues)
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        counts,
+        tissue: str | list[str] | None = None,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        eta: float = 0.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: bool = True,
+        warn_out_of_range: bool = True,
+    ) -> HistoSmithPipelineOutput:
+        """Generate one image and its labels per request.
+
+        Args:
+            counts: nuclei per type: a {type name: count} dict, a list of them, or a (B, K) array in the order of
+                ``class_names``. Types not named are 0.
+            tissue: a tissue name (for every request) or one per request; None: the only tissue of a model trained
+                on one.
+            guidance_scale: g (1 = conditional only); default the recipe's ``sampling.guidance_scale``.
+            num_inference_steps: DDIM steps, exactly this many run; default the recipe's.
+        Raises:
+            HistosynthError: a wrong-length vector, a negative count, an unknown type or tissue, a step count
+                outside 1..T. Requests outside the training range warn (the range is in the message).
+        """
+        sampling = self.config.sampling or {}
+        g_scale = sampling.get("guidance_scale", 2.0) if guidance_scale is None else guidance_scale
+        steps = sampling.get("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
+        # 1. the requests → condition vectors (B, K+T) and their null
+        if isinstance(counts, dict):
+            counts = [counts]
+        table = self.conditioner.count_table(counts)
+        tissues = self._tissues(tissue, len(table))
+        values = self.conditioner.vectors(table, tissues, warn=warn_out_of_range).to(self.device)
+        do_guidance = g_scale != 1.0
+        cond = self.conditioner(values, None)
+        null = self.conditioner.null_condition(len(values))
+        labels, tokens = _stack(null, cond) if do_guidance else (cond.class_labels, cond.tokens)
+
+        # 2. exactly the number of steps asked
+        total_t = self.scheduler.config.num_train_timesteps
+        if not 1 <= steps <= total_t:
+            raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {steps}")
+        scheduler = DDIMScheduler.from_config(self.scheduler.config)
+        scheduler.set_timesteps(steps, device=self.device)
+
+        # 3. denoise one joint latent per request
+        size = self.unet.config.sample_size
+        shape = (len(values), self.unet.config.in_channels, size, size)
+        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
+        latents = latents * scheduler.init_noise_sigma
+        for t in self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps:
+            x_in = torch.cat([latents, latents]) if do_guidance else latents
+            eps = self.unet(x_in, t, encoder_hidden_states=tokens, class_labels=labels).sample
+            if do_guidance:
+                eps = classifier_free_guidance(*eps.chunk(2), g_scale)
+            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+
+        # 4. decode both heads, then recover instances from the distance map and the mask
+        out = self.vae.decode_heads((latents / self.config.latent_scaling_factor).to(self.vae.dtype))
+        images = ((out.image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        distance = out.distance.float()[:, 0].cpu().numpy()
+        probs = out.mask_logits.float().softmax(1).cpu().numpy()
+        post = PostprocessConfig(**self.config.postprocess)
+        maps = [instances_from_maps(p, d, post, probabilities=True) for p, d in zip(probs, distance)]
+        inst = np.stack([m[0] for m in maps]).astype(np.int32)
+        types = np.stack([m[1] for m in maps]).astype(np.int32)
+        realised = np.array([list(nuclei_per_type(i, t, self.class_names).values()) for i, t in zip(inst, types)],
+                            dtype=np.int64)
+        return HistoSmithPipelineOutput(images=images, inst_maps=inst, type_maps=types, distance_maps=distance,
+                                        requested_counts=table, realised_counts=realised, tissues=tissues,
+                                        num_steps_run=len(scheduler.timesteps))
+
+    def _tissues(self, tissue, n: int) -> list[str]:
+        if tissue is None:
+            if len(self.tissues) != 1:
+                raise HistosynthError(f"give a tissue: the model knows {', '.join(self.tissues)}")
+            return [self.tissues[0]] * n
+        tissues = [tissue] * n if isinstance(tissue, str) else list(tissue)
+        if len(tissues) != n:
+            raise HistosynthError(f"{len(tissues)} tissues for {n} count requests")
+        return tissues
+
+
+def _stack(null, cond):
+    """(class_labels, tokens) of the batched unconditional + conditional pass (None where a path is off)."""
+    labels = torch.cat([null.class_labels, cond.class_labels]) if cond.class_labels is not None else None
+    tokens = torch.cat([null.tokens, cond.tokens]) if cond.tokens is not None else None
+    return labels, tokens
