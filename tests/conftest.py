@@ -43,3 +43,53 @@ def hgsc_store(tmp_path_factory) -> Path:
     prepare_nuclei(read_nuclei("folder", bundled_sample(), magnification="20x"), out, patch=32, overlap=0.0,
                    magnification="10x", holdout=0.075, seed=0, progress=False)
     return out
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and far faster on a shared, oversubscribed CPU
+    (``pytestmark = pytest.mark.usefixtures("one_thread")``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def hgsc_corner_store(tmp_path_factory) -> Path:
+    """16 real 32 px patches at 10x (a 256 px corner of the bundled HGSC region at 20x), all train, tissue 'ovary'."""
+    from dataclasses import replace
+
+    from histosynth.data.formats import read_nuclei
+    from histosynth.data.store import prepare_nuclei
+    from histosynth.quickstart import bundled_sample
+
+    (region,) = read_nuclei("folder", bundled_sample(), magnification="20x")
+    crop = (slice(600, 856), slice(600, 856))
+    part = replace(region, image=region.image[crop], inst_map=region.inst_map[crop], type_map=region.type_map[crop],
+                   split="train", meta={**region.meta, "tissue": "ovary"})
+    out = tmp_path_factory.mktemp("stores") / "hgsc-corner"
+    prepare_nuclei([part], out, patch=32, overlap=0.0, magnification="10x", progress=False)
+    return out
+
+
+JOINT_AE_MODEL = {"kind": "vq", "block_out_channels": [16, 16, 16], "layers_per_block": 1, "latent_channels": 3,
+                  "num_vq_embeddings": 64, "vq_embed_dim": 3, "norm_num_groups": 8, "attention_levels": [],
+                  "mid_block_attention": False}
+
+
+@pytest.fixture(scope="session")
+def joint_ae_recipe():
+    """A factory of tiny HistoSmith joint-autoencoder recipes (32 px, no perceptual loss): ``joint_ae_recipe(steps=...)``."""
+    from histosynth.recipes import recipe_from_dict
+
+    def make(**train):
+        t = {"learning_rate": 3e-3, "batch_size": 4, "steps": 6, "checkpoint_every": 3, "keep_checkpoints": 5,
+             "log_every": 1, "num_workers": 0, "seed": 1, "scaling_factor_images": 16, "codebook_init": "data"}
+        t.update(train)
+        return recipe_from_dict({"name": "hs-ae-test", "method": "histosmith-autoencoder", "patch_size": 32,
+                                 "model": JOINT_AE_MODEL, "loss": {"perceptual": "none"}, "train": t})
+
+    return make

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,44 +25,22 @@ from histosynth.errors import HistosynthError
 from histosynth.recipes import recipe_from_dict
 
 CLASSES = ("connective", "inflammatory", "neoplastic")
-TINY_AE = {"kind": "vq", "block_out_channels": [16, 16, 16], "layers_per_block": 1, "latent_channels": 3,
-           "num_vq_embeddings": 64, "vq_embed_dim": 3, "norm_num_groups": 8, "attention_levels": [],
-           "mid_block_attention": False}
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [8, 8],
              "down_block_types": ["DownBlock2D", "AttnDownBlock2D"], "up_block_types": ["AttnUpBlock2D", "UpBlock2D"],
              "mid_block_type": "UNetMidBlock2D", "norm_num_groups": 8, "cross_attention_dim": 32}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def store(tmp_path_factory) -> Path:
-    """16 real 32 px patches at 10x (a 256 px corner of the HGSC region at 20x), all train, tissue 'ovary'."""
-    from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
-    from histosynth.quickstart import bundled_sample
-
-    (region,) = read_nuclei("folder", bundled_sample(), magnification="20x")
-    crop = (slice(600, 856), slice(600, 856))
-    part = replace(region, image=region.image[crop], inst_map=region.inst_map[crop], type_map=region.type_map[crop],
-                   split="train", meta={**region.meta, "tissue": "ovary"})
-    out = tmp_path_factory.mktemp("histosmith") / "hgsc-corner"
-    prepare_nuclei([part], out, patch=32, overlap=0.0, magnification="10x", progress=False)
-    return out
+def store(hgsc_corner_store) -> Path:
+    return hgsc_corner_store
 
 
-def ae_recipe(**train):
-    t = {"learning_rate": 3e-3, "batch_size": 4, "steps": 6, "checkpoint_every": 3, "keep_checkpoints": 5,
-         "log_every": 1, "num_workers": 0, "seed": 1, "scaling_factor_images": 16, "codebook_init": "data"}
-    t.update(train)
-    return recipe_from_dict({"name": "hs-ae-test", "method": "histosmith-autoencoder", "patch_size": 32,
-                             "model": TINY_AE, "loss": {"perceptual": "none"}, "train": t})
+@pytest.fixture(scope="module")
+def ae_recipe(joint_ae_recipe):
+    return joint_ae_recipe
 
 
 def ldm_recipe(autoencoder: Path, **train):
@@ -76,7 +53,7 @@ def ldm_recipe(autoencoder: Path, **train):
 
 
 @pytest.fixture(scope="module")
-def trained(store, tmp_path_factory):
+def trained(store, ae_recipe, tmp_path_factory):
     """(joint autoencoder run, HistoSmith run), each a few steps on the real patches."""
     from histosynth.training import fit
     from histosynth.training.histosmith import HistoSmithTask
@@ -193,7 +170,7 @@ def test_dropped_conditions_get_the_learned_null_and_both_injections_work():
 
 
 # ------------------------------------------------------------------------------------------------ training
-def test_tiny_joint_autoencoder_overfits_real_patches_on_both_heads(store, tmp_path):
+def test_tiny_joint_autoencoder_overfits_real_patches_on_both_heads(store, ae_recipe, tmp_path):
     from histosynth.models.joint_autoencoder import joint_batch
     from histosynth.training import fit
     from histosynth.training.histosmith_autoencoder import JointAutoencoderTask, make_joint_model
@@ -317,7 +294,7 @@ def test_bad_sample_requests_fail_with_one_line_and_leave_nothing(trained, tmp_p
     assert not (tmp_path / "out").exists()
 
 
-def test_recipes_load_and_the_cli_trains_the_joint_autoencoder_as_an_autoencoder(store, tmp_path):
+def test_recipes_load_and_the_cli_trains_the_joint_autoencoder_as_an_autoencoder(store, ae_recipe, tmp_path):
     from histosynth.recipes import load_recipe
 
     assert load_recipe("histosmith-vq").method == "histosmith-autoencoder"

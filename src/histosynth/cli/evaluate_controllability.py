@@ -41,7 +41,8 @@ def _dump(data) -> str:
 
 
 _generated = click.option("--generated", required=True, type=click.Path(path_type=Path),
-                          help="A `histosynth sample` output directory (samples.jsonl, images/, labels/, real/).")
+                          help="A `histosynth sample` output directory: NASDM (samples.jsonl, images/, labels/, "
+                               "real/) or HistoSmith (samples.jsonl with requested counts, images/, folder/).")
 _segmenter = click.option("--segmenter", required=True, type=click.Path(path_type=Path),
                           help="A trained nuclei segmenter (see histosynth.evaluate.segmenter).")
 _batch = click.option("--batch-size", default=16, show_default=True, help="Images per segmenter call.")
@@ -52,15 +53,23 @@ _dev = click.option("--device", default=None, help="torch device (default: cuda 
 @_generated
 @_segmenter
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file.")
+@click.option("--real", type=click.Path(path_type=Path), default=None,
+              help="A labelled patch store: the segmenter's own scores on its real --real-split patches (its ceiling), "
+                   "next to the generated numbers.")
+@click.option("--real-split", default="test", show_default=True, type=click.Choice(["train", "test"]),
+              help="The split of --real.")
 @_batch
 @_dev
 @user_errors
-def mask_adherence_cmd(generated, segmenter, out, batch_size, device):
-    """Dice, AJI, PQ, mPQ+ of the segmented generated images against their conditioning masks (and of the
-    same segmenter on the real patches of those masks, the reference)."""
+def mask_adherence_cmd(generated, segmenter, out, real, real_split, batch_size, device):
+    """Dice, AJI, PQ, mPQ+ of the segmented generated images against their label maps: NASDM's conditioning
+    masks (with the same segmenter on the real patches of those masks, the reference), or HistoSmith's labels
+    generated with the image (label-image consistency; no reference row). --real adds the segmenter's ceiling
+    on real test patches."""
     from histosynth.evaluate.controllability import mask_adherence
 
-    result = mask_adherence(generated, _load_segmenter(segmenter, device), batch_size=batch_size)
+    result = mask_adherence(generated, _load_segmenter(segmenter, device), batch_size=batch_size, real=real,
+                            real_split=real_split)
     text = _dump(result)
     if out:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -73,14 +82,28 @@ def mask_adherence_cmd(generated, segmenter, out, batch_size, device):
 @_segmenter
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Directory for counts.json, counts.csv and the Bland–Altman / scatter PNGs.")
+@click.option("--training-range", type=click.Path(path_type=Path), default=None,
+              help="HistoSmith samples: split the requests into inside vs beyond the training range, taken from a "
+                   "labelled store (min..max per type over its train split) or a HistoSmith run / pipeline.")
 @_batch
 @_dev
 @user_errors
-def counts_cmd(generated, segmenter, out, batch_size, device):
-    """Requested vs generated nuclei counts per type: Pearson r, Bland–Altman agreement and plots."""
+def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
+    """Requested vs generated nuclei counts per type: Pearson r, Bland–Altman agreement and plots.
+
+    NASDM samples: nuclei of the conditioning masks vs found by the segmenter in the generated image.
+    HistoSmith samples: requested counts vs realised in the generated labels and found by the segmenter."""
     from histosynth.evaluate.controllability import count_agreement
 
-    result = count_agreement(generated, _load_segmenter(segmenter, device), out, batch_size=batch_size)
+    result = count_agreement(generated, _load_segmenter(segmenter, device), out, batch_size=batch_size,
+                             training_range=training_range)
+    if result.get("conditioning") == "counts":
+        keys = ("per_type", "per_type_labels", "labels_vs_segmenter", "training_range", "by_range")
+        click.echo(_dump({k: result[k] for k in keys}))
+        click.echo(f"wrote {out}: counts.json, counts.csv, counts_scatter.png, bland_altman_<type>.png "
+                   "(segmenter), bland_altman_labels_<type>.png"
+                   + (", bland_altman_by_range.png" if result["by_range"] else ""))
+        return
     click.echo(_dump({"per_type": result["per_type"], "reference": result["reference"]}))
     click.echo(f"wrote {out}: counts.json, counts.csv, counts_scatter.png, bland_altman_<type>.png")
 

@@ -1,7 +1,10 @@
-"""`histosynth evaluate recon`: reconstruction SSIM / PSNR / MSE of an autoencoder on held-out patches.
+"""`histosynth evaluate recon`: reconstruction SSIM / PSNR / MSE of an autoencoder on held-out patches; for
+HistoSmith's joint first stage also distance-map MAE, per-type Dice of the decoded mask and PQ / mPQ of the
+instances recovered from the decoded labels (the ``labels`` section).
 
 Attached to the ``evaluate`` group in :mod:`histosynth.cli` (:data:`COMMANDS`). Writes the metrics with their
-protocol as JSON (``--out``) and a PNG of originals (top row) over reconstructions (bottom row).
+protocol as JSON (``--out``) and a PNG of originals (top row) over reconstructions (bottom row) — for a joint
+model one row per patch: original | reconstruction | true labels | decoded labels.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ __all__ = ["COMMANDS", "recon"]
 
 @click.command("recon")
 @click.option("--autoencoder", "autoencoder", required=True, type=click.Path(path_type=Path),
-              help="A diffusers VQModel/AutoencoderKL folder, a `train autoencoder` run, or a CompVis/LDM .ckpt.")
+              help="A diffusers VQModel/AutoencoderKL folder, a `train autoencoder` run (also HistoSmith's joint "
+                   "first stage: then the store must be labelled and the labels are scored too), or a CompVis/LDM "
+                   ".ckpt.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store with the held-out patches.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
 @click.option("--num", type=click.IntRange(min=1), default=None, help="Number of patches (default: all of the split).")
@@ -34,12 +39,13 @@ __all__ = ["COMMANDS", "recon"]
               help="Local weight file for inception / effnet-lite0.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="JSON file for the metrics.")
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
-              help="PNG of originals over reconstructions (default: --out with .png).")
+              help="PNG of originals over reconstructions; joint model: rows of original | reconstruction | true "
+                   "labels | decoded labels (default: --out with .png).")
 @click.option("--overwrite", is_flag=True, help="Replace existing --out / --grid files.")
 @user_errors
 def recon(autoencoder, data, split, num, seed, batch_size, device, features, features_weights, out, grid, overwrite):
     """Reconstruction quality (SSIM, PSNR, MSE; PathLDM Table 2; optionally rFD) of an autoencoder on a store's
-    patches."""
+    patches; for a joint (image + labels) first stage also distance-map MAE, mask Dice and PQ / mPQ."""
     import torch
 
     from histosynth.evaluate.reconstruction import evaluate_reconstruction
@@ -63,15 +69,19 @@ def recon(autoencoder, data, split, num, seed, batch_size, device, features, fea
         extractor = load_feature_extractor(features, features_weights, device)
     elif features_weights is not None:
         raise HistosynthError("--features-weights needs --features inception or effnet-lite0", features_weights)
-    result, originals, recons = evaluate_reconstruction(
+    evaluation = evaluate_reconstruction(
         ae, data, split=None if split == "all" else split, num=num, seed=seed, batch_size=batch_size,
         extractor=extractor)
+    result = evaluation.result
     result["autoencoder"]["source"] = str(autoencoder)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2))
-    save_grid([originals, recons], grid)
-    click.echo(json.dumps(result["metrics"], indent=2))
-    click.echo(f"wrote {out} and {grid} (top: originals, bottom: reconstructions)", err=True)
+    save_grid(evaluation.grid_rows(), grid)
+    shown = {"metrics": result["metrics"], "labels": result["labels"]} if "labels" in result else result["metrics"]
+    click.echo(json.dumps(shown, indent=2))
+    layout = ("rows: original | reconstruction | true labels | decoded labels" if evaluation.joint
+              else "top: originals, bottom: reconstructions")
+    click.echo(f"wrote {out} and {grid} ({layout})", err=True)
 
 
 #: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`

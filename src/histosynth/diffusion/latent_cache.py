@@ -142,10 +142,11 @@ def latent_cache(where: Path, vae, store, indices: Sequence[int], *, flips: bool
         def fill(arr):
             from tqdm.auto import tqdm
 
-            work = [(s, k) for k in range(nflips) for s in range(0, len(indices), batch_size)]
-            for s, k in tqdm(work, desc="encode latents", unit="batch", disable=not progress):
+            for s in tqdm(range(0, len(indices), batch_size), desc="encode latents", unit="batch", disable=not progress):
                 idx = indices[s:s + batch_size]
-                arr[s:s + len(idx), k] = encode_stats(vae, flip(inputs(store, idx), [k] * len(idx))).cpu().numpy()
+                x = inputs(store, idx)  # read (and, for joint inputs, build) once for all flips
+                for k in range(nflips):
+                    arr[s:s + len(idx), k] = encode_stats(vae, flip(x, [k] * len(idx))).cpu().numpy()
 
         _write_npy_atomically(final, shape, fill, {"what": "latent statistics (unscaled)", "store": str(store.path),
                                                    "patches": len(indices), "flips": nflips, "vq": is_vq(vae)})

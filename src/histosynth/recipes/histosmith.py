@@ -20,6 +20,7 @@ from histosynth.recipes.pathldm import (
     LatentTrainConfig,
     SamplingConfig,
     UNetConfig,
+    latent_diffusion_problems,
 )
 
 
@@ -95,13 +96,7 @@ class HistoSmithRecipe(Recipe):
 
     def problems(self) -> list[str]:
         u, t, c = self.unet, self.train, self.condition
-        problems = t.problems()
-        n = len(u.block_out_channels)
-        for name in ("down_block_types", "up_block_types", "attention_head_dim"):
-            if len(getattr(u, name)) != n:
-                problems.append(f"unet.{name} has {len(getattr(u, name))} entries for {n} blocks (block_out_channels)")
-        if any(ch % u.norm_num_groups for ch in u.block_out_channels):
-            problems.append(f"unet.block_out_channels {u.block_out_channels} must be multiples of norm_num_groups {u.norm_num_groups}")
+        problems = latent_diffusion_problems(u, t)
         cross = any("CrossAttn" in b for b in (*u.down_block_types, *u.up_block_types, u.mid_block_type))
         if cross != (c.injection != "embedding"):
             problems.append(f"condition.injection {c.injection!r} " + (
@@ -109,10 +104,8 @@ class HistoSmithRecipe(Recipe):
                 "injection cross-attention/both)" if cross else "needs CrossAttn blocks in unet"))
         if c.num_tokens < 1:
             problems.append(f"condition.num_tokens must be at least 1, got {c.num_tokens}")
-        if not 0.0 <= t.condition_dropout <= 1.0:
-            problems.append(f"train.condition_dropout must be in [0, 1], got {t.condition_dropout}")
-        if t.steps < 1:
-            problems.append(f"train.steps must be at least 1, got {t.steps}")
+        if not t.cache_latents:
+            problems.append("train.cache_latents must be true: HistoSmith trains on cached joint latents")
         return problems
 
 

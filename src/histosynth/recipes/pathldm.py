@@ -118,19 +118,23 @@ class LatentDiffusionRecipe(Recipe):
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
     def problems(self) -> list[str]:
-        u, t = self.unet, self.train
-        problems = t.problems()
-        n = len(u.block_out_channels)
-        for name in ("down_block_types", "up_block_types", "attention_head_dim"):
-            if len(getattr(u, name)) != n:
-                problems.append(f"unet.{name} has {len(getattr(u, name))} entries for {n} blocks (block_out_channels)")
-        if any(ch % u.norm_num_groups for ch in u.block_out_channels):
-            problems.append(f"unet.block_out_channels {u.block_out_channels} must be multiples of norm_num_groups {u.norm_num_groups}")
-        if not 0.0 <= t.condition_dropout <= 1.0:
-            problems.append(f"train.condition_dropout must be in [0, 1], got {t.condition_dropout}")
-        if t.steps < 1:
-            problems.append(f"train.steps must be at least 1, got {t.steps}")
-        return problems
+        return latent_diffusion_problems(self.unet, self.train)
+
+
+def latent_diffusion_problems(u: UNetConfig, t: LatentTrainConfig) -> list[str]:
+    """The rules every latent-diffusion recipe shares: the UNet's per-block lists, its group norm, dropout, steps."""
+    problems = t.problems()
+    n = len(u.block_out_channels)
+    for name in ("down_block_types", "up_block_types", "attention_head_dim"):
+        if len(getattr(u, name)) != n:
+            problems.append(f"unet.{name} has {len(getattr(u, name))} entries for {n} blocks (block_out_channels)")
+    if any(ch % u.norm_num_groups for ch in u.block_out_channels):
+        problems.append(f"unet.block_out_channels {u.block_out_channels} must be multiples of norm_num_groups {u.norm_num_groups}")
+    if not 0.0 <= t.condition_dropout <= 1.0:
+        problems.append(f"train.condition_dropout must be in [0, 1], got {t.condition_dropout}")
+    if t.steps < 1:
+        problems.append(f"train.steps must be at least 1, got {t.steps}")
+    return problems
 
 
 register_recipe_type(LatentDiffusionRecipe)
