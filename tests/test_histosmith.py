@@ -97,6 +97,29 @@ def test_tversky_loss_against_its_closed_form():
     assert tversky_loss(miss, target, a, b) > tversky_loss(extra, target, a, b)
 
 
+def test_class_weighted_cross_entropy_matches_an_independent_computation():
+    from types import SimpleNamespace
+
+    from histosynth.diffusion.joint_autoencoder_loss import class_weights_from_frequency, joint_autoencoder_loss
+
+    w = class_weights_from_frequency([900, 90, 9, 1])
+    expected = 1 / np.sqrt(np.array([900, 90, 9, 1]) / 1000)
+    np.testing.assert_allclose(w.numpy(), expected / expected.mean(), rtol=1e-6)
+    assert class_weights_from_frequency([10, 0, 5])[1] == class_weights_from_frequency([10, 0, 5]).max()  # unseen class
+    torch.manual_seed(0)
+    x = torch.cat([torch.rand(2, 4, 4, 4) * 2 - 1, torch.nn.functional.one_hot(torch.randint(0, 4, (2, 4, 4)), 4)
+                   .permute(0, 3, 1, 2).float() * 2 - 1], dim=1)  # K = 3 types
+    logits = torch.randn(2, 4, 4, 4)
+    cfg = SimpleNamespace(l1_weight=0.0, l2_weight=0.0, perceptual_weight=0.0, codebook_weight=0.0, distance_l1_weight=0.0,
+                          distance_l2_weight=0.0, cross_entropy_weight=1.0, tversky_weight=0.0, tversky_alpha=0.3,
+                          tversky_beta=0.7)
+    _, terms = joint_autoencoder_loss(x, x[:, :4], logits, torch.zeros(()), cfg=cfg, perceptual=None, class_weights=w)
+    target = x[:, 4:].argmax(1)
+    logp = torch.log_softmax(logits, 1).gather(1, target[:, None])[:, 0]
+    manual = -(w[target] * logp).sum() / w[target].sum()  # weighted mean, as torch's cross_entropy defines it
+    assert terms["cross_entropy"].item() == pytest.approx(manual.item(), rel=1e-5)
+
+
 def test_count_vector_from_a_hand_built_map_is_normalised_by_the_training_maximum():
     inst = np.zeros((12, 12), np.int32)
     types = np.zeros((12, 12), np.int32)

@@ -2,7 +2,8 @@
 
 loss = l1·|x−x̂| + perceptual·d(x, x̂)                       (image, as the image autoencoder)
      + distance_l1·|d−d̂| + distance_l2·(d−d̂)²               (distance map, in [0, 1])
-     + cross_entropy·CE(mask logits, mask) + tversky·(1 − TI) (semantic mask, background + K types)
+     + cross_entropy·CE(mask logits, mask) + tversky·(1 − TI) (semantic mask, background + K types; CE optionally
+                                                              class-weighted, see :func:`class_weights_from_frequency`)
      + codebook·L_vq
 
 The paper names the terms ("L1 + perceptual", "L1/L2" on the distance map, "categorical cross-entropy and a
@@ -44,7 +45,8 @@ def tversky_loss(probs: torch.Tensor, target: torch.Tensor, alpha: float = 0.3, 
 
 
 def joint_autoencoder_loss(x: torch.Tensor, head_a: torch.Tensor, mask_logits: torch.Tensor, vq_loss: torch.Tensor, *,
-                           cfg, perceptual) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+                           cfg, perceptual, class_weights: torch.Tensor | None = None
+                           ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Total loss and its terms (detached) of one batch.
 
     Args:
@@ -54,6 +56,7 @@ def joint_autoencoder_loss(x: torch.Tensor, head_a: torch.Tensor, mask_logits: t
         vq_loss: diffusers' VQ loss of the quantisation.
         cfg: the recipe's ``loss`` section (:class:`~histosynth.recipes.histosmith.JointAutoencoderLossConfig`).
         perceptual: a distance module on images in [-1, 1], or None.
+        class_weights: (K + 1,) cross-entropy weights per class (background first), or None (plain CE).
     """
     image_loss, terms = autoencoder_loss(
         x[:, :3], head_a[:, :3], vq_loss, kind="vq", l1_weight=cfg.l1_weight, l2_weight=cfg.l2_weight,
@@ -64,10 +67,20 @@ def joint_autoencoder_loss(x: torch.Tensor, head_a: torch.Tensor, mask_logits: t
     dist_l2 = F.mse_loss(d_pred, d_true)
     mask = x[:, 4:].argmax(1)
     logits = mask_logits.float()
-    ce = F.cross_entropy(logits, mask)
+    ce = F.cross_entropy(logits, mask, weight=None if class_weights is None else class_weights.to(logits))
     tv = tversky_loss(logits.softmax(1), mask, cfg.tversky_alpha, cfg.tversky_beta)
     loss = (image_loss + cfg.distance_l1_weight * dist_l1 + cfg.distance_l2_weight * dist_l2
             + cfg.cross_entropy_weight * ce + cfg.tversky_weight * tv)
     terms.update(distance_l1=dist_l1.detach(), distance_l2=dist_l2.detach(), cross_entropy=ce.detach(),
                  tversky=tv.detach())
     return loss, terms
+
+
+def class_weights_from_frequency(pixels_per_class) -> torch.Tensor:
+    """(C,) float32 weights ∝ 1/sqrt(pixel frequency), normalised to mean 1; a class with no pixel gets the largest
+    weight of the others (it cannot be learned from these patches, and must not blow up the loss)."""
+    counts = torch.as_tensor(pixels_per_class, dtype=torch.float64)
+    freq = counts / counts.sum()
+    w = torch.where(freq > 0, freq.clamp_min(1e-12).rsqrt(), torch.zeros_like(freq))
+    w = torch.where(freq > 0, w, w.max())
+    return (w / w.mean()).float()

@@ -35,6 +35,9 @@ class JointAutoencoderLossConfig(AutoencoderLossConfig):
     tversky_weight: float = 1.0
     tversky_alpha: float = 0.3  # weight of false positives (α = β = 0.5 is Dice)
     tversky_beta: float = 0.7  # weight of false negatives: favours recall of small nuclei
+    # cross-entropy class weights: "none" (the paper's plain CE) or ∝ 1/sqrt(pixel frequency of the class over the
+    # training patches), normalised to mean 1, so that rare types (e.g. CoNSeP's "other") are decoded at all
+    mask_class_weighting: Literal["none", "inverse-sqrt-frequency"] = "none"
 
 
 @dataclass(kw_only=True)

@@ -19,7 +19,7 @@ from torch.utils.data import Dataset
 
 from histosynth.data.store import PatchStore
 from histosynth.diffusion.autoencoder_loss import make_perceptual
-from histosynth.diffusion.joint_autoencoder_loss import joint_autoencoder_loss
+from histosynth.diffusion.joint_autoencoder_loss import class_weights_from_frequency, joint_autoencoder_loss
 from histosynth.errors import DataError, HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel, joint_batch, pack_joint_input
 from histosynth.recipes.histosmith import JointAutoencoderRecipe
@@ -91,6 +91,14 @@ class JointAutoencoderTask(AutoencoderTask):
     def setup(self, accelerator, run, resuming):
         self.device, self.autocast = accelerator.device, accelerator.autocast
         self._dataset = LabelledPatchDataset(self.store, "train")
+        self.class_weights = None
+        if self.recipe.loss.mask_class_weighting == "inverse-sqrt-frequency":
+            k = len(self.class_names)
+            pixels = sum(np.bincount(np.asarray(self.store[i]["type_map"]).ravel(), minlength=k + 1)[: k + 1]
+                         for i in self._dataset.indices)
+            self.class_weights = class_weights_from_frequency(pixels).to(self.device)
+            accelerator.print("mask cross-entropy class weights: " + ", ".join(
+                f"{n} {w:.2f}" for n, w in zip(("background", *self.class_names), self.class_weights.tolist())))
 
     def build_model(self, accelerator, run, resuming):
         recipe = self.recipe
@@ -113,6 +121,7 @@ class JointAutoencoderTask(AutoencoderTask):
                              c[4].numpy().astype(np.int64), k) for c in crops])).to(self.device)
         with self.autocast():
             head_a, logits, vq_loss, indices = model(x)
-            loss, terms = joint_autoencoder_loss(x, head_a, logits, vq_loss, cfg=recipe.loss, perceptual=self.perceptual)
+            loss, terms = joint_autoencoder_loss(x, head_a, logits, vq_loss, cfg=recipe.loss, perceptual=self.perceptual,
+                                                 class_weights=self.class_weights)
         terms["codes"] = torch.tensor(float(torch.unique(indices).numel()), device=loss.device)
         return loss, terms, x.shape[0]
