@@ -16,7 +16,6 @@ import hashlib
 import json
 import sys
 import types
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -218,7 +217,8 @@ def test_a_segmenter_typing_connective_as_inflammatory(hs, tmp_path):
 
 
 def test_inside_and_beyond_the_training_range_of_a_store(hs, store, tmp_path):
-    from histosynth.evaluate.controllability import count_agreement, training_range
+    from histosynth.evaluate.controllability import count_agreement
+    from histosynth.evaluate.requested_counts import training_range
 
     root, labels, requested, lookup = hs
     realised = np.array([_counts(i, t) for i, t in labels], float)
@@ -254,7 +254,8 @@ def test_inside_and_beyond_the_training_range_of_a_store(hs, store, tmp_path):
 
 
 def test_training_range_of_a_histosmith_model_and_of_a_mapping(hs, tmp_path):
-    from histosynth.evaluate.controllability import count_agreement, training_range
+    from histosynth.evaluate.controllability import count_agreement
+    from histosynth.evaluate.requested_counts import training_range
 
     root, labels, requested, lookup = hs
     run = tmp_path / "run"

@@ -86,7 +86,7 @@ class CountConditioner(ModelMixin, ConfigMixin):
                 tissue (named, with the known ones).
         Warns when a count lies outside the training range (the range is stated).
         """
-        names, known = list(self.config.class_names), list(self.config.tissues)
+        known = list(self.config.tissues)
         table = self.count_table(counts, source=source)
         if len(tissues) != len(table):
             raise HistosynthError(f"{len(tissues)} tissue names for {len(table)} count vectors", source)
