@@ -265,6 +265,27 @@ def test_pipeline_save_load_and_outputs(trained, tmp_path):
         pipe(request, tissue="colon", progress=False)
 
 
+def test_guidance_zero_ignores_the_request_and_one_follows_it(trained):
+    from histosynth.methods import load_pipeline
+
+    _, run = trained
+    _, pipe = load_pipeline(run)
+
+    def images(request, g):
+        return pipe([request], guidance_scale=g, generator=torch.Generator().manual_seed(3), progress=False,
+                    warn_out_of_range=False).images
+
+    a, b = {"neoplastic": 9}, {"connective": 5, "inflammatory": 5}
+    assert np.array_equal(images(a, 0.0), images(b, 0.0))  # g = 0: the null condition alone
+    assert not np.array_equal(images(a, 1.0), images(b, 1.0))  # g = 1: the request alone
+
+
+def test_pipelines_import_from_the_package_in_a_fresh_interpreter():
+    code = "from histosynth import HistoSmithPipeline, NASDMPipeline; print(HistoSmithPipeline.__name__)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "HistoSmithPipeline", done.stderr[-2000:]
+
+
 def _cli(*args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
     return subprocess.run([sys.executable, "-m", "histosynth.cli", *args], env=env, capture_output=True, text=True,

@@ -11,17 +11,18 @@ __version__ = "0.1.0"
 #: model classes diffusers finds by name when loading a pipeline (model_index.json: ["histosynth", NAME])
 _MODELS = {"SemanticUNet": "histosynth.models", "JointVQModel": "histosynth.models.joint_autoencoder",
            "CountConditioner": "histosynth.conditions.counts"}
-_REGISTRY = ("Method", "register_method", "get_method", "load_pipeline", "methods")
+_REGISTRY = ("Method", "register_method", "get_method", "load_pipeline")  # histosynth.methods is the module
 
 
 def __getattr__(name):
-    if name in _MODELS:
-        import importlib
+    import importlib
 
+    if name in _MODELS:
         return getattr(importlib.import_module(_MODELS[name]), name)
     if name.startswith("_"):
         raise AttributeError(name)
-    from histosynth import methods as registry
+    # importlib, not `from histosynth import methods`: that would look the submodule up through this very function
+    registry = importlib.import_module("histosynth.methods")
 
     if name in _REGISTRY:
         return getattr(registry, name)

@@ -28,16 +28,19 @@ __all__ = ["sample"]
 @click.option("--boost", default=None, help="HistoSmith: multiply types' requested counts, e.g. other=3.")
 @click.option("--split", default=None, type=click.Choice(["train", "test", "all"]),
               help="The split drawn from: --masks (default test), --counts-from (default train).")
-@click.option("--num", type=int, default=None,
+@click.option("--num", type=click.IntRange(min=1), default=None,
               help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
-                   "(default: each prompt once, in order).")
+                   "(default: each prompt once, in order). Counts: images (default 16; --requests: each row once, "
+                   "or cycled to this many).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
-                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM the recipe's, 1.75).")
+                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM and HistoSmith the "
+                   "recipe's: 1.75, 2.0).")
 @click.option("--steps", type=int, default=None,
-              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM the recipe's: 50).")
+              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM and HistoSmith the "
+                   "recipe's: 50).")
 @click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
-              help="NASDM: ddpm (default) or ddim. PathLDM: ddim only.")
+              help="NASDM: ddpm (default) or ddim. PathLDM and HistoSmith: ddim only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")

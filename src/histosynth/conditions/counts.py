@@ -90,9 +90,10 @@ class CountConditioner(ModelMixin, ConfigMixin):
         table = self.count_table(counts, source=source)
         if len(tissues) != len(table):
             raise HistosynthError(f"{len(tissues)} tissue names for {len(table)} count vectors", source)
-        unknown = sorted({t for t in tissues if t not in known})
-        if unknown:
-            raise HistosynthError(f"unknown tissue {unknown[0]!r}; the model knows {', '.join(known)}", source)
+        for i, t in enumerate(tissues):
+            if t not in known:
+                raise HistosynthError(f"{_request(i, len(table))}unknown tissue {t!r}; the model knows {', '.join(known)}",
+                                      source)
         if warn:
             self.warn_out_of_range(table)
         onehot = np.zeros((len(table), len(known)), np.float32)
@@ -105,10 +106,11 @@ class CountConditioner(ModelMixin, ConfigMixin):
         names = list(self.config.class_names)
         if len(counts) and isinstance(counts[0], Mapping):
             rows = []
-            for request in counts:
+            for i, request in enumerate(counts):
                 bad = sorted(set(request) - set(names))
                 if bad:
-                    raise HistosynthError(f"unknown nucleus type {bad[0]!r}; the model knows {', '.join(names)}", source)
+                    raise HistosynthError(f"{_request(i, len(counts))}unknown nucleus type {bad[0]!r}; the model knows "
+                                          f"{', '.join(names)}", source)
                 rows.append([request.get(n, 0) for n in names])
             counts = rows
         try:
@@ -118,8 +120,11 @@ class CountConditioner(ModelMixin, ConfigMixin):
         if table.ndim != 2 or table.shape[1] != len(names):
             raise HistosynthError(f"a count vector has {len(names)} entries ({', '.join(names)}), got shape "
                                   f"{tuple(table.shape)}", source)
-        if not np.isfinite(table).all() or (table < 0).any():
-            raise HistosynthError("counts must be finite and not negative", source)
+        bad = ~np.isfinite(table) | (table < 0)
+        if bad.any():
+            i, k = (int(v) for v in np.argwhere(bad)[0])
+            raise HistosynthError(f"{_request(i, len(table))}{names[k]} count {table[i, k]:g}: counts must be finite and "
+                                  "not negative", source)
         return table
 
     def warn_out_of_range(self, table: np.ndarray) -> None:
@@ -145,3 +150,8 @@ class CountConditioner(ModelMixin, ConfigMixin):
 
     def null_condition(self, batch_size: int) -> CountCondition:
         return self(self.null.detach().expand(batch_size, -1), None)
+
+
+def _request(i: int, n: int) -> str:
+    """'request 3: ' (1-based) when there are several, else ''."""
+    return f"request {i + 1}: " if n > 1 else ""

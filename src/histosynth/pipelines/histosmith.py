@@ -88,7 +88,7 @@ class HistoSmithPipeline(DiffusionPipeline):
         tissue: str | list[str] | None = None,
         guidance_scale: float | None = None,
         num_inference_steps: int | None = None,
-        eta: float = 0.0,
+        eta: float | None = None,
         generator: torch.Generator | list[torch.Generator] | None = None,
         progress: bool = True,
         warn_out_of_range: bool = True,
@@ -102,6 +102,7 @@ class HistoSmithPipeline(DiffusionPipeline):
                 on one.
             guidance_scale: g (1 = conditional only); default the recipe's ``sampling.guidance_scale``.
             num_inference_steps: DDIM steps, exactly this many run; default the recipe's.
+            eta: DDIM's η (0 = deterministic); default the recipe's ``sampling.eta``.
         Raises:
             HistosynthError: a wrong-length vector, a negative count, an unknown type or tissue, a step count
                 outside 1..T. Requests outside the training range warn (the range is in the message).
@@ -109,6 +110,7 @@ class HistoSmithPipeline(DiffusionPipeline):
         sampling = self.config.sampling or {}
         g_scale = sampling.get("guidance_scale", 2.0) if guidance_scale is None else guidance_scale
         steps = sampling.get("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
+        eta = sampling.get("eta", 0.0) if eta is None else eta
         # 1. the requests → condition vectors (B, K+T) and their null
         if isinstance(counts, dict):
             counts = [counts]

@@ -107,6 +107,9 @@ class HistoSmithRecipe(Recipe):
                 "injection cross-attention/both)" if cross else "needs CrossAttn blocks in unet"))
         if c.num_tokens < 1:
             problems.append(f"condition.num_tokens must be at least 1, got {c.num_tokens}")
+        if t.init_unet is not None:
+            problems.append("train.init_unet must be null: HistoSmith's UNet starts from scratch (its input is the joint "
+                            "latent and its condition a count vector, which no released LDM shares)")
         if not t.cache_latents:
             problems.append("train.cache_latents must be true: HistoSmith trains on cached joint latents")
         return problems

@@ -53,13 +53,18 @@ def parse_assignments(text: str, option: str) -> dict[str, float]:
 
 
 def requests_from_store(store_path, pipe, num: int, seed: int, split: str | None) -> tuple[list[dict], list[str]]:
-    """``num`` (counts, tissue) requests: patches of the store's split drawn with replacement by ``seed``."""
+    """``num`` (counts, tissue) requests: patches of the store's split (None: all) drawn with replacement by ``seed``.
+    The store must have the model's classes, patch size and magnification (counts per patch mean nothing else)."""
     store = PatchStore(store_path)
     if not store.has_labels:
         raise DataError("--counts-from: this store has no nuclei labels to take counts from", store_path)
     if list(store.class_names) != pipe.class_names:
         raise DataError(f"--counts-from: the store's classes {list(store.class_names)} differ from the model's "
                         f"{pipe.class_names}", store_path)
+    model = (pipe.config.patch_size, pipe.config.magnification)
+    if None not in model and (store.patch_size, str(store.magnification)) != (model[0], str(model[1])):
+        raise DataError(f"--counts-from: the store holds {store.patch_size} px patches at {store.magnification}, the "
+                        f"model makes {model[0]} px at {model[1]}: counts per patch would be on another scale", store_path)
     pool = store.indices(split)
     if not pool:
         raise DataError(f"--counts-from: the store has no {split!r} patches", store_path)
@@ -78,7 +83,7 @@ def requests_from_file(path: Path, pipe) -> tuple[list[dict], list]:
     path = Path(path)
     if not path.is_file():
         raise HistosynthError("--requests: file not found", path)
-    text = path.read_text()
+    text = path.read_text(encoding="utf-8-sig")  # a CSV saved by a spreadsheet may start with a BOM
     if path.suffix.lower() == ".csv":
         rows = list(csv.DictReader(text.splitlines()))
     else:
@@ -108,7 +113,7 @@ def build_requests(pipe, source: dict, num: int | None, seed: int, split: str | 
     if len(given) != 1:
         raise HistosynthError("give one of --counts-from STORE, --requests FILE or --counts TYPE=N,... (with --tissue)")
     if source.get("counts_from") is not None:
-        counts, tissues = requests_from_store(source["counts_from"], pipe, num or DEFAULT_NUM, seed, split or "train")
+        counts, tissues = requests_from_store(source["counts_from"], pipe, num or DEFAULT_NUM, seed, split)
     elif source.get("requests") is not None:
         counts, tissues = requests_from_file(source["requests"], pipe)
         if num is not None:  # cycle through the file's requests
@@ -122,7 +127,8 @@ def build_requests(pipe, source: dict, num: int | None, seed: int, split: str | 
         if len(pipe.tissues) != 1:
             raise HistosynthError(f"--tissue: give a tissue; the model knows {', '.join(pipe.tissues)}")
         tissues = [t or pipe.tissues[0] for t in tissues]
-    table = pipe.conditioner.count_table(counts)
+    where = source.get("requests") or source.get("counts_from") or "--counts"
+    table = pipe.conditioner.count_table(counts, source=where)
     if source.get("boost"):
         boost = parse_assignments(source["boost"], "--boost")
         unknown = sorted(set(boost) - set(pipe.class_names))
@@ -132,6 +138,7 @@ def build_requests(pipe, source: dict, num: int | None, seed: int, split: str | 
             raise HistosynthError("--boost: factors must not be negative")
         for name, factor in boost.items():
             table[:, pipe.class_names.index(name)] *= factor
+    pipe.conditioner.vectors(table, tissues, source=where)  # every request checked (and range warned) before any work
     return table, tissues
 
 
@@ -143,7 +150,6 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
     if sampler not in (None, "ddim"):
         raise HistosynthError(f"--sampler: a HistoSmith model samples with ddim, not {sampler}")
     table, tissues = build_requests(pipe, source, num, seed, split)
-    pipe.conditioner.vectors(table, tissues)  # check every request (and warn once) before any work
     names = pipe.class_names
     with SampleWriter(out, overwrite, grid_rows=grid_rows) as writer:
         write_class_names(writer.root / FOLDER, names)
@@ -164,9 +170,12 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
                        "requested": {n: float(v) for n, v in zip(names, requested)},
                        "realised": {n: int(v) for n, v in zip(names, realised)},
                        "inst_map": f"{FOLDER}/{name}_inst.png", "type_map": f"{FOLDER}/{name}_type.png",
-                       "seed": seed, "batch_seed": batch_seed, "num_inference_steps": result.num_steps_run,
+                       "magnification": pipe.config.magnification, "seed": seed, "batch_seed": batch_seed,
+                       "num_inference_steps": result.num_steps_run,
                        "guidance_scale": guidance_scale if guidance_scale is not None
                        else (pipe.config.sampling or {}).get("guidance_scale")}
-                grid = [image, label_overlay(image, inst, types), counts_panel(requested, realised, names, image.shape[0])]
+                grid = None
+                if writer.count < grid_rows:  # the writer keeps the first grid_rows panels only
+                    grid = [image, label_overlay(image, inst, types), counts_panel(requested, realised, names, image.shape[0])]
                 writer.add(image, row, grid=grid)
     return Path(out)
