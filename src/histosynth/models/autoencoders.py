@@ -18,7 +18,7 @@ from diffusers import AutoencoderKL, VQModel
 
 from histosynth.errors import HistosynthError
 
-__all__ = ["make_autoencoder", "load_autoencoder", "autoencoder_kind", "latent_channels_of", "Autoencoder"]
+__all__ = ["block_types", "make_autoencoder", "load_autoencoder", "autoencoder_kind", "latent_channels_of", "Autoencoder"]
 
 def _classes() -> dict:
     from histosynth.models.joint_autoencoder import JointVQModel  # HistoSmith's (image, distance, mask) VQ model
@@ -26,6 +26,15 @@ def _classes() -> dict:
     return {"VQModel": VQModel, "AutoencoderKL": AutoencoderKL, "JointVQModel": JointVQModel}
 
 Autoencoder = VQModel | AutoencoderKL
+
+
+def block_types(levels: int, attention_levels: Sequence[int] = ()) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """(encoder down blocks, decoder up blocks) of a CompVis first stage with self-attention at ``attention_levels``
+    (0 = full resolution)."""
+    down = tuple("AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D" for i in range(levels))
+    # diffusers' decoder runs its up blocks from the lowest resolution: up block i is level (levels - 1 - i)
+    up = tuple("AttnUpDecoderBlock2D" if levels - 1 - i in attention_levels else "UpDecoderBlock2D" for i in range(levels))
+    return down, up
 
 
 def make_autoencoder(
@@ -45,10 +54,7 @@ def make_autoencoder(
     out_channels: int = 3,
 ) -> VQModel | AutoencoderKL:
     """A freshly initialised ``VQModel`` (kind "vq") or ``AutoencoderKL`` (kind "kl")."""
-    levels = len(block_out_channels)
-    down = tuple("AttnDownEncoderBlock2D" if i in attention_levels else "DownEncoderBlock2D" for i in range(levels))
-    # diffusers' decoder runs its up blocks from the lowest resolution: up block i is level (levels - 1 - i)
-    up = tuple("AttnUpDecoderBlock2D" if levels - 1 - i in attention_levels else "UpDecoderBlock2D" for i in range(levels))
+    down, up = block_types(len(block_out_channels), attention_levels)
     common = dict(
         in_channels=in_channels,
         out_channels=out_channels,

@@ -14,7 +14,8 @@ is head A (4 channels: image and distance map) plus a second decoder of the same
 give each a full decoder (a shared trunk with two output convolutions would be cheaper, but the semantic head
 would then compete with the image for the same features, which the two-head design exists to avoid).
 Being a ``VQModel``, it saves / loads with ``save_pretrained`` / ``from_pretrained``, and the latent cache,
-codebook initialisation and scaling-factor code of the image autoencoder work on it unchanged.
+codebook initialisation and scaling-factor code of the image autoencoder work on it, given its input batch
+(:func:`joint_batch`).
 """
 
 from __future__ import annotations
@@ -112,12 +113,15 @@ class JointVQModel(VQModel):
             norm_num_groups=norm_num_groups, norm_type=norm_type, mid_block_add_attention=mid_block_add_attention,
         )
 
-    def decode_quantized(self, quant: torch.Tensor, commit_loss: torch.Tensor | None = None) -> JointDecoderOutput:
-        """Both heads from quantised latents (B, vq_embed_dim, h, w)."""
+    def _raw_heads(self, quant: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(head A's 4 channels in [-1, 1]-space, head B's K + 1 logits) of quantised latents."""
         post = self.post_quant_conv(quant)
         spatial = quant if self.config.norm_type == "spatial" else None
-        a = self.decoder(post, spatial)
-        b = self.mask_decoder(post, spatial)
+        return self.decoder(post, spatial), self.mask_decoder(post, spatial)
+
+    def decode_quantized(self, quant: torch.Tensor, commit_loss: torch.Tensor | None = None) -> JointDecoderOutput:
+        """Both heads from quantised latents (B, vq_embed_dim, h, w)."""
+        a, b = self._raw_heads(quant)
         return JointDecoderOutput(image=a[:, :IMAGE_CHANNELS], distance=((a[:, IMAGE_CHANNELS:] + 1) / 2).clamp(0, 1),
                                   mask_logits=b, commit_loss=commit_loss)
 
@@ -131,9 +135,7 @@ class JointVQModel(VQModel):
     def reconstruct(self, x: torch.Tensor):
         """Training forward: (head A's raw 4 channels in [-1, 1]-space, head B's logits, VQ loss, code indices)."""
         quant, vq_loss, (_, _, indices) = self.quantize(self.encode(x).latents)
-        post = self.post_quant_conv(quant)
-        spatial = quant if self.config.norm_type == "spatial" else None
-        return self.decoder(post, spatial), self.mask_decoder(post, spatial), vq_loss, indices
+        return (*self._raw_heads(quant), vq_loss, indices)
 
 
 def joint_batch(store, indices) -> torch.Tensor:

@@ -33,7 +33,7 @@ from histosynth.pipelines.histosmith import HistoSmithPipeline
 from histosynth.recipes.histosmith import HistoSmithRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import LR_WARMUP_START
+from histosynth.training.pathldm import ldm_warmup_factor
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import TrainingTask
 
@@ -140,9 +140,8 @@ class HistoSmithTask(TrainingTask):
         unet = make_unet(self.recipe, shape[2], shape[-1], self.conditioner_template.width)
         return CountDenoiser(unet, copy.deepcopy(self.conditioner_template))
 
-    def lr_factor(self, step: int) -> float:  # LDM's linear warm-up, then constant
-        warmup = max(0, self.recipe.train.lr_warmup_steps)
-        return 1.0 if step >= warmup else LR_WARMUP_START + (1.0 - LR_WARMUP_START) * step / warmup
+    def lr_factor(self, step: int) -> float:
+        return ldm_warmup_factor(step, self.recipe.train.lr_warmup_steps)
 
     def dataset(self):
         return _Positions(len(self.indices))

@@ -21,6 +21,7 @@ from histosynth.data.store import PatchStore
 from histosynth.diffusion.autoencoder_loss import make_perceptual
 from histosynth.diffusion.joint_autoencoder_loss import class_weights_from_frequency, joint_autoencoder_loss
 from histosynth.errors import DataError, HistosynthError
+from histosynth.models.autoencoders import block_types
 from histosynth.models.joint_autoencoder import JointVQModel, joint_batch, pack_joint_input
 from histosynth.recipes.histosmith import JointAutoencoderRecipe
 from histosynth.training.autoencoder import (
@@ -60,13 +61,10 @@ class JointReconstruction(nn.Module):
 
 
 def make_joint_model(recipe: JointAutoencoderRecipe, class_names) -> JointVQModel:
-    m, levels = recipe.model, len(recipe.model.block_out_channels)
+    m = recipe.model
+    down, up = block_types(len(m.block_out_channels), m.attention_levels)
     return JointVQModel(
-        num_classes=len(class_names), class_names=tuple(class_names),
-        down_block_types=tuple("AttnDownEncoderBlock2D" if i in m.attention_levels else "DownEncoderBlock2D"
-                               for i in range(levels)),
-        up_block_types=tuple("AttnUpDecoderBlock2D" if levels - 1 - i in m.attention_levels else "UpDecoderBlock2D"
-                             for i in range(levels)),
+        num_classes=len(class_names), class_names=tuple(class_names), down_block_types=down, up_block_types=up,
         block_out_channels=tuple(m.block_out_channels), layers_per_block=m.layers_per_block,
         latent_channels=m.latent_channels, num_vq_embeddings=m.num_vq_embeddings, vq_embed_dim=m.vq_embed_dim,
         norm_num_groups=m.norm_num_groups, mid_block_add_attention=m.mid_block_attention, sample_size=recipe.patch_size,

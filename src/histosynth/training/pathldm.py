@@ -41,6 +41,12 @@ from histosynth.training.task import TrainingTask
 LR_WARMUP_START = 1e-6  # LDM's LambdaLinearScheduler f_start
 
 
+def ldm_warmup_factor(step: int, warmup: int) -> float:
+    """LDM's LambdaLinearScheduler: linear from LR_WARMUP_START to 1 over ``warmup`` steps, then constant."""
+    warmup = max(0, warmup)
+    return 1.0 if step >= warmup else LR_WARMUP_START + (1.0 - LR_WARMUP_START) * step / warmup
+
+
 class LatentDenoiser(torch.nn.Module):
     """What is trained: the UNet, and the conditioning's trainable part (e.g. the class embedding) if it has one."""
 
@@ -150,9 +156,8 @@ class PathLDMTask(TrainingTask):
                 write_report(report, run / "init_report.json")
         return LatentDenoiser(unet, encoder)
 
-    def lr_factor(self, step: int) -> float:  # linear warm-up from LR_WARMUP_START·lr, then constant
-        warmup = max(0, self.recipe.train.lr_warmup_steps)
-        return 1.0 if step >= warmup else LR_WARMUP_START + (1.0 - LR_WARMUP_START) * step / warmup
+    def lr_factor(self, step: int) -> float:
+        return ldm_warmup_factor(step, self.recipe.train.lr_warmup_steps)
 
     def dataset(self):
         return _Positions(self.indices, None if self.stats is not None else self.store)
