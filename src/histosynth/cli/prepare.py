@@ -4,7 +4,9 @@ The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`his
 thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
 ``--sources SOURCES.yaml``, each read by :mod:`histosynth.data.formats`, mapped onto one class list with a tissue
 name; ``--append`` adds to an existing store; optional stain normalisation); ``prepare slides`` into
-:func:`histosynth.data.slides.prepare_slides`. User errors (corrupt image, size mismatch, unknown class id, a class
+:func:`histosynth.data.slides.prepare_slides` (one ``--magnification``) or, with ``--magnifications``,
+:func:`histosynth.data.zoom_levels.prepare_zoom_slides` (ZoomLDM's levels, each patch paired with its base
+region). User errors (corrupt image, size mismatch, unknown class id, a class
 map naming an unknown class, missing or corrupt slide, no resolution metadata, target above the slide's
 magnification) print one line naming the file (or option) and exit with status 2.
 """
@@ -164,28 +166,56 @@ def _store_settings(out, given, patch, magnification, overlap, holdout, seed, st
 @click.option("--patch", default=256, show_default=True, type=click.IntRange(min=1), help="Patch size in pixels (PathLDM: 256).")
 @click.option("--magnification", default="10x", show_default=True,
               help="Target magnification, any value up to the slide's (e.g. 40x, 20x, 10x, 2.5x; PathLDM: 10x).")
+@click.option("--magnifications", default=None,
+              help="Several levels instead of --magnification (ZoomLDM: 20x,10x,5x,2.5x,1.25x,0.625x,0.3125x,0.15625x): "
+                   "the base first, then base/2^k for integers k >= 1, high to low; each patch is paired with its "
+                   "region at the base.")
 @click.option("--overlap", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Overlap of neighbouring patches, as a fraction of the patch.")
+              help="Overlap of neighbouring patches, as a fraction of the patch (not with --magnifications).")
 @click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep a patch when at least this fraction of it is tissue (0 keeps every patch).")
 @click.option("--source-magnification", default=None,
               help="Level-0 magnification of the slides, overriding their metadata (needed for files with neither "
                    "objective power nor microns per pixel, e.g. 20x).")
+@click.option("--mpp", default=None, type=click.FloatRange(min=0.0, min_open=True),
+              help="Level-0 pixel size in micrometres, overriding the slides' metadata (0.5 = 20x); PNG / JPEG "
+                   "regions exported from a viewer need it (or --source-magnification).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store.")
 @user_errors
-def slides_cmd(slides, out, patch, magnification, overlap, tissue_threshold, source_magnification, overwrite):
-    """Tile whole-slide images SLIDES (SVS / TIFF files, or folders of them) into a patch store.
+def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissue_threshold, source_magnification,
+               mpp, overwrite):
+    """Tile whole-slide images SLIDES (SVS / TIFF files, PNG / JPEG regions with --mpp, or folders of them) into a
+    patch store.
 
     Each patch is read from the best pyramid level (resized when no level is at the target), background
     is skipped with a tissue detector, and the manifest keeps slide, level, level and level-0 coordinates,
-    magnification and tissue fraction of every patch.
+    magnification and tissue fraction of every patch. With --magnifications, every level's patches go into
+    one store, each row with its own magnification, zoom and base-grid tile (histosynth.data.zoom_levels).
     """
+    if magnifications is not None:
+        given = _given(click.get_current_context())
+        if "magnification" in given:
+            raise HistosynthError("give --magnification (one level) or --magnifications (several levels), not both")
+        if overlap > 0:
+            raise HistosynthError("--overlap is not used with --magnifications: the patches of a level tile the base "
+                                  "grid without overlap")
+        from histosynth.data.zoom_levels import prepare_zoom_slides
+
+        store = prepare_zoom_slides(
+            list(slides), out, patch=patch, magnifications=magnifications, tissue_threshold=tissue_threshold,
+            source_magnification=source_magnification, mpp=mpp, overwrite=overwrite, command=" ".join(sys.argv),
+            report=lambda line: click.echo(line, err=True),
+        )
+        per_level = ", ".join(f"{m}: {n}" for m, n in store.meta["patches_per_level"].items())
+        click.echo(f"wrote {out}: {len(store)} patches of {store.patch_size} px ({per_level}) "
+                   f"from {len(store.meta['slides'])} slides")
+        return
     from histosynth.data.slides import prepare_slides
 
     store = prepare_slides(
         list(slides), out, patch=patch, magnification=magnification, overlap=overlap,
         tissue_threshold=tissue_threshold, source_magnification=source_magnification, overwrite=overwrite,
-        command=" ".join(sys.argv),
+        command=" ".join(sys.argv), mpp=mpp,
     )
     per_slide = ", ".join(f"{s['path']}: {s['patches']}" for s in store.meta.get("slides", [])[:10])
     more = len(store.meta.get("slides", [])) - 10

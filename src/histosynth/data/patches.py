@@ -28,6 +28,8 @@ class Patch:
     Image-only patches (e.g. tiles of a whole-slide image, for text- or class-conditioned models) have
     no labels: ``inst_map`` and ``type_map`` are None. ``extra`` holds further per-patch metadata (JSON
     values) that the store writes into the patch's manifest row, e.g. the slide level and tissue fraction.
+    ``magnification`` is the patch's own ('5x') in a store of several magnifications (ZoomLDM, see
+    :mod:`histosynth.data.zoom_levels`); None: the store's one magnification.
     """
 
     image: np.ndarray  # uint8 (P, P, 3)
@@ -39,6 +41,7 @@ class Patch:
     crop: int
     source: str
     extra: dict = field(default_factory=dict)
+    magnification: str | None = None
 
 
 def parse_magnification(value: str | float | int, source: str | None = None) -> float:
@@ -115,7 +118,7 @@ def relabel_contiguous(inst_map: np.ndarray) -> np.ndarray:
     return inverse.astype(np.int32)
 
 
-def _resize_image(image: np.ndarray, size: int) -> np.ndarray:
+def resize_image(image: np.ndarray, size: int) -> np.ndarray:
     """Area (box) averaging when shrinking: anti-aliased, as a lower objective would see the tissue."""
     if image.shape[0] == size:
         return np.array(image, dtype=np.uint8)
@@ -161,7 +164,7 @@ def crop_size(
 def _cut(record: NucleiRecord, y: int, x: int, crop: int, patch: int, split: str) -> Patch:
     window = (slice(y, y + crop), slice(x, x + crop))
     return Patch(
-        image=_resize_image(record.image[window], patch),
+        image=resize_image(record.image[window], patch),
         inst_map=relabel_contiguous(_resize_labels(record.inst_map[window], patch)),
         type_map=_resize_labels(record.type_map[window], patch),
         split=split,

@@ -6,9 +6,17 @@ metadata a later conditioning step needs. The paper only says "256x256 patches a
 everything below is our choice where it is silent.
 
 Resolution. The slide's level-0 magnification M0 is, in order: ``source_magnification`` when given
-(an override), the slide's objective power (``tiffslide.objective-power`` / ``openslide.objective-power``),
-else 10 / MPP (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to the nominal magnification when within 10 %.
-A slide with none of these is an error when a magnification is asked (pass ``--source-magnification``).
+(an override), 10 / ``mpp`` when a pixel size is given (an override, ``--mpp``), the slide's objective power
+(``tiffslide.objective-power`` / ``openslide.objective-power``), else 10 / MPP from the file (0.25 um/px =
+40x, 0.5 um/px = 20x); a value from a pixel size is snapped to the nominal magnification when within 10 %.
+A slide with none of these is an error when a magnification is asked (pass ``--mpp`` or
+``--source-magnification``). Both overrides together must agree within 10 %.
+
+Files. Slide formats (SLIDE_SUFFIXES) open with tiffslide, else openslide; PNG / JPEG images (a region
+exported from a viewer) open as single-level slides (:mod:`histosynth.data.plain_image_slide`), whose own
+dpi tags are ignored: they need ``--mpp`` or ``--source-magnification``. A folder given as a slide stands
+for its slide files, and for its PNG / JPEG files too when one of those overrides is given (without one
+they could not be read, and folders of slides often hold PNG thumbnails or labels).
 
 Level. A patch at target magnification M spans d = M0 / M level-0 pixels per patch pixel. It is read from
 the pyramid level with the largest downsample <= d, i.e. the lowest-resolution level whose magnification
@@ -41,21 +49,28 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from histosynth.data.patches import Patch, _resize_image, format_magnification, parse_magnification
+from histosynth.data.patches import Patch, resize_image, format_magnification, parse_magnification
+from histosynth.data.plain_image_slide import PLAIN_IMAGE_SUFFIXES, PlainImageSlide
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
 __all__ = [
+    "PLAIN_IMAGE_SUFFIXES",
     "SLIDE_SUFFIXES",
     "SlidePlan",
     "best_level_for",
+    "check_tiling_args",
+    "check_resolution_overrides",
+    "expand_slides",
     "open_slide",
     "plan_slide",
     "prepare_slides",
+    "read_region",
     "read_thumbnail",
     "slide_magnification",
     "slide_mpp",
     "tile_slide",
     "tissue_mask",
+    "to_level0",
 ]
 
 SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
@@ -66,13 +81,20 @@ READ_CHUNK = 512  # level pixels per side of one read while building the thumbna
 
 
 # ------------------------------------------------------------------------------------------ opening
-def open_slide(path: str | Path):
-    """Open a whole-slide image with tiffslide, else openslide when importable; errors name the file."""
+def open_slide(path: str | Path, *, mpp: float | None = None):
+    """Open a whole-slide image with tiffslide, else openslide when importable; errors name the file.
+
+    A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one level; ``mpp``, micrometres per
+    level-0 pixel, becomes its ``openslide.mpp-x`` property). ``mpp`` is not applied to other slides here:
+    :func:`slide_magnification` takes it as an override.
+    """
     path = Path(path)
     if not path.exists():
         raise DataError("slide not found", path)
     if not path.is_file():
         raise DataError("not a slide file", path)
+    if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
+        return PlainImageSlide(path, mpp=mpp)
     errors, backends = [], 0
     try:
         import tiffslide
@@ -120,26 +142,62 @@ def slide_mpp(slide) -> float | None:
     return _property(slide, "mpp-x")
 
 
-def slide_magnification(slide, path: str | Path | None = None, override: str | float | None = None) -> tuple[float, str]:
-    """Level-0 magnification and where it came from: 'override', 'objective-power' or 'mpp'.
+def magnification_from_mpp(mpp: float) -> float:
+    """10 / mpp (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to a nominal magnification within 10 %."""
+    mag = 10.0 / float(mpp)
+    nominal = min(NOMINAL_MAGNIFICATIONS, key=lambda m: abs(m - mag) / m)
+    return nominal if abs(nominal - mag) <= 0.1 * nominal else mag
 
-    From MPP: 10 / mpp (0.25 um/px = 40x, 0.5 um/px = 20x), snapped to a nominal magnification within 10 %.
+
+def slide_magnification(
+    slide, path: str | Path | None = None, override: str | float | None = None, *, mpp: float | None = None
+) -> tuple[float, str]:
+    """Level-0 magnification and where it came from: 'override', 'mpp-override', 'objective-power' or 'mpp'.
+
+    ``override`` (a magnification) wins, then ``mpp`` (micrometres per level-0 pixel, given by the user),
+    then the file's objective power, then the file's MPP; pixel sizes go through :func:`magnification_from_mpp`.
+    Raises DataError naming the file when none is known.
     """
     if override is not None:
         return parse_magnification(override), "override"  # a flag's value, not the file's: no path
+    if mpp is not None:
+        check_resolution_overrides(None, mpp)  # a flag's value: HistosynthError naming --mpp
+        return magnification_from_mpp(mpp), "mpp-override"
     objective = _property(slide, "objective-power")
     if objective is not None:
         return objective, "objective-power"
-    mpp = slide_mpp(slide)
-    if mpp is not None:
-        mag = 10.0 / mpp
-        nominal = min(NOMINAL_MAGNIFICATIONS, key=lambda m: abs(m - mag) / m)
-        return (nominal if abs(nominal - mag) <= 0.1 * nominal else mag), "mpp"
+    file_mpp = slide_mpp(slide)
+    if file_mpp is not None:
+        return magnification_from_mpp(file_mpp), "mpp"
     raise DataError(
         "no resolution metadata (neither objective power nor microns per pixel), so the magnification of "
-        "the slide is unknown; pass it with --source-magnification (e.g. 20x; source_magnification=)",
+        "the slide is unknown; pass its level-0 pixel size with --mpp (e.g. 0.5 for 20x; mpp=) or its "
+        "magnification with --source-magnification (e.g. 20x; source_magnification=)",
         path,
     )
+
+
+def check_resolution_overrides(source_magnification: str | float | None, mpp: float | None) -> None:
+    """Check the flags --source-magnification and --mpp (HistosynthError naming them), before any slide is opened.
+
+    Each is optional; given together, 10 / mpp must be within 10 % of the magnification.
+    """
+    if source_magnification is not None:
+        format_magnification(source_magnification)
+    if mpp is None:
+        return
+    try:
+        value = float(mpp)
+    except (TypeError, ValueError):
+        value = float("nan")
+    if not (math.isfinite(value) and value > 0):
+        raise HistosynthError(f"--mpp must be a positive number of micrometres per pixel, got {mpp!r}")
+    if source_magnification is not None:
+        mag = parse_magnification(source_magnification)
+        if abs(10.0 / value - mag) > 0.1 * mag:
+            raise HistosynthError(
+                f"--mpp {value:g} (= {10.0 / value:g}x) disagrees with --source-magnification {mag:g}x; give one of them"
+            )
 
 
 def best_level_for(slide, target_downsample: float) -> int:
@@ -157,7 +215,7 @@ def best_level_for(slide, target_downsample: float) -> int:
     return best
 
 
-def _to_level0(coord: int, downsample: float) -> int:
+def to_level0(coord: int, downsample: float) -> int:
     """Smallest level-0 coordinate that read_region maps onto level coordinate `coord` (int(c0 / ds) == coord)."""
     c0 = math.ceil(coord * downsample)
     while c0 > 0 and int((c0 - 1) / downsample) >= coord:
@@ -167,7 +225,7 @@ def _to_level0(coord: int, downsample: float) -> int:
     return c0
 
 
-def _read(slide, location: tuple[int, int], level: int, size: tuple[int, int], path: str) -> np.ndarray:
+def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, int], path: str) -> np.ndarray:
     """uint8 (h, w, 3) RGB of a region (location in level-0 pixels, size in level pixels)."""
     try:
         if type(slide).__module__.startswith("tiffslide"):
@@ -279,8 +337,8 @@ def read_thumbnail(slide, size: tuple[int, int], level: int | None = None, path:
             tx1 = min(tw, tx + block)
             bx0, bx1 = tx * fx, min(tx1 * fx, level_w)
             ix0, ix1 = int(math.floor(bx0)), min(level_w, int(math.ceil(bx1)))
-            loc = (_to_level0(ix0, ds), _to_level0(iy0, ds))
-            region = _read(slide, loc, level, (ix1 - ix0, iy1 - iy0), name)
+            loc = (to_level0(ix0, ds), to_level0(iy0, ds))
+            region = read_region(slide, loc, level, (ix1 - ix0, iy1 - iy0), name)
             small = Image.fromarray(region).resize(
                 (tx1 - tx, ty1 - ty), Image.Resampling.BOX, box=(bx0 - ix0, by0 - iy0, bx1 - ix0, by1 - iy0)
             )
@@ -342,7 +400,7 @@ class SlidePlan:
         return info
 
 
-def _check_args(patch: int, overlap: float, tissue_threshold: float) -> None:
+def check_tiling_args(patch: int, overlap: float, tissue_threshold: float) -> None:
     if int(patch) != patch or patch < 1:
         raise ValueError(f"patch must be a positive integer, got {patch!r}")
     if not 0.0 <= overlap < 1.0:
@@ -357,19 +415,24 @@ def plan_slide(
     magnification: str | float = "10x",
     overlap: float = 0.0,
     source_magnification: str | float | None = None,
+    *,
+    mpp: float | None = None,
 ) -> SlidePlan:
-    """Open the slide, check it and its resolution, and decide level, crop, grid and thumbnail (no pixels read)."""
-    _check_args(patch, overlap, 0.0)
+    """Open the slide, check it and its resolution, and decide level, crop, grid and thumbnail (no pixels read).
+
+    ``mpp`` (micrometres per level-0 pixel) overrides the file's resolution like ``source_magnification``.
+    """
+    check_tiling_args(patch, overlap, 0.0)
     path = Path(path)
-    slide = open_slide(path)
+    slide = open_slide(path, mpp=mpp)
     try:
-        return _plan(slide, str(path), int(patch), magnification, overlap, source_magnification)
+        return _plan(slide, str(path), int(patch), magnification, overlap, source_magnification, mpp)
     finally:
         slide.close()
 
 
-def _plan(slide, path: str, patch: int, magnification, overlap: float, source_magnification) -> SlidePlan:
-    target = parse_magnification(magnification)  # a flag's value: an error names no file
+def slide_size(slide, path: str) -> tuple[int, int]:
+    """Level-0 (width, height) of an opened slide; DataError naming the file when unreadable or empty."""
     try:
         width0, height0 = (int(v) for v in slide.dimensions)
         level_count = int(slide.level_count)
@@ -377,7 +440,28 @@ def _plan(slide, path: str, patch: int, magnification, overlap: float, source_ma
         raise DataError(f"cannot read the slide's dimensions: {type(exc).__name__}: {exc}", path) from None
     if width0 < 1 or height0 < 1 or level_count < 1:
         raise DataError(f"empty slide ({width0}x{height0} px, {level_count} levels)", path)
-    source, how = slide_magnification(slide, path, source_magnification)
+    return width0, height0
+
+
+def thumbnail_geometry(slide, tile0: float) -> tuple[tuple[int, int], int]:
+    """Tissue thumbnail (w, h) and the level it is read from, for tiles of ``tile0`` level-0 px per side.
+
+    About THUMB_PIXELS_PER_TILE thumbnail pixels per tile side, longest side within [THUMB_MIN_SIDE,
+    THUMB_MAX_SIDE], never above level 0's resolution.
+    """
+    width0, height0 = (int(v) for v in slide.dimensions)
+    longest = max(width0, height0)
+    scale = tile0 / THUMB_PIXELS_PER_TILE
+    scale = max(1.0, min(max(scale, longest / THUMB_MAX_SIDE), longest / THUMB_MIN_SIDE))
+    thumb = (max(1, round(width0 / scale)), max(1, round(height0 / scale)))
+    return thumb, best_level_for(slide, min(width0 / thumb[0], height0 / thumb[1]))
+
+
+def _plan(slide, path: str, patch: int, magnification, overlap: float, source_magnification,
+          mpp: float | None = None) -> SlidePlan:
+    target = parse_magnification(magnification)  # a flag's value: an error names no file
+    width0, height0 = slide_size(slide, path)
+    source, how = slide_magnification(slide, path, source_magnification, mpp=mpp)
     if target > source * (1 + 1e-3):
         raise DataError(
             f"target magnification {target:g}x is above the slide's {source:g}x (from its {how}); "
@@ -392,14 +476,10 @@ def _plan(slide, path: str, patch: int, magnification, overlap: float, source_ma
     level_crop = patch if exact else max(patch, round(patch * needed / ds))
     stride = max(1, round(level_crop * (1.0 - overlap)))
     # thumbnail: ~THUMB_PIXELS_PER_TILE pixels per tile side, longest side within [THUMB_MIN_SIDE, THUMB_MAX_SIDE]
-    longest = max(width0, height0)
-    scale = level_crop * ds / THUMB_PIXELS_PER_TILE
-    scale = max(1.0, min(max(scale, longest / THUMB_MAX_SIDE), longest / THUMB_MIN_SIDE))
-    thumb = (max(1, round(width0 / scale)), max(1, round(height0 / scale)))
-    thumb_level = best_level_for(slide, min(width0 / thumb[0], height0 / thumb[1]))
+    thumb, thumb_level = thumbnail_geometry(slide, level_crop * ds)
     return SlidePlan(
         path=path, width=width0, height=height0, source_magnification=source, magnification_from=how,
-        mpp=slide_mpp(slide), magnification=target, patch=patch, downsample=needed, level=level,
+        mpp=slide_mpp(slide) if mpp is None else float(mpp), magnification=target, patch=patch, downsample=needed, level=level,
         level_downsample=ds, level_width=level_w, level_height=level_h, level_crop=level_crop,
         level_stride=stride, resized=not exact, thumbnail_size=thumb, thumbnail_level=thumb_level,
     )
@@ -408,12 +488,18 @@ def _plan(slide, path: str, patch: int, magnification, overlap: float, source_ma
 # ------------------------------------------------------------------------------------------- tiling
 def tile_footprint(plan: SlidePlan, x0: int, y0: int) -> tuple[slice, slice]:
     """Rows and columns of the thumbnail that a tile at level-0 (x0, y0) covers (at least one pixel)."""
-    sx, sy = plan.thumbnail_scale
-    tw, th = plan.thumbnail_size
+    return footprint(plan.thumbnail_size, plan.thumbnail_scale, x0, y0, plan.crop0)
+
+
+def footprint(size: tuple[int, int], scale: tuple[float, float], x0: float, y0: float, crop0: float) -> tuple[slice, slice]:
+    """Rows and columns of a thumbnail of ``size`` (w, h), ``scale`` (level-0 px per thumbnail px along x, y),
+    that the level-0 square (x0, y0, crop0) covers: rounded edges, at least one pixel."""
+    sx, sy = scale
+    tw, th = size
     c0 = min(tw - 1, round(x0 / sx))
     r0 = min(th - 1, round(y0 / sy))
-    c1 = min(tw, max(c0 + 1, round((x0 + plan.crop0) / sx)))
-    r1 = min(th, max(r0 + 1, round((y0 + plan.crop0) / sy)))
+    c1 = min(tw, max(c0 + 1, round((x0 + crop0) / sx)))
+    r1 = min(th, max(r0 + 1, round((y0 + crop0) / sy)))
     return slice(r0, r1), slice(c0, c1)
 
 
@@ -425,6 +511,7 @@ def tile_slide(
     overlap: float = 0.0,
     *,
     source_magnification: str | float | None = None,
+    mpp: float | None = None,
 ) -> Iterator[tuple[np.ndarray, dict]]:
     """Tissue tiles of one slide, one at a time: (uint8 (patch, patch, 3) image, metadata dict).
 
@@ -433,9 +520,11 @@ def tile_slide(
     (file name), ``path``, ``level``, ``level_x``, ``level_y``, ``level_crop``, ``level_downsample``,
     level-0 ``x``, ``y``, ``crop``, ``magnification`` (target, '10x'), ``source_magnification`` (level 0),
     ``mpp`` (micrometres per patch pixel, None when unknown), ``tissue`` (fraction in [0, 1]), ``resized``.
+    ``mpp=`` (micrometres per level-0 pixel) overrides the file's resolution, like ``source_magnification``.
     """
-    _check_args(patch, overlap, tissue_threshold)
-    plan = plan_slide(path, patch, magnification, overlap, source_magnification)
+    check_tiling_args(patch, overlap, tissue_threshold)
+    check_resolution_overrides(source_magnification, mpp)
+    plan = plan_slide(path, patch, magnification, overlap, source_magnification, mpp=mpp)
     return iter_plan(plan, tissue_threshold)
 
 
@@ -453,17 +542,17 @@ def iter_plan(
         mpp = None if plan.mpp is None else plan.mpp * plan.downsample
         ds, lc, crop0 = plan.level_downsample, plan.level_crop, plan.crop0
         for ly in plan.grid_y:
-            y0 = _to_level0(ly, ds)
+            y0 = to_level0(ly, ds)
             for lx in plan.grid_x:
                 if on_position is not None:
                     on_position()
-                x0 = _to_level0(lx, ds)
+                x0 = to_level0(lx, ds)
                 rows, cols = tile_footprint(plan, x0, y0)
                 fraction = float(mask[rows, cols].mean())
                 if fraction < tissue_threshold:
                     continue
-                region = _read(slide, (x0, y0), plan.level, (lc, lc), plan.path)
-                image = _resize_image(region, plan.patch) if plan.resized else region
+                region = read_region(slide, (x0, y0), plan.level, (lc, lc), plan.path)
+                image = resize_image(region, plan.patch) if plan.resized else region
                 yield image, {
                     "slide": name, "path": plan.path, "level": plan.level, "level_x": lx, "level_y": ly,
                     "level_crop": lc, "level_downsample": ds, "x": x0, "y": y0, "crop": crop0,
@@ -475,15 +564,17 @@ def iter_plan(
 
 
 # ------------------------------------------------------------------------------------------ prepare
-def expand_slides(slides: Iterable[str | Path]) -> list[Path]:
-    """Slide files; a directory stands for the slide files directly inside it (SLIDE_SUFFIXES, sorted)."""
+def expand_slides(slides: Iterable[str | Path], plain_images: bool = False) -> list[Path]:
+    """Slide files; a directory stands for the slide files directly inside it (SLIDE_SUFFIXES, sorted),
+    and with ``plain_images`` (given when --mpp or --source-magnification is) its PLAIN_IMAGE_SUFFIXES files too."""
+    suffixes = SLIDE_SUFFIXES + (PLAIN_IMAGE_SUFFIXES if plain_images else ())
     out: list[Path] = []
     for item in slides:
         item = Path(item)
         if item.is_dir():
-            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in SLIDE_SUFFIXES)
+            found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
             if not found:
-                raise DataError(f"no slide files ({', '.join(SLIDE_SUFFIXES)}) in this folder", item)
+                raise DataError(f"no slide files ({', '.join(suffixes)}) in this folder", item)
             out.extend(found)
         else:
             out.append(item)
@@ -507,6 +598,7 @@ def prepare_slides(
     progress: bool = True,
     command: str | Sequence[str] | None = None,
     shard_size: int | None = None,
+    mpp: float | None = None,
 ):
     """Tile whole-slide images into an image-only patch store (PathLDM: 256 px at 10x) and open it.
 
@@ -514,26 +606,29 @@ def prepare_slides(
     All patches are in the "train" split (split by slide, e.g. one store per split, as PathLDM does).
     Manifest rows: ``source`` (slide path), level-0 ``y``, ``x``, ``crop``, ``magnification`` and the
     tile metadata of :func:`tile_slide` (slide, level, level_x, level_y, level_crop, level_downsample,
-    source_magnification, mpp, tissue, resized). store.json's meta lists each slide's plan.
+    source_magnification, mpp, tissue, resized). store.json's meta lists each slide's plan. ``mpp``
+    (micrometres per level-0 pixel) overrides the slides' resolution; PNG / JPEG files need it or
+    ``source_magnification``. Several magnifications per slide (ZoomLDM):
+    :func:`histosynth.data.zoom_levels.prepare_zoom_slides`.
     """
     from histosynth.data.store import PatchStore, PatchStoreWriter
 
-    _check_args(patch, overlap, tissue_threshold)
+    check_tiling_args(patch, overlap, tissue_threshold)
     format_magnification(magnification)  # bad flags fail before any slide is opened
-    if source_magnification is not None:
-        format_magnification(source_magnification)
+    check_resolution_overrides(source_magnification, mpp)
     out = Path(out)
     if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any slide
         raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
-    paths = expand_slides(slides)
+    paths = expand_slides(slides, plain_images=source_magnification is not None or mpp is not None)
     if not paths:
         raise DataError("no slides to prepare", out)
-    plans = [plan_slide(p, patch, magnification, overlap, source_magnification) for p in paths]
+    plans = [plan_slide(p, patch, magnification, overlap, source_magnification, mpp=mpp) for p in paths]
     meta = {
         "kind": "slides",
         "overlap": overlap,
         "tissue_threshold": tissue_threshold,
         "source_magnification": source_magnification,
+        "mpp": mpp,
         "command": command if command is None or isinstance(command, str) else list(command),
         "args": {
             "patch": patch,
@@ -541,6 +636,7 @@ def prepare_slides(
             "overlap": overlap,
             "tissue_threshold": tissue_threshold,
             "source_magnification": source_magnification,
+            "mpp": mpp,
         },
         "slides": [],
     }

@@ -13,6 +13,13 @@ An image-only store (``labels=False``, e.g. whole-slide tiles for text/class-con
 inst/type shards and no nuclei counts; store.json says ``"labels": false`` and each manifest row carries
 the patch's ``extra`` metadata (slide, level, coordinates, tissue fraction, ...).
 
+A store of several magnifications (ZoomLDM's levels, :mod:`histosynth.data.zoom_levels`) is written with a
+list of magnifications: every patch carries its own (``Patch.magnification``), its manifest row says it,
+store.json's ``magnifications`` lists the levels that hold patches (in the given order) and its
+``magnification`` is those levels joined by commas ('20x,10x,5x', the ``--magnifications`` spelling), so
+code that expects one magnification compares unequal and refuses such a store rather than reading it as
+the base's; ``PatchStore.magnifications`` is the list (one item for a single-magnification store).
+
 Raw .npy (not .npz) so readers memory-map shards with no decompression and no memory growth; the writer
 holds at most one shard, so a Lizard-size build (~55k patches) runs in constant memory. A store is built
 in a hidden partial directory and renamed into place only when complete: an interrupted prepare never
@@ -92,6 +99,8 @@ class PatchStoreWriter:
 
     Memory: one preallocated shard buffer, flushed to raw .npy files when full. With ``labels=False`` the
     store holds images only (patches must have ``inst_map``/``type_map`` None; ``class_names`` may be empty).
+    ``magnification``: one ('20x'), or a list or tuple of several for a multi-magnification store, whose
+    patches must each carry one of them as ``Patch.magnification`` (ValueError otherwise).
     """
 
     def __init__(
@@ -99,7 +108,7 @@ class PatchStoreWriter:
         path: str | Path,
         class_names: Sequence[str],
         patch_size: int,
-        magnification: str,
+        magnification: str | Sequence[str],
         meta: dict | None = None,
         overwrite: bool = False,
         shard_size: int | None = None,
@@ -112,7 +121,15 @@ class PatchStoreWriter:
         if len(self.class_names) > 255:
             raise ValueError("type maps are stored as uint8: at most 255 classes")
         self.patch_size = int(patch_size)
-        self.magnification = format_magnification(magnification)
+        self.magnifications: tuple[str, ...] | None = None  # None: a single-magnification store
+        if isinstance(magnification, (list, tuple)):
+            self.magnifications = tuple(dict.fromkeys(format_magnification(m) for m in magnification))
+            if not self.magnifications:
+                raise ValueError("a multi-magnification store needs at least one magnification")
+            self.magnification = ",".join(self.magnifications)
+        else:
+            self.magnification = format_magnification(magnification)
+        self._per_magnification: dict[str, int] = {}
         self.meta = dict(meta or {})
         self.overwrite = overwrite
         self.shard_size = int(shard_size or default_shard_size(self.patch_size, self.labels))
@@ -149,6 +166,7 @@ class PatchStoreWriter:
         if self._manifest is None:
             raise RuntimeError("use PatchStoreWriter as a context manager")
         self._check_patch(patch)
+        magnification = self._patch_magnification(patch)
         if self._buffers is None:
             p, n = self.patch_size, self.shard_size
             shapes = {"image": ((n, p, p, 3), np.uint8), "inst": ((n, p, p), np.int32), "type": ((n, p, p), np.uint8)}
@@ -167,17 +185,29 @@ class PatchStoreWriter:
             "x": int(patch.x),
             "crop": int(patch.crop),
             "split": patch.split,
-            "magnification": self.magnification,
+            "magnification": magnification,
         }
         if counts is not None:
             row["counts"] = counts
         row.update(patch.extra or {})
         self._manifest.write(json.dumps(row) + "\n")
         self._tally(patch.split, counts)
+        self._per_magnification[magnification] = self._per_magnification.get(magnification, 0) + 1
         self._buffered += 1
         self._count += 1
         if self._buffered == self.shard_size:
             self._flush()
+
+    def _patch_magnification(self, patch: Patch) -> str:
+        own = getattr(patch, "magnification", None)
+        if self.magnifications is None:
+            if own is not None and format_magnification(own) != self.magnification:
+                raise ValueError(f"patch from {patch.source} is at {own}, this store holds {self.magnification} patches")
+            return self.magnification
+        if own is None or format_magnification(own) not in self.magnifications:
+            raise ValueError(f"patch from {patch.source} is at {own!r}; a store of magnifications "
+                             f"{list(self.magnifications)} needs each patch's own magnification, one of them")
+        return format_magnification(own)
 
     def _check_patch(self, patch: Patch) -> None:
         p = self.patch_size
@@ -223,13 +253,22 @@ class PatchStoreWriter:
         self._buffered = 0
 
     def _store_json(self) -> dict:
-        return {
+        magnification, several = self.magnification, None
+        if self.magnifications is not None:  # the levels that hold patches, in the given order
+            several = [m for m in self.magnifications if self._per_magnification.get(m)] or list(self.magnifications)
+            magnification = ",".join(several)
+        info = {
             "format": FORMAT,
             "version": VERSION,
             "patch_size": self.patch_size,
             "class_names": list(self.class_names),
             "labels": self.labels,
-            "magnification": self.magnification,
+            "magnification": magnification,
+        }
+        if several is not None:
+            info["magnifications"] = several
+        return {
+            **info,
             "num_patches": self._count,
             "shard_size": self.shard_size,
             "num_shards": self._shard,
@@ -281,6 +320,8 @@ class PatchStore:
         self.patch_size = int(info["patch_size"])
         self.class_names = tuple(info["class_names"])
         self.magnification = info["magnification"]
+        # the magnifications of the patches: several in a multi-magnification store (each row says its own)
+        self.magnifications = list(info.get("magnifications") or [self.magnification])
         self.shard_size = int(info["shard_size"])
         self.meta = info.get("meta", {})
         self.has_labels = bool(info.get("labels", True))  # stores written before image-only ones had labels
