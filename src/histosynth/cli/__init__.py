@@ -18,6 +18,7 @@ module                             commands
 :mod:`~.seg`                       ``seg train | evaluate | predict``
 :mod:`~.captions`                  ``captions build | summarize``
 :mod:`~.convert`                   ``convert autoencoder``
+:mod:`~.embed`                     ``embed``
 ================================== ============================================================
 
 Command modules import only click and histosynth's light modules at module level (heavy libraries such as
@@ -34,6 +35,7 @@ import click
 from histosynth.cli import (
     captions,
     convert,
+    embed,
     evaluate_controllability,
     evaluate_distribution,
     evaluate_downstream,
@@ -76,3 +78,4 @@ main.add_command(evaluate)
 main.add_command(seg.seg)
 main.add_command(captions.captions)
 main.add_command(convert.convert)
+main.add_command(embed.embed)
