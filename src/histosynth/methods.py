@@ -33,7 +33,7 @@ class Method:
     title: str = ""  # how messages name it ("NASDM")
     pipeline: type | None = None
     sample: Callable | None = None
-    sample_input: Literal["masks", "prompts", "counts"] | None = None
+    sample_input: Literal["masks", "prompts", "counts", "magnifications"] | None = None
     sample_input_help: str = ""  # what the sample input is, for messages
     trains: Literal["diffusion", "autoencoder"] = "diffusion"  # what `histosynth train WHAT` it answers to
 
@@ -108,6 +108,11 @@ def _register_builtins() -> None:
     from histosynth.training.histosmith_autoencoder import JointAutoencoderTask
     from histosynth.training.nasdm import NASDMTask
     from histosynth.training.pathldm import PathLDMTask
+    from histosynth.pipelines.zoomldm import ZoomLDMPipeline
+    from histosynth.recipes.zoomldm import ZoomConditionsRecipe, ZoomLDMRecipe
+    from histosynth.sampling.zoom import sample_zoom
+    from histosynth.training.zoomldm import ZoomLDMTask
+    from histosynth.training.zoomldm_conditions import ZoomConditionsTask
 
     register_method(Method("nasdm", NASDMRecipe, NASDMTask, "NASDM", NASDMPipeline, sample_store, "masks",
                            "the masks of a store"))
@@ -115,6 +120,9 @@ def _register_builtins() -> None:
                            "prompts"))
     register_method(Method("histosmith", HistoSmithRecipe, HistoSmithTask, "HistoSmith", HistoSmithPipeline, sample_counts,
                            "counts", "counts per nucleus type and a tissue"))
+    register_method(Method("zoomldm", ZoomLDMRecipe, ZoomLDMTask, "ZoomLDM", ZoomLDMPipeline, sample_zoom,
+                           "magnifications", "patches at magnifications, from generated or reference conditions"))
+    register_method(Method("zoomldm-conditions", ZoomConditionsRecipe, ZoomConditionsTask, "ZoomLDM condition sampler"))
     register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder", trains="autoencoder"))
     register_method(Method("histosmith-autoencoder", JointAutoencoderRecipe, JointAutoencoderTask,
                            "HistoSmith joint autoencoder", trains="autoencoder"))

@@ -1,4 +1,4 @@
-"""`histosynth evaluate fid | kid | is`: distribution metrics on the command line.
+"""`histosynth evaluate fid | kid | is | fid-per-magnification`: distribution metrics on the command line.
 
 The commands of :data:`COMMANDS` are attached to the ``evaluate`` group in :mod:`histosynth.cli`. Each is a thin
 call into
@@ -23,7 +23,7 @@ import click
 from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
-__all__ = ["COMMANDS", "fid", "kid", "is_"]
+__all__ = ["COMMANDS", "fid", "fid_per_magnification", "kid", "is_"]
 
 
 # ------------------------------------------------------------------------------------------------ options
@@ -173,5 +173,31 @@ def is_(generated, generated_split, splits, **options):
          generated_split=generated_split, is_splits=splits, **options)
 
 
+@click.command("fid-per-magnification")
+@click.option("--real", type=click.Path(path_type=Path), required=True,
+              help="A multi-magnification store (`prepare slides --magnifications`).")
+@click.option("--split", default=None, help="Split of --real (default: all its patches).")
+@click.option("--generated", type=click.Path(path_type=Path), required=True,
+              help="A ZoomLDM `histosynth sample` output (samples.jsonl names each image's magnification).")
+@click.option("--max-real", default=None, type=click.IntRange(min=2), help="At most this many real patches per level.")
+@_common
+@user_errors
+def fid_per_magnification(real, split, generated, max_real, features, features_weights, features_arch, batch_size,
+                          device, out, overwrite):
+    """Fréchet distance of generated vs real patches at each magnification (ZoomLDM's Table 1), with the numbers of
+    images compared (small sets bias FD upwards: compare runs at equal numbers)."""
+    from histosynth.evaluate.per_magnification import fd_per_magnification
+
+    _check_out(out, overwrite)
+    extractor = _load_extractor(features, features_weights, features_arch, _device(device))
+    result = {"features": features, "per_magnification": fd_per_magnification(
+        generated, real, extractor, split=split, max_real=max_real, batch_size=batch_size)}
+    text = json.dumps(result, indent=2)
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    click.echo(text)
+
+
 #: the commands of this module, attached to the ``evaluate`` group in :mod:`histosynth.cli`
-COMMANDS = (fid, kid, is_)
+COMMANDS = (fid, kid, is_, fid_per_magnification)

@@ -1,4 +1,5 @@
-"""`histosynth sample`: generate images with a trained model (NASDM on the masks of a store, PathLDM on prompts)."""
+"""`histosynth sample`: generate images with a trained model (NASDM on the masks of a store, PathLDM on prompts,
+HistoSmith on counts, ZoomLDM at magnifications)."""
 
 from __future__ import annotations
 
@@ -26,31 +27,38 @@ __all__ = ["sample"]
 @click.option("--counts", default=None, help="HistoSmith: one request, e.g. inflammatory=20,epithelial=5 (others 0).")
 @click.option("--tissue", default=None, help="HistoSmith: the tissue of requests that name none.")
 @click.option("--boost", default=None, help="HistoSmith: multiply types' requested counts, e.g. other=3.")
+@click.option("--magnification", default=None,
+              help="ZoomLDM: the magnification(s) to draw, e.g. 5x or 20x,5x (with --reference default: every level "
+                   "of the model the store has).")
+@click.option("--reference", type=click.Path(path_type=Path), default=None,
+              help="ZoomLDM: condition on the real embedding grids of this store's patches (`prepare slides "
+                   "--magnifications` + `embed`) instead of conditions drawn by the model's condition sampler.")
 @click.option("--split", default=None, type=click.Choice(["train", "test", "all"]),
-              help="The split drawn from: --masks (default test), --counts-from (default train).")
+              help="The split drawn from: --masks (default test), --counts-from (default train), --reference (default all).")
 @click.option("--num", type=click.IntRange(min=1), default=None,
               help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
                    "(default: each prompt once, in order). Counts: images (default 16; --requests: each row once, "
-                   "or cycled to this many).")
+                   "or cycled to this many). ZoomLDM: images per magnification (default 16).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
-                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM and HistoSmith the "
-                   "recipe's: 1.75, 2.0).")
+                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith and ZoomLDM "
+                   "the recipe's: 1.75, 2.0, 1.75).")
 @click.option("--steps", type=int, default=None,
-              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM and HistoSmith the "
-                   "recipe's: 50).")
+              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM, HistoSmith and ZoomLDM "
+                   "the recipe's: 50).")
 @click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
-              help="NASDM: ddpm (default) or ddim. PathLDM and HistoSmith: ddim only.")
+              help="NASDM: ddpm (default) or ddim. PathLDM, HistoSmith and ZoomLDM: ddim only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, split, num, guidance, steps, sampler,
+def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, split, num, guidance, steps, sampler,
            seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
-    PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on).
+    PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
+    ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones).
     Unset options take the method's defaults."""
     import torch
 
@@ -60,8 +68,10 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     method = method_of_model(model)
     count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
                      "boost": boost}
+    zoom_options = {"magnification": magnification, "reference": reference}
     given = {"masks": masks, "prompts": prompts,
-             "counts": count_options if any(v is not None for v in count_options.values()) else None}
+             "counts": count_options if any(v is not None for v in count_options.values()) else None,
+             "magnifications": zoom_options if any(v is not None for v in zoom_options.values()) else None}
     wanted = method.sample_input
     other = " or ".join(_HOW[k].split(" ")[0] for k in given if k != wanted)
     if given[wanted] is None or any(v is not None for k, v in given.items() if k != wanted):
@@ -77,4 +87,5 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
 
 _HOW = {"masks": "--masks STORE", "prompts": "--prompts FILE",
-        "counts": "--counts-from STORE, --requests FILE or --counts TYPE=N,... [--tissue NAME]"}
+        "counts": "--counts-from STORE, --requests FILE or --counts TYPE=N,... [--tissue NAME]",
+        "magnifications": "--magnification LEVELS and/or --reference STORE"}

@@ -27,3 +27,4 @@ def guided_model_output(
     eps = classifier_free_guidance(model_output_uncond[:, :in_channels], model_output_cond[:, :in_channels],
                                    guidance_scale)
     return torch.cat([eps, model_output_cond[:, in_channels:]], dim=1)
+

@@ -93,10 +93,12 @@ def _hash_module(module: torch.nn.Module, h) -> None:
         h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
 
 
-def autoencoder_key(vae) -> str:
-    h = hashlib.sha256(json.dumps(dict(vae.config), sort_keys=True, default=str).encode())
-    _hash_module(vae, h)
+def module_key(module) -> str:
+    """sha256 of a diffusers model's config and weights: names caches of its outputs."""
+    h = hashlib.sha256(json.dumps(dict(module.config), sort_keys=True, default=str).encode())
+    _hash_module(module, h)
     return h.hexdigest()
+
 
 
 def store_key(store) -> str:
@@ -130,7 +132,7 @@ def latent_cache(where: Path, vae, store, indices: Sequence[int], *, flips: bool
     takes image + distance map + mask). With ``build=False`` (the other processes of a multi-GPU run) the file
     must exist already."""
     nflips = NUM_FLIPS if flips else 1
-    parts = ["latents", autoencoder_key(vae), store_key(store), list(map(int, indices)), nflips]
+    parts = ["latents", module_key(vae), store_key(store), list(map(int, indices)), nflips]
     if inputs is not image_batch:  # keys of image caches stay as they were
         parts.append(f"{inputs.__module__}.{inputs.__qualname__}")
     key = _key(*parts)

@@ -10,22 +10,20 @@ the same function the evaluation uses); realised counts are counted on those lab
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.counts import CountConditioner
 from histosynth.data.nuclei_maps import PostprocessConfig, instances_from_maps
 from histosynth.data.store import nuclei_per_type
-from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.diffusion.latent_sampling import ddim_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel
+from histosynth.pipelines.loading import pipeline_directory
 
 
 @dataclass
@@ -62,15 +60,7 @@ class HistoSmithPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        path = Path(pretrained_model_name_or_path)
-        if (path / "pipeline" / "model_index.json").is_file():
-            path = path / "pipeline"
-        index = path / "model_index.json"
-        if not index.is_file():
-            raise HistosynthError("not a HistoSmith pipeline or training run (no model_index.json)", path)
-        name = json.loads(index.read_text()).get("_class_name")
-        if name != cls.__name__:
-            raise HistosynthError(f"this is a {name}, not a {cls.__name__}", index)
+        path = pipeline_directory(pretrained_model_name_or_path, cls)
         return super().from_pretrained(str(path), **kwargs)
 
     @property
@@ -122,26 +112,12 @@ class HistoSmithPipeline(DiffusionPipeline):
         null = self.conditioner.null_condition(len(values))
         labels, tokens = _stack(null, cond) if do_guidance else (cond.class_labels, cond.tokens)
 
-        # 2. exactly the number of steps asked
-        total_t = self.scheduler.config.num_train_timesteps
-        if not 1 <= steps <= total_t:
-            raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {steps}")
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(steps, device=self.device)
+        # 2. one joint latent per request, denoised by exactly the number of DDIM steps asked
+        latents = ddim_latents(self.unet, self.scheduler.config, steps, len(values), g_scale, eta=eta,
+                               generator=generator, progress_bar=self.progress_bar if progress else None,
+                               encoder_hidden_states=tokens, class_labels=labels)
 
-        # 3. denoise one joint latent per request
-        size = self.unet.config.sample_size
-        shape = (len(values), self.unet.config.in_channels, size, size)
-        latents = randn_tensor(shape, generator=generator, device=self.device, dtype=self.unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        for t in self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps:
-            x_in = torch.cat([latents, latents]) if do_guidance else latents
-            eps = self.unet(x_in, t, encoder_hidden_states=tokens, class_labels=labels).sample
-            if do_guidance:
-                eps = classifier_free_guidance(*eps.chunk(2), g_scale)
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
-
-        # 4. decode both heads, then recover instances from the distance map and the mask
+        # 3. decode both heads, then recover instances from the distance map and the mask
         out = self.vae.decode_heads((latents / self.config.latent_scaling_factor).to(self.vae.dtype))
         images = ((out.image.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         distance = out.distance.float()[:, 0].cpu().numpy()
@@ -154,7 +130,7 @@ class HistoSmithPipeline(DiffusionPipeline):
                             dtype=np.int64)
         return HistoSmithPipelineOutput(images=images, inst_maps=inst, type_maps=types, distance_maps=distance,
                                         requested_counts=table, realised_counts=realised, tissues=tissues,
-                                        num_steps_run=len(scheduler.timesteps))
+                                        num_steps_run=steps)
 
     def _tissues(self, tissue, n: int) -> list[str]:
         if tissue is None:

@@ -27,7 +27,6 @@ conditioner's own save_pretrained (conditions/text.py), loaded back by ``from_pr
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,6 +41,7 @@ from histosynth.conditions.text import ClassConditioner, TextConditioner, load_c
 from histosynth.diffusion.guidance import classifier_free_guidance
 from histosynth.diffusion.schedulers import ldm_ddim_scheduler  # noqa: F401  (re-exported: LDM's sampler of this pipeline)
 from histosynth.errors import HistosynthError
+from histosynth.pipelines.loading import pipeline_directory
 
 CONDITIONER_DIR = "conditioner"
 
@@ -74,14 +74,7 @@ class PathLDMPipeline(DiffusionPipeline):
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
         """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        path = Path(pretrained_model_name_or_path)
-        if (path / "pipeline" / "model_index.json").is_file():
-            path = path / "pipeline"
-        if not (path / "model_index.json").is_file():
-            raise HistosynthError("not a PathLDM pipeline or training run (no model_index.json)", path)
-        name = json.loads((path / "model_index.json").read_text()).get("_class_name")
-        if name != cls.__name__:
-            raise HistosynthError(f"this is a {name}, not a {cls.__name__}", path / "model_index.json")
+        path = pipeline_directory(pretrained_model_name_or_path, cls)
         if kwargs.get("conditioner") is None:
             if not (path / CONDITIONER_DIR).is_dir():
                 raise HistosynthError(f"the pipeline has no {CONDITIONER_DIR}/ (its text encoder or class embedding)", path)

@@ -35,7 +35,8 @@ class SampleWriter:
 
     ``image``: uint8 (H, W, 3); ``files``: relative path (e.g. ``masks/00000.png``) → uint8/uint16 array saved
     as PNG; ``row``: the manifest fields of this image (its name and image path are added first); ``grid``: the
-    panels of this image's grid row (default: the image alone, ``grid_columns`` images per row).
+    panels of this image's grid row (default: the image alone, ``grid_columns`` images per row); ``in_grid`` False
+    leaves the image out of grid.png.
     """
 
     def __init__(self, out: str | Path, overwrite: bool = False, *, grid_rows: int = 8, grid_columns: int = 1):
@@ -53,7 +54,7 @@ class SampleWriter:
         return self
 
     def add(self, image: np.ndarray, row: dict, *, files: dict[str, np.ndarray] | None = None,
-            grid: list[np.ndarray] | None = None) -> str:
+            grid: list[np.ndarray] | None = None, in_grid: bool = True) -> str:
         name = f"{self.count:05d}"
         Image.fromarray(image).save(self.root / "images" / f"{name}.png")
         for rel, array in (files or {}).items():
@@ -61,7 +62,7 @@ class SampleWriter:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
         self._manifest.write(json.dumps({"name": name, "image": f"images/{name}.png", **row}) + "\n")
-        if len(self._panels) < self.grid_rows * self.grid_columns:
+        if in_grid and len(self._panels) < self.grid_rows * self.grid_columns:
             self._panels.append(grid if grid is not None else [image])
         self.count += 1
         return name

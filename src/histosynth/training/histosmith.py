@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
-from torch.utils.data import Dataset
 
 from histosynth.conditions.counts import CountConditioner
 from histosynth.data.store import PatchStore
@@ -33,9 +32,9 @@ from histosynth.pipelines.histosmith import HistoSmithPipeline
 from histosynth.recipes.histosmith import HistoSmithRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import ldm_warmup_factor
+from histosynth.training.pathldm import ldm_warmup_factor, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
-from histosynth.training.task import TrainingTask
+from histosynth.training.task import PositionDataset, TrainingTask
 
 
 def patch_conditions(store: PatchStore, indices: list[int], default_tissue: str):
@@ -83,17 +82,6 @@ class CountDenoiser(torch.nn.Module):
         return self.unet(latents, t, encoder_hidden_states=cond.tokens, class_labels=cond.class_labels).sample
 
 
-class _Positions(Dataset):
-    def __init__(self, n: int):
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, i: int) -> dict:
-        return {"position": i}
-
-
 class HistoSmithTask(TrainingTask):
     plot_columns = {"loss": "latent ε MSE"}
 
@@ -129,11 +117,8 @@ class HistoSmithTask(TrainingTask):
         self.device, self.autocast = accelerator.device, accelerator.autocast
         cache_dir = self.cache_dir or run / cache.CACHE
         self.vae.to(self.device)
-        build = dict(flips=t_cfg.random_flips, inputs=joint_batch)
-        if accelerator.is_main_process:
-            cache.latent_cache(cache_dir, self.vae, self.store, self.indices, progress=self.progress, **build)
-        accelerator.wait_for_everyone()
-        self.stats = cache.latent_cache(cache_dir, self.vae, self.store, self.indices, build=False, **build)
+        self.stats = shared_latent_cache(accelerator, cache_dir, self.vae, self.store, self.indices,
+                                         flips=t_cfg.random_flips, inputs=joint_batch, progress=self.progress)
 
     def build_model(self, accelerator, run, resuming):
         shape = self.stats.shape
@@ -144,7 +129,7 @@ class HistoSmithTask(TrainingTask):
         return ldm_warmup_factor(step, self.recipe.train.lr_warmup_steps)
 
     def dataset(self):
-        return _Positions(len(self.indices))
+        return PositionDataset(range(len(self.indices)))
 
     def micro_loss(self, model, batch, g, step):
         t_cfg = self.recipe.train

@@ -47,6 +47,15 @@ def ldm_warmup_factor(step: int, warmup: int) -> float:
     return 1.0 if step >= warmup else LR_WARMUP_START + (1.0 - LR_WARMUP_START) * step / warmup
 
 
+def shared_latent_cache(accelerator, cache_dir: Path, vae, store, indices, *, progress: bool, **build) -> np.memmap:
+    """The latent cache of store patches ``indices`` (diffusion/latent_cache.py): the main process builds it, then
+    every process opens it memory-mapped. ``build``: latent_cache's flips= and inputs=."""
+    if accelerator.is_main_process:
+        cache.latent_cache(cache_dir, vae, store, indices, progress=progress, **build)
+    accelerator.wait_for_everyone()
+    return cache.latent_cache(cache_dir, vae, store, indices, build=False, **build)
+
+
 class LatentDenoiser(torch.nn.Module):
     """What is trained: the UNet, and the conditioning's trainable part (e.g. the class embedding) if it has one."""
 
@@ -131,12 +140,8 @@ class PathLDMTask(TrainingTask):
         self.vae.to(device)
         self.stats = None
         if t_cfg.cache_latents:  # frozen-model outputs, computed once (the main process writes them, the others read)
-            if accelerator.is_main_process:
-                cache.latent_cache(cache_dir, self.vae, self.store, self.indices, flips=t_cfg.random_flips,
-                                   progress=self.progress)
-            accelerator.wait_for_everyone()
-            self.stats = cache.latent_cache(cache_dir, self.vae, self.store, self.indices, flips=t_cfg.random_flips,
-                                            build=False)
+            self.stats = shared_latent_cache(accelerator, cache_dir, self.vae, self.store, self.indices,
+                                             flips=t_cfg.random_flips, progress=self.progress)
             probe = torch.from_numpy(np.array(self.stats[0, 0]))[None]
         else:
             probe = cache.encode_stats(self.vae, cache.image_batch(self.store, self.indices[:1])).cpu()

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
@@ -80,3 +81,17 @@ class TrainingTask:
         """Write the ready-to-use result (a pipeline, an autoencoder, a segmenter) from the unwrapped model;
         ``ema`` is the run's ``EMAModel``, or None when the recipe averages no weights."""
         raise NotImplementedError
+
+
+class PositionDataset(Dataset):
+    """Items ``{"position": positions[i]}``: positions into a task's own tables (cached latents, conditions); a
+    position may repeat (e.g. a level drawn more often than it occurs)."""
+
+    def __init__(self, positions):
+        self.positions = np.asarray(positions, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int) -> dict:
+        return {"position": int(self.positions[i])}

@@ -1,0 +1,40 @@
+"""The sampling loop of the latent pipelines (PathLDM-style DDIM with classifier-free guidance), written once."""
+
+from __future__ import annotations
+
+import torch
+from diffusers import DDIMScheduler
+from diffusers.utils.torch_utils import randn_tensor
+
+from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.errors import HistosynthError
+
+
+def ddim_latents(unet, scheduler_config, num_inference_steps: int, batch: int, guidance_scale: float, *,
+                 eta: float = 0.0, generator=None, progress_bar=None, **conditions) -> torch.Tensor:
+    """Latents (batch, C, s, s) denoised from Gaussian noise by exactly ``num_inference_steps`` DDIM steps.
+
+    Each step is one UNet pass on the batched [∅; y] pair combined by :func:`classifier_free_guidance` (diffusers'
+    g; one pass on y alone when g = 1), then ``DDIMScheduler.step`` with ``eta``. ``conditions``: the UNet's
+    condition inputs (``encoder_hidden_states``, ``class_labels``), already stacked null-first when g != 1.
+    ``progress_bar``: wraps the timesteps (a pipeline's ``self.progress_bar``), or None.
+
+    Raises:
+        HistosynthError: a step count outside 1..T.
+    """
+    total_t = scheduler_config["num_train_timesteps"]
+    if not 1 <= num_inference_steps <= total_t:
+        raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {num_inference_steps}")
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    scheduler.set_timesteps(num_inference_steps, device=unet.device)
+    size = unet.config.sample_size
+    shape = (batch, unet.config.in_channels, size, size)
+    latents = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    do_guidance = guidance_scale != 1.0
+    for t in progress_bar(scheduler.timesteps) if progress_bar is not None else scheduler.timesteps:
+        x_in = torch.cat([latents, latents]) if do_guidance else latents
+        eps = unet(x_in, t, **conditions).sample
+        if do_guidance:
+            eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
+        latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+    return latents
