@@ -171,7 +171,9 @@ def test_commands_register_in_a_click_group():
     import click
 
     group = click.Group("evaluate", commands=COMMANDS)
-    assert set(group.commands) == {"fid", "kid", "is"} and COMMANDS == (cli_distribution.fid, cli_distribution.kid, cli_distribution.is_)
+    assert set(group.commands) == {"fid", "kid", "is", "fid-per-magnification"}
+    assert COMMANDS == (cli_distribution.fid, cli_distribution.kid, cli_distribution.is_,
+                        cli_distribution.fid_per_magnification)
     assert is_.name == "is"
     opts = {o for p in fid.params for o in p.opts}
     assert {"--real", "--split", "--generated", "--generated-split", "--features", "--inception-weights",
