@@ -28,7 +28,8 @@ from histosynth.diffusion import checkpoint as ckpt
 from histosynth.training.pathldm import train_latent
 from histosynth.diffusion.unet_init import init_unet_from
 from histosynth.errors import DataError, HistosynthError
-from histosynth.pipelines.pathldm import PathLDMPipeline, classifier_free_guidance, ldm_ddim_scheduler
+from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.pipelines.pathldm import PathLDMPipeline, ldm_ddim_scheduler
 from histosynth.recipes import load_recipe, recipe_from_dict
 
 TINY_UNET = {"block_out_channels": [32, 64], "layers_per_block": 1, "attention_head_dim": [2, 2],

@@ -162,6 +162,23 @@ def test_pipeline_save_load_gives_the_same_images(tmp_path, with_sampler):
         pipe(grids=[np.zeros((8, 8, 12), np.float32)])
 
 
+def test_ddim_step_range_is_checked_before_sampling():
+    """LDM's DDIM ("leading", steps_offset 1, T = 1000) runs 1..999 steps; the check names --steps and the range."""
+    from histosynth.diffusion.latent_sampling import check_ddim_steps, max_ddim_steps
+    from histosynth.diffusion.schedulers import ldm_ddim_scheduler
+
+    config = ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195).config
+    assert max_ddim_steps(config) == 999
+    for ok in (1, 50, 500, 999):
+        check_ddim_steps(config, ok)
+    for bad in (0, 1000, 2000):
+        with pytest.raises(HistosynthError, match=rf"--steps\) must be within 1\.\.999 .* got {bad}"):
+            check_ddim_steps(config, bad)
+    pipe = _tiny_pipeline(False)
+    with pytest.raises(HistosynthError, match="within 1..999"):
+        pipe(grids=[np.zeros((1, 1, 12), np.float32)], num_inference_steps=1000)
+
+
 # ------------------------------------------------------------------------------------------ store, embed, train
 @pytest.fixture(scope="module")
 def zoom_store(tmp_path_factory) -> Path:
@@ -257,6 +274,9 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     assert [x["magnification"] for x in rows] == ["20x", "20x", "10x", "10x", "5x", "5x"]
     assert all(x["condition"] == "reference" and (out / "reference" / f"{x['name']}.png").is_file() for x in rows)
     assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 4 * 2  # one row per level
+    r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--reference", str(zoom_store), "--steps", "1000",
+                             "--out", str(tmp_path / "too-many")])  # LDM's DDIM: 1000 steps would start at t = 1000
+    assert r.exit_code == 2 and "--steps) must be within 1..999" in r.output and not (tmp_path / "too-many").exists()
     r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--magnification", "5x", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no condition sampler" in r.output
     r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--magnification", "40x", "--reference",

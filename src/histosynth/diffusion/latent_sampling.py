@@ -10,6 +10,31 @@ from histosynth.diffusion.guidance import classifier_free_guidance
 from histosynth.errors import HistosynthError
 
 
+def max_ddim_steps(scheduler_config) -> int:
+    """The most DDIM steps whose timesteps all lie in 0..T-1 under this config's spacing and offset (LDM's "leading"
+    spacing with steps_offset 1 at T = 1000: 999, as 1000 steps would start at t = 1000)."""
+    total_t = int(scheduler_config["num_train_timesteps"])
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    for n in range(total_t, 0, -1):
+        scheduler.set_timesteps(n)
+        if int(scheduler.timesteps.max()) < total_t and len(scheduler.timesteps) == n:
+            return n
+    return 0
+
+
+def check_ddim_steps(scheduler_config, num_inference_steps: int) -> None:
+    """HistosynthError unless exactly ``num_inference_steps`` DDIM steps can run on this schedule (checked before
+    any sampling, so a command fails before writing anything)."""
+    total_t = int(scheduler_config["num_train_timesteps"])
+    scheduler = DDIMScheduler.from_config(scheduler_config)
+    if num_inference_steps >= 1 and num_inference_steps <= total_t:
+        scheduler.set_timesteps(num_inference_steps)
+        if int(scheduler.timesteps.max()) < total_t and len(scheduler.timesteps) == num_inference_steps:
+            return
+    raise HistosynthError(f"num_inference_steps (--steps) must be within 1..{max_ddim_steps(scheduler_config)} for "
+                          f"this model's DDIM schedule (T = {total_t}), got {num_inference_steps}")
+
+
 def ddim_latents(unet, scheduler_config, num_inference_steps: int, batch: int, guidance_scale: float, *,
                  eta: float = 0.0, generator=None, progress_bar=None, **conditions) -> torch.Tensor:
     """Latents (batch, C, s, s) denoised from Gaussian noise by exactly ``num_inference_steps`` DDIM steps.
@@ -20,11 +45,9 @@ def ddim_latents(unet, scheduler_config, num_inference_steps: int, batch: int, g
     ``progress_bar``: wraps the timesteps (a pipeline's ``self.progress_bar``), or None.
 
     Raises:
-        HistosynthError: a step count outside 1..T.
+        HistosynthError: a step count the schedule cannot run (see :func:`check_ddim_steps`).
     """
-    total_t = scheduler_config["num_train_timesteps"]
-    if not 1 <= num_inference_steps <= total_t:
-        raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {num_inference_steps}")
+    check_ddim_steps(scheduler_config, num_inference_steps)
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps, device=unet.device)
     size = unet.config.sample_size

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
-from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
-from histosynth.diffusion.guidance import classifier_free_guidance
+from histosynth.diffusion.latent_sampling import ddim_latents
 from histosynth.diffusion.schedulers import ldm_ddim_scheduler  # noqa: F401  (re-exported: LDM's sampler of this pipeline)
 from histosynth.errors import HistosynthError
 from histosynth.pipelines.loading import pipeline_directory
@@ -122,29 +121,11 @@ class PathLDMPipeline(DiffusionPipeline):
         do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
         context = torch.cat([null, cond]) if do_guidance else cond
 
-        # 2. exactly the number of steps asked
-        total_t = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= total_t:
-            raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {num_inference_steps}")
-        scheduler = DDIMScheduler.from_config(self.scheduler.config)
-        scheduler.set_timesteps(num_inference_steps, device=self.unet.device)
-        if len(scheduler.timesteps) != num_inference_steps:  # never silently run another number of steps
-            raise RuntimeError(f"scheduler made {len(scheduler.timesteps)} steps, asked {num_inference_steps}")
-
-        # 3. denoise Gaussian latents
-        size = self.unet.config.sample_size
-        shape = (len(prompts), self.unet.config.in_channels, size, size)
-        latents = randn_tensor(shape, generator=generator, device=self.unet.device, dtype=self.unet.dtype)
-        latents = latents * scheduler.init_noise_sigma
-        steps_run = 0
-        for t in self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps:
-            x_in = torch.cat([latents, latents]) if do_guidance else latents
-            eps = self.unet(x_in, t, encoder_hidden_states=context).sample
-            if do_guidance:
-                eps_uncond, eps_cond = eps.chunk(2)
-                eps = classifier_free_guidance(eps_uncond, eps_cond, guidance_scale)
-            latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
-            steps_run += 1
+        # 2.-3. Gaussian latents denoised by exactly the number of DDIM steps asked (batched [∅; y] guidance)
+        latents = ddim_latents(self.unet, self.scheduler.config, num_inference_steps, len(prompts), guidance_scale,
+                               eta=eta, generator=generator, progress_bar=self.progress_bar if progress else None,
+                               encoder_hidden_states=context)
+        steps_run = num_inference_steps
 
         # 4. decode with the frozen autoencoder (VQ: quantize, then decode)
         latents = latents / self.config.latent_scaling_factor
