@@ -150,6 +150,39 @@ def test_lightning_objects_are_read_as_inert_placeholders(tmp_path, monkeypatch)
     assert "fake_lightning" not in sys.modules  # nothing was imported
 
 
+@pytest.mark.parametrize("layout", ["ddp-prefix", "model-key", "nested", "compiled-ddp", "ema-key"])
+def test_checkpoints_saved_by_other_trainers_convert(tmp_path, layout):
+    """cases/ckpt-layouts: DDP's "module." prefix, weights under "model" / "ema" or nested twice, torch.compile's
+    "_orig_mod." — all hold the same first stage and convert to the same model."""
+    ref = tiny("vq")
+    sd = {**to_compvis_names(ref.state_dict(), 2), **LOSS_KEYS}
+    wrapped = {
+        "ddp-prefix": {"state_dict": {f"module.{k}": v for k, v in sd.items()}, "global_step": 3},
+        "model-key": {"model": sd, "epoch": 2},
+        "nested": {"checkpoint": {"model": {"state_dict": sd}}, "optimizer": {"lr": 1.0}},
+        "compiled-ddp": {"state_dict": {f"_orig_mod.module.{k}": v for k, v in sd.items()}},
+        "ema-key": {"ema": sd, "step": 10},
+    }[layout]
+    torch.save(wrapped, tmp_path / "w.ckpt")
+    model, report = convert_compvis_first_stage(tmp_path / "w.ckpt", config={"norm_num_groups": 8})
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    for a, b in zip(encode_decode(ref, x), encode_decode(model, x)):
+        assert torch.equal(a, b)
+    assert len(report.loaded) == len(ref.state_dict()) and not report.missing
+
+
+def test_a_checkpoint_without_a_first_stage_lists_what_it_holds(tmp_path):
+    torch.save({"weights_of_something": {"backbone.layer1.conv.weight": torch.zeros(2),
+                                         "backbone.layer2.conv.weight": torch.zeros(2), "head.fc.bias": torch.zeros(1)}},
+               tmp_path / "other.ckpt")
+    with pytest.raises(HistosynthError, match=r"other\.ckpt.*keys start with: backbone\.layer1 \(1\), backbone\.layer2 "
+                                              r"\(1\), head\.fc \(1\)"):
+        convert_compvis_first_stage(tmp_path / "other.ckpt")
+    torch.save({"epoch": 3, "notes": {"a": 1}}, tmp_path / "empty.ckpt")
+    with pytest.raises(HistosynthError, match=r"empty\.ckpt.*no tensors .*top-level keys: epoch, notes"):
+        convert_compvis_first_stage(tmp_path / "empty.ckpt")
+
+
 def test_conversion_errors_name_the_file(tmp_path):
     junk = tmp_path / "notes.ckpt"
     junk.write_bytes(b"this is not a checkpoint")

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from histosynth.errors import HistosynthError
+from histosynth.models.checkpoint_layout import checkpoint_tensors, key_prefixes
 from histosynth.models.autoencoders import make_autoencoder
 
 __all__ = ["convert_compvis_first_stage", "read_checkpoint", "infer_architecture", "ConversionReport"]
@@ -129,14 +130,7 @@ def _load_with_placeholders(path: Path):
 
 
 def _state_dict_of(obj, path: Path) -> dict[str, torch.Tensor]:
-    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
-        obj = obj["state_dict"]
-    if not isinstance(obj, dict):
-        raise HistosynthError(f"not a checkpoint with a state dict (holds a {type(obj).__name__})", path)
-    tensors = {k: v for k, v in obj.items() if isinstance(k, str) and torch.is_tensor(v)}
-    if not tensors:
-        raise HistosynthError("the checkpoint holds no tensors (no state_dict)", path)
-    return tensors
+    return checkpoint_tensors(obj, path)
 
 
 # --------------------------------------------------------------------------------------- architecture
@@ -240,7 +234,8 @@ def convert_compvis_first_stage(
         sd, placeholders = read_checkpoint(ckpt_path_or_state_dict)
     fs, skipped = split_first_stage(sd)
     if not fs:
-        raise HistosynthError("no first-stage autoencoder weights (encoder.*, decoder.*, or first_stage_model.*)", source)
+        raise HistosynthError("no first-stage autoencoder weights (encoder.*, decoder.*, or first_stage_model.*); the "
+                              f"checkpoint's keys start with: {key_prefixes(sd)}", source)
     arch = infer_architecture(fs, source)
     if kind is not None and kind != arch["kind"]:
         raise HistosynthError(f"expected a {kind!r} autoencoder, the checkpoint holds a {arch['kind']!r} one", source)

@@ -352,8 +352,8 @@ def _timm_loaded(kind: str, src: Path, weights: Path, arch: str, model: nn.Modul
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     """A flat ``{name: tensor}`` from a ``.safetensors`` file or a ``torch.save`` checkpoint (``weights_only``).
 
-    A checkpoint wrapping it under ``state_dict`` / ``model`` is unwrapped; a ``module.`` prefix on every key
-    (DataParallel) is removed.
+    Weights nested under ``state_dict`` / ``model`` / ``ema`` / ... are found and a ``module.`` / ``_orig_mod.``
+    prefix on every key is removed (:func:`histosynth.models.checkpoint_layout.checkpoint_tensors`).
     """
     path = Path(path)
     try:
@@ -366,14 +366,9 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     except Exception as e:  # safetensors / pickle / zip errors of many kinds
         raise HistosynthError(f"cannot read the encoder weights: {str(e).splitlines()[0] if str(e) else e!r}",
                               path) from e
-    for wrapper in ("state_dict", "model"):
-        if isinstance(sd, dict) and isinstance(sd.get(wrapper), dict) and not torch.is_tensor(sd.get(wrapper)):
-            sd = sd[wrapper]
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise HistosynthError("the encoder weights are not a state dict of tensors", path)
-    if all(k.startswith("module.") for k in sd):
-        sd = {k[len("module."):]: v for k, v in sd.items()}
-    return sd
+    from histosynth.models.checkpoint_layout import checkpoint_tensors
+
+    return checkpoint_tensors(sd, path)
 
 
 def _classifier_prefixes(model: nn.Module) -> tuple[str, ...]:
