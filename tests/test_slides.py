@@ -200,6 +200,31 @@ def test_tiff_without_resolution_needs_source_magnification(tmp_path, region):
     assert store.meta["slides"][0]["magnification_from"] == "override"
 
 
+@pytest.mark.parametrize("dpi", [72, 96, 300])
+def test_an_image_editors_dpi_placeholder_is_no_resolution(tmp_path, dpi):
+    """cases/slide-72dpi: a plain TIFF whose resolution tags hold 72 dpi (352.8 µm/px) is not a 0.03x slide; its
+    magnification is unknown, the error says why and names --source-magnification, which then works."""
+    from click.testing import CliRunner
+
+    from histosynth.cli import main
+
+    rng = np.random.default_rng(0)
+    image = (200 - rng.integers(0, 120, (600, 600, 3))).astype(np.uint8)  # saturated enough to count as tissue
+    path = tmp_path / "region.tif"
+    tifffile.imwrite(path, image, photometric="rgb", resolution=(dpi, dpi), resolutionunit="INCH")
+    with pytest.raises(DataError, match=f"{25400 / dpi:.4g} µm/px .* cannot come from a microscope") as err:
+        tile_slide(path, 128, "10x")
+    assert err.value.path == str(path) and "--source-magnification" in str(err.value)
+    r = CliRunner().invoke(main, ["prepare", "slides", str(path), "--out", str(tmp_path / "s"), "--patch", "128",
+                                  "--magnification", "10x"])
+    assert r.exit_code == 2 and "cannot come from a microscope" in r.output and "Traceback" not in r.output
+    assert "--source-magnification (e.g. 20x)" in r.output and "source_magnification=" not in r.output  # CLI words
+    r = CliRunner().invoke(main, ["prepare", "slides", str(path), "--out", str(tmp_path / "s"), "--patch", "128",
+                                  "--magnification", "10x", "--source-magnification", "20x", "--tissue-threshold", "0"])
+    assert r.exit_code == 0, r.output
+    assert PatchStore(tmp_path / "s").meta["slides"][0]["mpp"] is None
+
+
 @needs_wsi
 def test_pyramid_level_choice_and_mpp(tmp_path, region):
     """A real-tissue pyramid (levels 1, 2, 4) with only MPP (0.5 um/px = 20x): each target reads its best level."""

@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import click
 
 from histosynth.errors import HistosynthError
 
-__all__ = ["user_errors"]
+__all__ = ["cli_message", "user_errors"]
+
+# library messages name both interfaces, e.g. "pass --overwrite (overwrite=True)" or "(e.g. 20x; source_magnification=)";
+# on the command line only the option is typable
+_KEYWORD_ALONE = re.compile(r" \([a-z_][a-z0-9_]*=(?:True|False)?\)")
+_KEYWORD_LAST = re.compile(r";\s*[a-z_][a-z0-9_]*=\)")
+
+
+def cli_message(text: str) -> str:
+    """An error message in the command line's words: the Python keyword forms it also names are dropped."""
+    return _KEYWORD_LAST.sub(")", _KEYWORD_ALONE.sub("", text))
 
 
 def user_errors(fn):
@@ -20,7 +31,7 @@ def user_errors(fn):
         try:
             return fn(*args, **kwargs)
         except HistosynthError as exc:
-            click.echo(f"error: {exc}", err=True)
+            click.echo(f"error: {cli_message(str(exc))}", err=True)
             sys.exit(2)
 
     return wrapper

@@ -137,8 +137,20 @@ def _property(slide, name: str) -> float | None:
     return None
 
 
+# level-0 pixel sizes a microscope scanner writes (100x oil ≈ 0.07 µm, a 1.25x overview ≈ 8 µm); outside this a
+# file's value is a placeholder (72 / 96 / 300 dpi = 352.8 / 264.6 / 84.7 µm from an image editor), not a resolution
+MICROSCOPE_MPP_RANGE = (0.05, 20.0)
+
+
 def slide_mpp(slide) -> float | None:
-    """Level-0 pixel size in micrometres (mpp-x), or None when the file does not record it."""
+    """Level-0 pixel size in micrometres (mpp-x), or None when the file does not record one a microscope could give
+    (see :func:`recorded_mpp` for the raw value)."""
+    mpp = recorded_mpp(slide)
+    return mpp if mpp is not None and MICROSCOPE_MPP_RANGE[0] <= mpp <= MICROSCOPE_MPP_RANGE[1] else None
+
+
+def recorded_mpp(slide) -> float | None:
+    """The level-0 pixel size the file records (mpp-x, micrometres), plausible or not; None when absent."""
     return _property(slide, "mpp-x")
 
 
@@ -169,10 +181,14 @@ def slide_magnification(
     file_mpp = slide_mpp(slide)
     if file_mpp is not None:
         return magnification_from_mpp(file_mpp), "mpp"
+    recorded = recorded_mpp(slide)
+    what = ("no resolution metadata (neither objective power nor microns per pixel)" if recorded is None else
+            f"its recorded pixel size, {recorded:.4g} µm/px ({25400 / recorded:.4g} dpi), cannot come from a "
+            f"microscope (outside {MICROSCOPE_MPP_RANGE[0]:g}–{MICROSCOPE_MPP_RANGE[1]:g} µm/px: an image editor's "
+            "placeholder)")
     raise DataError(
-        "no resolution metadata (neither objective power nor microns per pixel), so the magnification of "
-        "the slide is unknown; pass its level-0 pixel size with --mpp (e.g. 0.5 for 20x; mpp=) or its "
-        "magnification with --source-magnification (e.g. 20x; source_magnification=)",
+        f"{what}, so the magnification of the slide is unknown; pass its magnification with --source-magnification "
+        "(e.g. 20x; source_magnification=) or its level-0 pixel size with --mpp (e.g. 0.5 for 20x; mpp=)",
         path,
     )
 
