@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import json
 import shutil
 from itertools import islice
 from pathlib import Path
@@ -79,8 +80,11 @@ def raises_naming(path, match: str | None = None):
 # ------------------------------------------------------------------------------------------------ io
 def test_read_rgb_converts_modes(tmp_path):
     img = rgb()
-    rgba = np.dstack([img, np.full(img.shape[:2], 128, np.uint8)])
+    rgba = np.dstack([img, np.full(img.shape[:2], 255, np.uint8)])  # opaque: the colour as it is
     assert np.array_equal(read_rgb(save_png(tmp_path / "a.png", rgba)), img)
+    rgba[..., 3] = 128  # half transparent: over white glass, (c·128 + 255·127) / 255 (PIL's alpha_composite)
+    over_white = (img.astype(np.float64) * 128 + 255 * 127) / 255
+    assert np.abs(read_rgb(save_png(tmp_path / "h.png", rgba)).astype(np.float64) - over_white).max() <= 1
     grey = read_rgb(save_png(tmp_path / "g.png", img[..., 0]))
     assert grey.shape == (6, 8, 3) and grey.dtype == np.uint8 and np.array_equal(grey[..., 2], img[..., 0])
     Image.fromarray(img).save(tmp_path / "t.tif")
@@ -361,3 +365,63 @@ def test_unknown_format_and_missing_source(tmp_path):
         read_nuclei("monuseg", tmp_path)
     with raises_naming(tmp_path / "nope", "not found"):
         read_nuclei("consep", tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------------- one image reader, one rule
+def _grey_region() -> np.ndarray:
+    from histosynth.quickstart import bundled_sample
+
+    jpg = next(Path(bundled_sample()).rglob("*.jpg"))
+    return np.asarray(Image.open(jpg).convert("L"))[:64, :64]
+
+
+def test_16bit_grey_palette_and_alpha_images_follow_one_rule(tmp_path):
+    """cases/fid-16bit: a 16-bit image is scaled (v · 255 / 65535), not clipped to 255 — in every reader."""
+    from histosynth.data.images import load_image
+    from histosynth.data.io import read_rgb
+
+    grey8 = _grey_region()
+    grey16 = (grey8.astype(np.uint32) * 257).astype(np.uint16)  # 255 · 257 = 65535: exact round trip
+    Image.fromarray(grey16).save(tmp_path / "g16.png")
+    Image.fromarray(grey8).save(tmp_path / "g8.png")
+    assert Image.open(tmp_path / "g16.png").mode.startswith("I")
+    for reader in (read_rgb, load_image):
+        a, b = reader(tmp_path / "g16.png"), reader(tmp_path / "g8.png")
+        assert a.dtype == np.uint8 and a.shape == (64, 64, 3) and np.array_equal(a, b)
+        assert np.array_equal(a[..., 0], grey8)
+    odd = np.array([[0, 1000, 30000, 65535]], np.uint16)  # values that are not multiples of 257
+    Image.fromarray(odd).save(tmp_path / "odd.png")
+    assert read_rgb(tmp_path / "odd.png")[0, :, 1].tolist() == [0, 4, 117, 255]  # rint(v · 255 / 65535)
+    rgba = np.zeros((2, 2, 4), np.uint8)
+    rgba[0, 0] = (200, 10, 20, 255)  # opaque pixel kept; transparent ones are glass (white)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
+    out = read_rgb(tmp_path / "a.png")
+    assert out[0, 0].tolist() == [200, 10, 20] and out[1, 1].tolist() == [255, 255, 255]
+    pal = Image.fromarray(np.array([[0, 1]], np.uint8), "P")
+    pal.putpalette([10, 20, 30, 40, 50, 60])
+    pal.save(tmp_path / "p.png")
+    assert read_rgb(tmp_path / "p.png")[0].tolist() == [[10, 20, 30], [40, 50, 60]]
+
+
+def test_fid_of_16bit_images_equals_that_of_their_8bit_copies(tmp_path):
+    """evaluate fid reads a 16-bit folder as its 8-bit copy would read (the case's 302.6 vs 188.5 came from
+    clipping)."""
+    from click.testing import CliRunner
+
+    from histosynth.cli import main
+
+    region = _grey_region()
+    for name in ("real", "g8", "g16"):
+        (tmp_path / name).mkdir()
+    for i in range(4):
+        tile = np.ascontiguousarray(np.rot90(region, i))
+        Image.fromarray(np.repeat(np.roll(tile, 7 * i, axis=1)[..., None], 3, axis=2)).save(tmp_path / "real" / f"{i}.png")
+        Image.fromarray(tile).save(tmp_path / "g8" / f"{i}.png")
+        Image.fromarray((tile.astype(np.uint32) * 257).astype(np.uint16)).save(tmp_path / "g16" / f"{i}.png")
+    fd = {}
+    for name in ("g8", "g16"):
+        r = CliRunner().invoke(main, ["evaluate", "fid", "--real", str(tmp_path / "real"), "--generated",
+                                      str(tmp_path / name), "--features", "effnet-lite0", "--device", "cpu"])
+        assert r.exit_code == 0, r.output
+        fd[name] = json.loads(r.output[r.output.index("{"):])["fid"]
+    assert fd["g16"] == pytest.approx(fd["g8"], abs=1e-6) and fd["g8"] > 0

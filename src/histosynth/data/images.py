@@ -132,15 +132,12 @@ def count_images(
 
 
 def load_image(path: str | Path) -> np.ndarray:
-    """One image file as RGB ``uint8 (H, W, 3)`` (grey, palette and RGBA images converted).
+    """One image file as RGB ``uint8 (H, W, 3)``, by the project's one rule (:func:`histosynth.data.io.to_rgb_uint8`:
+    16-bit scaled, grey / palette replicated, alpha over white).
 
     Raises:
         DataError: the file cannot be read as an image (the message names the file).
     """
-    from PIL import Image
+    from histosynth.data.io import read_rgb
 
-    try:
-        with Image.open(path) as im:
-            return np.asarray(im.convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # PIL raises many kinds
-        raise DataError(f"cannot read image: {e}", path) from e
+    return read_rgb(path)

@@ -39,14 +39,55 @@ def _open_decoded(path: Path) -> Image.Image:
 
 
 def read_rgb(path: str | Path) -> np.ndarray:
-    """Read an image as uint8 (H, W, 3) RGB; RGBA, grey and palette images are converted."""
+    """Read an image file as uint8 (H, W, 3) RGB, by the project's one rule (:func:`to_rgb_uint8`).
+
+    Every place that reads a user's image (prepare, evaluate, the segmenter, stain targets) reads it through here.
+    Raises DataError naming the file: missing, empty, corrupt, or a pixel type the rule refuses."""
     path = Path(path)
-    im = _open_decoded(path)
-    if im.mode != "RGB":
-        try:
+    return to_rgb_uint8(_open_decoded(path), path)
+
+
+# integer modes of one 16/32-bit channel: scaled by their bit depth, not clipped at 255
+_WIDE_GREY = {"I;16": 65535, "I;16L": 65535, "I;16B": 65535, "I;16N": 65535}
+
+
+def to_rgb_uint8(im: Image.Image, path: str | Path | None = None) -> np.ndarray:
+    """uint8 (H, W, 3) RGB of a decoded PIL image, by one documented rule:
+
+    - 8-bit RGB as it is; grey (L), 1-bit and palette (P) images replicated / looked up to RGB;
+    - 16-bit grey (I;16*) scaled as value · 255 / 65535, rounded (not clipped at 255); 32-bit integer grey (I) the
+      same when its values fit 16 bits, 8-bit values (max ≤ 255) kept, wider values refused; float grey (F) in
+      [0, 1] scaled by 255, other floats refused;
+    - 16-bit RGB (48-bit PNG) by PIL's own reduction to 8 bits per channel;
+    - alpha (RGBA, LA, PA, palette transparency) composited over white: transparent pixels are glass;
+    - CMYK and YCbCr converted to RGB.
+
+    Raises DataError naming ``path`` for a pixel type outside these rules.
+    """
+    mode = im.mode
+    if mode in _WIDE_GREY or mode == "I" or mode == "F":
+        arr = np.asarray(im)
+        top = float(arr.max()) if arr.size else 0.0
+        if mode == "F":
+            if arr.size and (np.nanmin(arr) < 0 or top > 1 or not np.isfinite(arr).all()):
+                raise DataError("float image with values outside [0, 1]: no rule maps it to 8 bits", path)
+            grey = np.rint(np.nan_to_num(arr) * 255.0)
+        elif mode == "I" and top <= 255:
+            grey = arr
+        elif top <= 65535 and (arr.min() if arr.size else 0) >= 0:
+            grey = np.rint(arr.astype(np.float64) * (255.0 / 65535.0))
+        else:
+            raise DataError(f"{mode} image with values up to {top:g}: more than 16 bits per pixel", path)
+        return np.repeat(grey.astype(np.uint8)[..., None], 3, axis=2)
+    try:
+        if mode == "P" and "transparency" in im.info or mode in ("PA", "LA", "RGBA", "La", "RGBa"):
+            rgba = im.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            im = Image.alpha_composite(white, rgba)
+        if im.mode != "RGB":
             im = im.convert("RGB")
-        except (OSError, ValueError) as err:
-            raise DataError(f"cannot convert {im.mode} image to RGB: {err}", path) from None
+    except (OSError, ValueError) as err:
+        raise DataError(f"cannot convert a {mode} image to RGB: {err}", path) from None
     return np.asarray(im, dtype=np.uint8).copy()
 
 
@@ -144,12 +185,17 @@ def _hw(a: np.ndarray) -> str:
     return "x".join(str(s) for s in a.shape[:2])
 
 
-def validate_record(record: NucleiRecord, *, label_path: str | Path | None = None) -> NucleiRecord:
-    """Check shapes, dtypes and type-id range of a record before it enters the pipeline; return it.
+def validate_record(record: NucleiRecord, *, label_path: str | Path | None = None, relabel_components: bool = False,
+                    hint: str = "", instance_path: str | Path | None = None) -> NucleiRecord:
+    """Check shapes, dtypes, type-id range and the instance map of a record before it enters the pipeline; return it.
 
-    Integer label maps of another dtype are converted to int32 in place. Errors name
-    ``record.source`` and, for label problems, ``label_path`` when given. Whether every instance
-    pixel has a type is deliberately not checked: datasets disagree on that and it is harmless.
+    Integer label maps of another dtype are converted to int32 in place. Errors name ``record.source`` and, for label
+    problems, ``label_path`` when given. Whether every instance pixel has a type is deliberately not checked: datasets
+    disagree on that and it is harmless. An instance map that cannot be right (an id made of several disconnected
+    parts, or more typed pixels in no instance than tolerated: :mod:`histosynth.data.instance_check`) is refused with
+    the counts found, the instance file (``instance_path``, else ``label_path``) and ``hint`` (a reader's guess at the
+    cause); with ``relabel_components`` split ids and typed pixels in no instance are repaired instead
+    (:func:`histosynth.data.instance_check.relabel_components`).
     """
     src = record.source
     where = f" (label file {label_path})" if label_path is not None else ""
@@ -174,4 +220,23 @@ def validate_record(record: NucleiRecord, *, label_path: str | Path | None = Non
         raise DataError(
             f"type id {bad[0] if len(bad) == 1 else bad} is outside 0..{k}; declared classes: {names}{where}", src
         )
+    inst_where = f" (label file {instance_path})" if instance_path is not None else where
+    _check_instance_map(record, inst_where, relabel_components, hint)
     return record
+
+
+def _check_instance_map(record: NucleiRecord, where: str, relabel: bool, hint: str) -> None:
+    """Refuse (or, with ``relabel``, repair in place) an instance map with split ids or untyped-instance pixels."""
+    from histosynth.data.instance_check import check_instances, relabel_components
+
+    report = check_instances(record.inst_map, record.type_map)
+    if relabel and (report.split_ids.size or report.orphan_pixels):
+        record.inst_map, record.type_map, _ = relabel_components(record.inst_map, record.type_map)
+        return
+    if report.ok:
+        return
+    raise DataError(
+        f"instance map cannot be right: {report.summary()}{where}; {hint + '; ' if hint else ''}"
+        "pass --relabel-components to split such ids into one nucleus per connected part "
+        "(and give typed pixels without an instance their own)", record.source,
+    )

@@ -44,6 +44,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from histosynth.data.io import to_rgb_uint8
 from histosynth.errors import DataError, HistosynthError
 from histosynth.evaluate.instance_metrics import (
     PQAccumulator, aggregated_jaccard_index, bland_altman, bland_altman_plot, counts_per_type, dice, pearson_r,
@@ -161,7 +162,7 @@ def _read(path: Path, kind: str) -> np.ndarray:
     try:
         with Image.open(path) as im:
             if kind == "image":
-                return np.asarray(im.convert("RGB"), dtype=np.uint8)
+                return to_rgb_uint8(im, path)
             return np.asarray(im).astype(np.int64)
     except OSError as exc:
         raise DataError(f"cannot read {kind}: {exc}", path) from None

@@ -104,13 +104,14 @@ def _contrast(sample_dir: Path) -> tuple[float, float]:
     """Nuclei contrast (generated, real) over the rows of a sample directory."""
     from PIL import Image
 
+    from histosynth.data.images import load_image
     from histosynth.evaluate.adherence import nuclei_contrast
     from histosynth.evaluate.controllability import read_samples
 
     rows = read_samples(sample_dir)
     types = [np.asarray(Image.open(sample_dir / r["type_map"])) for r in rows]
-    gen = [np.asarray(Image.open(sample_dir / r["image"]).convert("RGB")) for r in rows]
-    real = [np.asarray(Image.open(sample_dir / r["real"]).convert("RGB")) for r in rows if r.get("real")]
+    gen = [load_image(sample_dir / r["image"]) for r in rows]
+    real = [load_image(sample_dir / r["real"]) for r in rows if r.get("real")]
     return nuclei_contrast(gen, types), (nuclei_contrast(real, types) if len(real) == len(rows) else float("nan"))
 
 

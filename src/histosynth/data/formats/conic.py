@@ -3,12 +3,19 @@
 ``images.npy`` (N,256,256,3) uint8 and ``labels.npy`` (N,256,256,2) with the instance map in
 channel 0 and the type map in channel 1 (Lizard's 6 classes). Both are memory-mapped, so only
 one patch is in memory at a time. ``patch_info.csv`` names the Lizard region each patch came from.
+
+Layout check (every patch): channel 1 must hold types 0..6, else the patch is refused, saying when the channels
+look swapped (types first). A swapped patch whose ids all happen to be ≤ 6 passes that check, but its "instances"
+(types) are made of several disconnected parts: the instance check of ``validate_record`` refuses it, naming the
+possible swap.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+
+import numpy as np
 
 from histosynth.data.formats.lizard import CLASSES
 from histosynth.data.io import as_int_labels, as_uint8_image, read_npy, validate_record
@@ -31,8 +38,9 @@ def _patch_names(path: Path, n: int) -> list[str] | None:
     return rows
 
 
-def read_conic(src: str | Path) -> Iterator[NucleiRecord]:
-    """Stream CoNIC patches (20x, no split of their own)."""
+def read_conic(src: str | Path, relabel_components: bool = False) -> Iterator[NucleiRecord]:
+    """Stream CoNIC patches (20x, no split of their own); ``relabel_components``: see
+    :func:`histosynth.data.io.validate_record`."""
     src = Path(src)
     img_path, lab_path = src / "images.npy", src / "labels.npy"
     for p in (img_path, lab_path):
@@ -51,18 +59,41 @@ def read_conic(src: str | Path) -> Iterator[NucleiRecord]:
     if images.shape[0] == 0:
         raise DataError("holds no patches (N = 0)", img_path)
     names = _patch_names(src / "patch_info.csv", images.shape[0])
-    return _records(images, labels, img_path, lab_path, names)
+    return _records(images, labels, img_path, lab_path, names, relabel_components)
 
 
-def _records(images, labels, img_path: Path, lab_path: Path, names: list[str] | None) -> Iterator[NucleiRecord]:
+LAYOUT = f"CoNIC labels hold the instance ids in channel 0 and the types 0..{len(CLASSES)} in channel 1"
+SWAPPED = "channel 0 looks like the types: this copy stores the channels swapped"
+
+
+def check_layout(inst: np.ndarray, typ: np.ndarray, where: str) -> str:
+    """Refuse a patch whose channel 1 holds values outside the types 0..6 (saying when the channels look swapped);
+    return the hint for :func:`validate_record`'s instance check (the swap, when channel 0 could be types)."""
+    k = len(CLASSES)
+    top_inst = int(inst.max(initial=0))
+    could_be_types = 0 < top_inst <= k
+    if typ.size and (typ.min() < 0 or typ.max() > k):
+        swapped = f"; {SWAPPED}" if could_be_types else ""
+        raise DataError(f"channel 1 (types) holds values up to {int(typ.max())}, outside the types 0..{k}{swapped}; "
+                        f"{LAYOUT}", where)
+    if not could_be_types:
+        return ""
+    return f"channel 0 holds only values 0..{k}: check that the channels are not swapped ({LAYOUT})"
+
+
+def _records(images, labels, img_path: Path, lab_path: Path, names: list[str] | None,
+             relabel_components: bool = False) -> Iterator[NucleiRecord]:
     for i in range(images.shape[0]):
         where = f"{lab_path}[{i}]"
         source = f"{img_path}[{i}]" + (f" ({names[i]})" if names else "")
+        inst = as_int_labels(labels[i, ..., 0], "instance map", where)
+        typ = as_int_labels(labels[i, ..., 1], "type map", where)
+        hint = check_layout(inst, typ, where)
         record = NucleiRecord(
             image=as_uint8_image(images[i], f"{img_path}[{i}]"),
-            inst_map=as_int_labels(labels[i, ..., 0], "instance map", where),
-            type_map=as_int_labels(labels[i, ..., 1], "type map", where),
+            inst_map=inst,
+            type_map=typ,
             class_names=CLASSES, source=source, split=None, magnification="20x",
             meta={"index": i, **({"patch_info": names[i]} if names else {})},
         )
-        yield validate_record(record, label_path=where)
+        yield validate_record(record, label_path=where, relabel_components=relabel_components, hint=hint)

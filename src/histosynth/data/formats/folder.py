@@ -3,6 +3,16 @@
 Flat: ``NAME.jpg`` + ``NAME_inst.png`` + ``NAME_type.png``; or split into ``images/NAME.jpg``,
 ``instances/NAME.png``, ``types/NAME.png``. ``classes.txt`` gives one class name per line
 (line k is type id k). Nothing here states the magnification, so it is an option.
+
+Instance-only datasets (MoNuSeg, CPM-15/17, Kumar, TNBC: an instance mask per image, no types) have no type file
+for any image (no ``NAME_type.png``, no ``types/`` folder): they are read as one class, ``nucleus`` (every instance
+typed 1), or the one name that ``classes.txt`` / ``class_names`` gives; declaring several classes for them is an
+error. When some images have a type file, every image needs one.
+
+Label files are checked as they are read: maps the size of the image (``validate_record``), and instance maps that
+cannot be right (ids of several disconnected parts, typed pixels in no instance:
+:mod:`histosynth.data.instance_check`); an 8-bit instance file refused that way is named as the likely cause
+(more than 255 nuclei wrap around its ids).
 """
 
 from __future__ import annotations
@@ -10,11 +20,16 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
+from PIL import Image
+
 from histosynth.data.io import child_dir, list_images, read_label_png, read_rgb, validate_record
 from histosynth.data.record import NucleiRecord
 from histosynth.errors import DataError
 
 LABEL_EXTS = (".png", ".tif", ".tiff")
+INSTANCE_ONLY_CLASS = "nucleus"
+_EIGHT_BIT = {"1", "L", "P"}
 
 
 def read_class_names(path: Path) -> tuple[str, ...]:
@@ -58,31 +73,70 @@ def _pairs(src: Path) -> list[tuple[Path, Path | None, Path | None, str]]:
 
 
 def read_folder(
-    src: str | Path, class_names: Sequence[str] | None = None, magnification: str | None = None
+    src: str | Path, class_names: Sequence[str] | None = None, magnification: str | None = None,
+    relabel_components: bool = False,
 ) -> Iterator[NucleiRecord]:
-    """Stream labelled images from a folder; ``class_names`` overrides classes.txt (one is required)."""
+    """Stream labelled images from a folder; ``class_names`` overrides classes.txt (one is required, except for an
+    instance-only folder: see the module docstring). ``relabel_components``: see
+    :func:`histosynth.data.io.validate_record`."""
     src = Path(src)
     if not src.is_dir():
         raise DataError("source folder not found", src)
-    names = _checked(list(class_names), src) if class_names is not None else read_class_names(src / "classes.txt")
     items = _pairs(src)
     if not items:
         raise DataError("no images (.png/.jpg/.jpeg/.tif/.tiff) found in this folder or its images/ folder", src)
+    instance_only = all(typ is None for _, _, typ, _ in items)
+    if instance_only:
+        names = _instance_only_names(src, class_names)
+    else:
+        names = _checked(list(class_names), src) if class_names is not None else read_class_names(src / "classes.txt")
     flat = child_dir(src, "images") is None
     for img, inst, typ, stem in items:
         for label, kind, sub in ((inst, "inst", "instances"), (typ, "type", "types")):
-            if label is None:
+            if label is None and not (kind == "type" and instance_only):
                 expected = src / f"{stem}_{kind}.png" if flat else src / sub / f"{stem}.png"
                 raise DataError(f"label file missing for image {img.name}", expected)
-    return _records(items, names, magnification)
+    return _records(items, names, magnification, relabel_components)
 
 
-def _records(items: list, names: tuple[str, ...], magnification: str | None) -> Iterator[NucleiRecord]:
+def _instance_only_names(src: Path, class_names: Sequence[str] | None) -> tuple[str, ...]:
+    """The one class of an instance-only folder: ``nucleus`` unless class_names / classes.txt name one."""
+    if class_names is not None:
+        names, where = _checked(list(class_names), src), src
+    elif (src / "classes.txt").is_file():
+        names, where = read_class_names(src / "classes.txt"), src / "classes.txt"
+    else:
+        return (INSTANCE_ONLY_CLASS,)
+    if len(names) != 1:
+        raise DataError(f"no type maps found (no NAME_type.png or types/ folder), so every nucleus has one class, but "
+                        f"{len(names)} classes are declared ({', '.join(names)}): declare one class or add the type "
+                        "maps", where)
+    return names
+
+
+def _eight_bit_hint(path: Path) -> str:
+    """Why an instance file may be wrong: an 8-bit file holds ids up to 255 only."""
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+    except OSError:
+        return ""
+    if mode not in _EIGHT_BIT:
+        return ""
+    return (f"{path.name} is an 8-bit image: if it held more than 255 nuclei, their ids wrapped around past 255 "
+            "when it was saved (save instance maps as 16-bit PNG)")
+
+
+def _records(items: list, names: tuple[str, ...], magnification: str | None,
+             relabel_components: bool = False) -> Iterator[NucleiRecord]:
     for img, inst, typ, _ in items:
+        inst_map = read_label_png(inst)
+        type_map = read_label_png(typ) if typ is not None else (inst_map > 0).astype(np.int32)
         record = NucleiRecord(
-            image=read_rgb(img), inst_map=read_label_png(inst), type_map=read_label_png(typ), class_names=names,
+            image=read_rgb(img), inst_map=inst_map, type_map=type_map, class_names=names,
             source=str(img), split=None, magnification=magnification,
         )
         # validate_record checks inst_map first: name the instance file if it is the culprit, else the type file
-        culprit = inst if record.inst_map.shape != record.image.shape[:2] else typ
-        yield validate_record(record, label_path=culprit)
+        culprit = inst if typ is None or record.inst_map.shape != record.image.shape[:2] else typ
+        yield validate_record(record, label_path=culprit, relabel_components=relabel_components,
+                              hint=_eight_bit_hint(inst), instance_path=inst)

@@ -3,6 +3,9 @@
 A Lizard .mat file has ``inst_map`` and, per nucleus, its instance ``id`` and its ``class``: the type
 map is not stored, so it is built by mapping each instance id to its class. The release spreads
 images over several folders (Lizard_Images1, Lizard_Images2), so image and label folders are searched.
+
+Layout check (every file): ``id`` and ``class`` have one entry per nucleus, ids are positive and listed once (or
+repeated with the same class), every instance of ``inst_map`` is listed, and classes are Lizard's 1..6.
 """
 
 from __future__ import annotations
@@ -42,8 +45,9 @@ def _walk(src: Path) -> tuple[list[Path], dict[str, Path]]:
     return images, labels
 
 
-def read_lizard(src: str | Path) -> Iterator[NucleiRecord]:
-    """Stream Lizard regions (20x, no split of their own)."""
+def read_lizard(src: str | Path, relabel_components: bool = False) -> Iterator[NucleiRecord]:
+    """Stream Lizard regions (20x, no split of their own); ``relabel_components``: see
+    :func:`histosynth.data.io.validate_record`."""
     src = Path(src)
     images, labels = _walk(src)
     if not images:
@@ -53,7 +57,7 @@ def read_lizard(src: str | Path) -> Iterator[NucleiRecord]:
         if img.stem not in labels:
             raise DataError(f"label file missing for image {img}: no {img.stem}.mat below the source folder", src)
         items.append((img, labels[img.stem]))
-    return _records(items)
+    return _records(items, relabel_components)
 
 
 def type_map_from_ids(inst: np.ndarray, ids: np.ndarray, classes: np.ndarray, path: Path) -> np.ndarray:
@@ -62,6 +66,17 @@ def type_map_from_ids(inst: np.ndarray, ids: np.ndarray, classes: np.ndarray, pa
         raise DataError(f"'id' has {ids.size} entries but 'class' has {classes.size}", path)
     if ids.size and ids.min() < 1:
         raise DataError(f"'id' holds instance id {int(ids.min())}; ids start at 1", path)
+    bad = np.unique(classes[(classes < 1) | (classes > len(CLASSES))])
+    if bad.size:
+        raise DataError(f"'class' holds {bad[:10].tolist()}, outside Lizard's classes 1..{len(CLASSES)} "
+                        f"({', '.join(f'{i}={n}' for i, n in enumerate(CLASSES, 1))})", path)
+    order = np.argsort(ids, kind="stable")
+    same = ids[order][1:] == ids[order][:-1]
+    clash = same & (classes[order][1:] != classes[order][:-1])
+    if clash.any():
+        k = int(ids[order][1:][clash][0])
+        raise DataError(f"'id' lists instance {k} more than once with different classes "
+                        f"({sorted(set(classes[ids == k].tolist()))})", path)
     missing = np.setdiff1d(np.unique(inst[inst > 0]), ids)
     if missing.size:
         raise DataError(f"instances {missing[:10].tolist()} of inst_map have no entry in 'id'/'class'", path)
@@ -70,7 +85,7 @@ def type_map_from_ids(inst: np.ndarray, ids: np.ndarray, classes: np.ndarray, pa
     return lut[inst]
 
 
-def _records(items: list) -> Iterator[NucleiRecord]:
+def _records(items: list, relabel_components: bool = False) -> Iterator[NucleiRecord]:
     for img_path, label_path in items:
         mat = read_mat(label_path, ("inst_map", "id", "class"))
         inst = as_int_labels(mat["inst_map"], "inst_map", label_path)
@@ -83,4 +98,4 @@ def _records(items: list) -> Iterator[NucleiRecord]:
             image=read_rgb(img_path), inst_map=inst, type_map=typ, class_names=CLASSES, source=str(img_path),
             split=None, magnification="20x",
         )
-        yield validate_record(record, label_path=label_path)
+        yield validate_record(record, label_path=label_path, relabel_components=relabel_components)

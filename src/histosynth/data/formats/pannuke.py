@@ -5,6 +5,13 @@ hold the instance ids of each nucleus type, channel 5 is background; optional ``
 names the tissue. The release nests them as ``Fold 1/images/fold1/images.npy`` and
 ``Fold 1/masks/fold1/masks.npy``; flatter copies exist, so files are found by searching and their
 fold is read from the folder names. The standard split trains on folds 1 and 2 and tests on fold 3.
+
+Layout check (:func:`check_layout`, every patch): with 6 channels, channel 5 is the background — only 0/1 values,
+1 exactly where no class channel 0-4 has a nucleus, and 1 somewhere (no patch is all nuclei). Some public copies
+store the background *first* (channels 1-5 the classes): read as native, every patch would get one giant
+"neoplastic" nucleus and every class would shift by one. Such a copy is refused, naming the channel that looks like
+the background (0/1, 1 exactly where every other channel is 0, and 1 somewhere). A 5-channel copy (no background)
+is read as the five classes, unless one of its channels looks like a background.
 """
 
 from __future__ import annotations
@@ -48,11 +55,14 @@ def _find_folds(src: Path) -> dict[int | None, dict[str, Path]]:
 
 
 def read_pannuke(
-    src: str | Path, train_folds: tuple[int, ...] = (1, 2), test_folds: tuple[int, ...] = (3,)
+    src: str | Path, train_folds: tuple[int, ...] = (1, 2), test_folds: tuple[int, ...] = (3,),
+    relabel_components: bool = False,
 ) -> Iterator[NucleiRecord]:
     """Stream PanNuke patches (40x); a fold in neither ``train_folds`` nor ``test_folds`` is skipped.
 
-    Files outside any "fold N" folder have no fold and get split None.
+    Files outside any "fold N" folder have no fold and get split None. Each patch's masks are checked against the
+    native layout (see the module docstring); ``relabel_components``: see
+    :func:`histosynth.data.io.validate_record`.
     """
     src = Path(src)
     if both := set(train_folds) & set(test_folds):
@@ -74,7 +84,7 @@ def read_pannuke(
     if not parts:
         raise DataError(f"no PanNuke fold found among train_folds {train_folds} / test_folds {test_folds} "
                         f"(found folds {sorted(f for f in folds if f is not None)})", src)
-    return (r for part in parts for r in _records(*part))
+    return (r for part in parts for r in _records(*part, relabel_components=relabel_components))
 
 
 def _open_fold(fold: int | None, split: str | None, files: dict[str, Path]) -> tuple:
@@ -92,6 +102,51 @@ def _open_fold(fold: int | None, split: str | None, files: dict[str, Path]) -> t
         if tissue.shape[:1] != images.shape[:1]:
             raise DataError(f"has {tissue.shape[:1]} entries but images.npy has {images.shape[0]}", files["types.npy"])
     return fold, split, images, masks, tissue, img_path, mask_path
+
+
+def _background_like(mask: np.ndarray, c: int, nuclei: np.ndarray) -> str | None:
+    """None when channel ``c`` is a background channel (0/1, 1 exactly where no other channel is non-zero, and 1
+    somewhere), else what is wrong with it. ``nuclei``: (H, W, C) bool, channel values > 0."""
+    chan = mask[..., c]
+    odd = chan[(chan != 0) & (chan != 1)]
+    if odd.size:
+        return f"it holds values other than 0 and 1 (e.g. {odd.flat[0]:g}), like instance ids"
+    on = chan == 1
+    if not on.any():
+        return "it is 0 everywhere: no pixel of the patch would be background"
+    others = np.delete(nuclei, c, axis=-1).any(-1)
+    wrong_on, wrong_off = int(np.count_nonzero(on & others)), int(np.count_nonzero(~on & ~others))
+    if wrong_on or wrong_off:
+        return (f"it is 1 on {wrong_on} pixels where another channel has a nucleus and 0 on {wrong_off} pixels "
+                "where none has")
+    return None
+
+
+def check_layout(mask: np.ndarray, where: str) -> None:
+    """Refuse masks (H, W, 5 or 6) of one patch that are not in PanNuke's layout (see the module docstring)."""
+    mask = np.asarray(mask)
+    nuclei = mask > 0
+    n = mask.shape[-1]
+    problem = None
+    if n == 6:
+        wrong = _background_like(mask, 5, nuclei)
+        if wrong is None:
+            return
+        problem = ("channel 5 should be the background (1 exactly where no class channel 0-4 has a nucleus), "
+                   f"but {wrong}")
+    looks = [c for c in range(n) if (c != 5 or n != 6) and _background_like(mask, c, nuclei) is None]
+    if problem is None and not looks:
+        return  # 5 class channels, none of them a background
+    said = [problem] if problem else []
+    if looks:
+        said.append(f"channel {looks[0]} looks like the background "
+                    "(0/1, 1 exactly where no other channel has a nucleus)")
+        if looks[0] == 0 and n == 6:
+            said.append("this copy stores the background first: move it last (np.roll(masks, -1, axis=-1))")
+    else:
+        said.append("no channel looks like the background")
+    said.append("PanNuke masks hold the classes in channels 0-4 and the background in channel 5")
+    raise DataError(f"not PanNuke's mask layout: {'; '.join(said)}", where)
 
 
 def merge_channels(mask: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray]:
@@ -114,10 +169,13 @@ def merge_channels(mask: np.ndarray, where: str) -> tuple[np.ndarray, np.ndarray
     return out, typ
 
 
-def _records(fold, split, images, masks, tissue, img_path: Path, mask_path: Path) -> Iterator[NucleiRecord]:
+def _records(fold, split, images, masks, tissue, img_path: Path, mask_path: Path,
+             relabel_components: bool = False) -> Iterator[NucleiRecord]:
     for i in range(images.shape[0]):
         where = f"{mask_path}[{i}]"
-        inst, typ = merge_channels(masks[i], where)
+        mask = np.asarray(masks[i])
+        check_layout(mask, where)
+        inst, typ = merge_channels(mask, where)
         meta = {"fold": fold, "index": i}
         if tissue is not None:
             meta["tissue"] = str(tissue[i])
@@ -125,4 +183,4 @@ def _records(fold, split, images, masks, tissue, img_path: Path, mask_path: Path
             image=as_uint8_image(images[i], f"{img_path}[{i}]"), inst_map=inst, type_map=typ, class_names=CLASSES,
             source=f"{img_path}[{i}]", split=split, magnification="40x", meta=meta,
         )
-        yield validate_record(record, label_path=where)
+        yield validate_record(record, label_path=where, relabel_components=relabel_components)
