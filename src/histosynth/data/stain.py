@@ -5,6 +5,16 @@ the (2 stains x 3 channels) stain vectors and C per-pixel concentrations. A regi
 its own stain vectors, its concentrations are rescaled so their 99th percentiles match the target's,
 and it is recomposed with the target's stain vectors. Normalise once per source region, before
 patching: per-patch estimates are noisy and would make neighbouring patches disagree.
+
+Background (glass) is left as it is: a pixel's weight goes from 0 to 1 as its darkest channel rises from
+BACKGROUND_RAMP[0] to BACKGROUND_RAMP[1] OD above the region's own glass level (`glass_level`; the ramp starts
+later on noisier glass), and the pixel moves that far towards its normalised colour, in OD. Without it, the
+glass of nearly blank regions (OD ~0.04, grey) was decomposed into the region's stains, scaled by the faint
+tissue's large concentration ratio and recomposed with the target's stains: tinted pink / purple.
+
+A target must show two distinct stains: `stain_spread` measures the hue range of its stained pixels after
+smoothing out pixel noise, and `fit` refuses a target under MIN_STAIN_SPREAD degrees (an eosin-only or
+hematoxylin-only image), whose two fitted "stains" would be noise extremes of one colour.
 """
 
 from __future__ import annotations
@@ -13,7 +23,9 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
+from histosynth.data.io import to_rgb_uint8
 from histosynth.errors import DataError, HistosynthError
 
 OD_THRESHOLD = 0.15  # below this in any channel a pixel is background/white glass (Macenko et al.)
@@ -21,6 +33,13 @@ MIN_TISSUE_PIXELS = 100
 MIN_TISSUE_FRACTION = 0.01
 MAX_FIT_PIXELS = 20_000  # stain estimation on a subsample: enough for 2x3 parameters, keeps fitting fast
 CHUNK_PIXELS = 1 << 20  # transform in chunks so large regions do not need several float copies at once
+
+BACKGROUND_RAMP = (0.05, 0.15)  # OD above the glass: left as it is below the first, fully normalised above the second
+GLASS_NOISE_SIGMAS = 6.0  # the ramp starts no lower than this many sigmas of the glass's own noise
+MAX_RAMP_START = 0.10  # ... nor higher than this (a glass 10 % darker in some channel is no longer taken for glass)
+SPREAD_SMOOTHING_PX = 4.0  # Gaussian sigma averaging out pixel (and JPEG block) noise before measuring the hue range
+MIN_STAIN_SPREAD = 6.5  # degrees; measured (docs/benchmarks.md): real H&E 7.9-53, single-stain images 0.1-5.0
+SATURATED = 2  # a channel at or below this value has a clipped OD: left out of the hue range
 
 # Reference H&E vectors (Ruifrok & Johnston), rows = hematoxylin, eosin; used to start dictionary learning.
 _REFERENCE_HE = np.array([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105]])
@@ -50,6 +69,67 @@ def _subsample(rows: np.ndarray, n: int, seed: int = 0) -> np.ndarray:
 
 def _enough_tissue(tissue: np.ndarray, total: int) -> bool:
     return len(tissue) >= max(MIN_TISSUE_PIXELS, MIN_TISSUE_FRACTION * total)
+
+
+def stain_spread(rgb: np.ndarray) -> float | None:
+    """Hue range (degrees) of the stained pixels' optical density, or None if too few pixels are stained.
+
+    The OD of a stained pixel is a non-negative mix of the stain vectors, so with two stains the directions of
+    the pixels' OD fan out between them; with one stain they all point the same way. Pixel noise fans them out
+    too (up to ~25 degrees in a flat, noisy single-stain image), so the OD image is first smoothed (Gaussian,
+    SPREAD_SMOOTHING_PX), which keeps the fan of real H&E, whose stains sit in structures (nuclei, stroma)
+    larger than a few pixels. The range is Macenko's: the 1st to 99th percentile of the angle in the plane of
+    the two strongest directions. Stained = some channel at OD >= OD_THRESHOLD, none saturated.
+    """
+    rgb = np.asarray(rgb)
+    if rgb.ndim != 3 or rgb.shape[2] != 3:
+        raise ValueError(f"expected an RGB image HxWx3, got shape {rgb.shape}")
+    od = -np.log(np.maximum(rgb.astype(np.float32), 1.0) / 255.0)
+    smooth = ndimage.gaussian_filter(od, (SPREAD_SMOOTHING_PX, SPREAD_SMOOTHING_PX, 0))
+    stained = (smooth.max(axis=-1) >= OD_THRESHOLD) & (rgb.min(axis=-1) > SATURATED)
+    rows = smooth[stained].astype(np.float64)
+    if not _enough_tissue(rows, stained.size):
+        return None
+    rows = _subsample(rows, 5 * MAX_FIT_PIXELS)
+    _, _, vt = np.linalg.svd(rows, full_matrices=False)
+    plane = vt[:2].copy()
+    plane[0] *= np.sign(plane[0].sum()) or 1.0  # the main direction towards positive OD: angles stay near 0
+    proj = rows @ plane.T
+    phi = np.degrees(np.arctan2(proj[:, 1], proj[:, 0]))
+    lo, hi = np.percentile(phi, [1, 99])
+    return float(hi - lo)
+
+
+def glass_level(rgb: np.ndarray) -> tuple[np.ndarray, float]:
+    """The region's background (glass): its OD per channel and where the tissue ramp starts above it.
+
+    Glass = the unstained pixels (every channel below OD_THRESHOLD), when they are at least MIN_TISSUE_FRACTION
+    of the region: their median OD. The ramp starts at BACKGROUND_RAMP[0] or GLASS_NOISE_SIGMAS times the glass's
+    pixel noise, whichever is larger (at most MAX_RAMP_START), so that no noisy glass pixel is taken for tissue;
+    the noise is measured on horizontally adjacent unstained pixels (robust sigma of their difference / sqrt 2,
+    largest channel), which pale but smooth tissue among them does not inflate. Without glass: white (OD 0).
+    """
+    rgb = np.asarray(rgb)
+    rgb = rgb.reshape(1, -1, 3) if rgb.ndim == 2 else rgb
+    rows = rgb[:: max(1, rgb.shape[0] * rgb.shape[1] // CHUNK_PIXELS)]  # whole rows: neighbours stay neighbours
+    od = -np.log(np.maximum(rows.astype(np.float64), 1.0) / 255.0)
+    unstained = od.max(axis=-1) < OD_THRESHOLD
+    if unstained.sum() < max(MIN_TISSUE_PIXELS, MIN_TISSUE_FRACTION * unstained.size):
+        return np.zeros(3), BACKGROUND_RAMP[0]
+    level = np.median(od[unstained], axis=0)
+    pairs = unstained[:, 1:] & unstained[:, :-1]
+    noise = 0.0
+    if pairs.sum() >= MIN_TISSUE_PIXELS:
+        diff = (od[:, 1:] - od[:, :-1])[pairs]
+        noise = float((1.4826 * np.median(np.abs(diff - np.median(diff, axis=0)), axis=0)).max() / np.sqrt(2))
+    return level, float(np.clip(GLASS_NOISE_SIGMAS * noise, BACKGROUND_RAMP[0], MAX_RAMP_START))
+
+
+def tissue_weight(od: np.ndarray, glass: np.ndarray, start: float = BACKGROUND_RAMP[0]) -> np.ndarray:
+    """(N,) in [0, 1]: how much of each pixel to normalise. 0 up to `start` OD above the glass in the pixel's
+    darkest channel, rising linearly to 1 over the next BACKGROUND_RAMP[1] - BACKGROUND_RAMP[0]."""
+    excess = np.max(od - glass, axis=1)
+    return np.clip((excess - start) / (BACKGROUND_RAMP[1] - BACKGROUND_RAMP[0]), 0.0, 1.0)
 
 
 def _order_he(stains: np.ndarray) -> np.ndarray:
@@ -120,7 +200,20 @@ class _StainNormalizer:
         return stains, max_conc
 
     def fit(self, target_rgb: np.ndarray, source: str | Path | None = None) -> "_StainNormalizer":
-        """Learn the target's stain vectors and concentration scale; `source` names it in errors."""
+        """Learn the target's stain vectors and concentration scale; `source` names it in errors.
+
+        Refused: a target with too little tissue, and one showing a single stain (`stain_spread` under
+        MIN_STAIN_SPREAD degrees), from which two distinct stains cannot be estimated.
+        """
+        spread = stain_spread(target_rgb)
+        if spread is not None and spread < MIN_STAIN_SPREAD:
+            raise DataError(
+                f"stain target shows a single stain, so two distinct stains (hematoxylin and eosin) cannot be "
+                f"estimated from it: the colours of its stained pixels span {spread:.1f} degrees of hue in optical "
+                f"density, under the {MIN_STAIN_SPREAD} that H&E tissue spans (nuclei purple, stroma pink); "
+                "choose a target region with both nuclei and stroma",
+                source,
+            )
         result = self._analyse(target_rgb)
         if result is None:
             raise DataError(
@@ -133,7 +226,10 @@ class _StainNormalizer:
         return self
 
     def transform(self, rgb: np.ndarray) -> np.ndarray:
-        """Recolour `rgb` to the target's stains. A region with (almost) no tissue is returned unchanged."""
+        """Recolour `rgb` to the target's stains; background (glass) stays as it is (see `tissue_weight`).
+
+        A region with (almost) no tissue is returned unchanged.
+        """
         if self.stain_matrix_ is None:
             raise RuntimeError(f"{type(self).__name__}.fit() must be called before transform()")
         rgb = np.asarray(rgb)
@@ -143,11 +239,17 @@ class _StainNormalizer:
         stains, max_conc = result
         scale = self.max_concentrations_ / max_conc
         flat = rgb.reshape(-1, 3)
-        out = np.empty_like(flat, dtype=np.uint8)
-        for start in range(0, len(flat), CHUNK_PIXELS):
-            od = rgb_to_od(flat[start : start + CHUNK_PIXELS])
-            conc = self._concentrations(od, stains) * scale
-            out[start : start + CHUNK_PIXELS] = od_to_rgb(conc @ self.stain_matrix_.T)
+        glass, ramp_start = glass_level(rgb)
+        out = np.array(flat, dtype=np.uint8)  # background pixels (weight 0) are copied exactly
+        for begin in range(0, len(flat), CHUNK_PIXELS):
+            od = rgb_to_od(flat[begin : begin + CHUNK_PIXELS])
+            weight = tissue_weight(od, glass, ramp_start)
+            moved = weight > 0
+            if not moved.any():
+                continue
+            od, weight = od[moved], weight[moved, None]
+            normalised = (self._concentrations(od, stains) * scale) @ self.stain_matrix_.T
+            out[begin : begin + CHUNK_PIXELS][moved] = od_to_rgb(od + weight * (normalised - od))
         return out.reshape(rgb.shape)
 
     def __call__(self, rgb: np.ndarray) -> np.ndarray:
@@ -234,7 +336,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            return np.asarray(img.convert("RGB"))
+            return to_rgb_uint8(img, path)
     except FileNotFoundError:
         raise DataError("stain target image not found", path) from None
     except OSError as exc:
