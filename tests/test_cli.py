@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
-import pytest
 from click.testing import CliRunner
 from PIL import Image
 
@@ -42,11 +40,11 @@ def _assert_user_error(result, *needles):
 
 def test_prepare_good_folder_then_refuses_to_overwrite(tmp_path):
     src = _folder(tmp_path)
-    ok = _prepare(src, tmp_path / "store")
+    ok = _prepare(src, tmp_path / "store", "--holdout", "0")  # one small region: a hold-out would be refused
     assert ok.exit_code == 0, ok.output
     assert (tmp_path / "store" / "store.json").is_file()
-    _assert_user_error(_prepare(src, tmp_path / "store"), "store", "--overwrite")
-    assert _prepare(src, tmp_path / "store", "--overwrite").exit_code == 0
+    _assert_user_error(_prepare(src, tmp_path / "store", "--holdout", "0"), "store", "--overwrite")
+    assert _prepare(src, tmp_path / "store", "--overwrite", "--holdout", "0").exit_code == 0
 
 
 def test_corrupt_image(tmp_path):

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 from click.testing import CliRunner
 
 from histosynth.evaluate.segmenter import (

@@ -4,6 +4,16 @@ NASDM holds out a random block of 7.5% of each region's area as the test set, th
 train remainder and the test block with 50% overlap. Tiles are cut at the *source* resolution and
 resized to the patch size, so a 10x patch from a 20x region is a 2x larger crop scaled down.
 The hold-out must be leak-free: no train patch may contain a single pixel of the test block.
+
+When the block is smaller than one crop (e.g. 500x500 regions at 40x cut into 128 px patches at 20x: a
+256 px crop, a 137 px block) no test tile fits in it. Such a region holds nothing out inside itself: all
+its tiles are train, and :attr:`RegionPatches.whole_region` says so. The caller then holds out *whole*
+regions instead (:func:`choose_whole_regions`: about the same fraction of those regions' patches, chosen
+by the seed, at least one region when nothing else went to test, never all of them);
+:func:`histosynth.data.store.write_regions` does it, prints a note and records it in store.json's meta
+(``whole_region_holdout``). Train and test patches then come from different regions, so they never
+overlap either. One such region alone cannot be split: that is an error asking for ``--holdout 0``
+(no test split, on purpose) or more regions. A test split is never empty unless the hold-out is 0.
 """
 
 from __future__ import annotations
@@ -63,12 +73,8 @@ def format_magnification(value: str | float | int) -> str:
     return f"{parse_magnification(value):g}x"
 
 
-def holdout_block(height: int, width: int, fraction: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
-    """A random block of `fraction` of the region's area: (y0, x0, h, w).
-
-    Square when it fits (a square keeps the most test tiles for a given area); on a narrow region the
-    short side is clipped to the region and the long side grows to keep the area.
-    """
+def holdout_shape(height: int, width: int, fraction: float) -> tuple[int, int]:
+    """(h, w) of the hold-out block of a region: `fraction` of its area (see :func:`holdout_block`)."""
     if not 0.0 < fraction < 1.0:
         raise ValueError(f"hold-out fraction must be in (0, 1), got {fraction}")
     if height < 1 or width < 1:
@@ -78,9 +84,41 @@ def holdout_block(height: int, width: int, fraction: float, rng: np.random.Gener
     w = min(width, max(1, round(area / h)))  # rounding w against the rounded h keeps the area error < h/2
     if w == width:  # too wide for the region: use its full width, stretch the height instead
         h = min(height, max(1, round(area / w)))
+    return int(h), int(w)
+
+
+def holdout_block(height: int, width: int, fraction: float, rng: np.random.Generator) -> tuple[int, int, int, int]:
+    """A random block of `fraction` of the region's area: (y0, x0, h, w).
+
+    Square when it fits (a square keeps the most test tiles for a given area); on a narrow region the
+    short side is clipped to the region and the long side grows to keep the area.
+    """
+    h, w = holdout_shape(height, width, fraction)
     y0 = int(rng.integers(0, height - h + 1))
     x0 = int(rng.integers(0, width - w + 1))
-    return y0, x0, int(h), int(w)
+    return y0, x0, h, w
+
+
+def choose_whole_regions(sizes: list[int], fraction: float, rng: np.random.Generator, *, at_least_one: bool,
+                         keep_one: bool) -> list[int]:
+    """Indices of the regions (of ``sizes`` patches each) to hold out whole, when their blocks hold no test tile.
+
+    The regions are taken in an order drawn from ``rng`` until their patches come nearest to ``fraction`` of
+    all; ``at_least_one``: take one even when that overshoots (nothing else went to test); ``keep_one``: leave
+    one region for train (nothing else did). Sorted; empty when there are no regions.
+    """
+    n = len(sizes)
+    if n == 0:
+        return []
+    order = [int(i) for i in rng.permutation(n)]
+    target = fraction * sum(sizes)
+    totals = np.cumsum([0] + [sizes[i] for i in order])
+    k = int(np.argmin(np.abs(totals - target)))  # the first of equally near counts: the fewer regions
+    if at_least_one:
+        k = max(k, 1)
+    if keep_one:
+        k = min(k, n - 1)
+    return sorted(order[:k])
 
 
 def tile_origins(length: int, crop: int, stride: int) -> list[int]:
@@ -180,6 +218,36 @@ def _overlaps(y: int, x: int, crop: int, block: tuple[int, int, int, int]) -> bo
     return y < by + bh and by < y + crop and x < bx + bw and bx < x + crop
 
 
+class RegionPatches:
+    """The patches of one region (see :func:`extract_patches`): iterate to cut them, train ones first.
+
+    ``block`` is the hold-out block tiled as test, None when nothing is held out inside the region: the
+    dataset's own split, no hold-out, or a block too small for one crop. ``whole_region`` is that last case
+    (its block, ``small_block``, holds no test tile, so every tile is train): the caller may hold the region
+    out whole. ``crop`` and ``stride`` are in source pixels.
+    """
+
+    def __init__(self, record: NucleiRecord, patch: int, crop: int, stride: int,
+                 block: tuple[int, int, int, int] | None):
+        self.record, self.patch, self.crop, self.stride = record, patch, crop, stride
+        self.small_block: tuple[int, int, int, int] | None = None
+        if block is not None and not _holds_tile(block, crop, stride):
+            block, self.small_block = None, block
+        self.block = block
+
+    @property
+    def whole_region(self) -> bool:
+        return self.small_block is not None
+
+    def __iter__(self) -> Iterator[Patch]:
+        return _iter_patches(self.record, self.patch, self.crop, self.stride, self.block)
+
+
+def _holds_tile(block: tuple[int, int, int, int], crop: int, stride: int) -> bool:
+    _, _, bh, bw = block
+    return bool(tile_origins(bh, crop, stride)) and bool(tile_origins(bw, crop, stride))
+
+
 def extract_patches(
     record: NucleiRecord,
     patch: int = 128,
@@ -187,12 +255,14 @@ def extract_patches(
     target_magnification: str | float = "20x",
     holdout_fraction: float = 0.075,
     rng: np.random.Generator | None = None,
-) -> Iterator[Patch]:
+) -> RegionPatches:
     """Patches of one region, train ones first (validated and hold-out drawn now, patches cut lazily).
 
     A dataset's own split (record.split) wins: all patches get it and no block is held out. Otherwise
     a hold-out block is drawn from `rng`; it is tiled on its own (test), and train tiles touching it are
-    dropped, so train and test never share a pixel.
+    dropped, so train and test never share a pixel. A block smaller than one crop holds no test tile: then
+    every tile is train and the result's ``whole_region`` is True (the caller holds out whole regions,
+    see the module docstring).
     """
     _check_record(record)
     if not 0.0 <= overlap < 1.0:
@@ -207,7 +277,7 @@ def extract_patches(
     block = None
     if record.split is None and holdout_fraction > 0:
         block = holdout_block(height, width, holdout_fraction, rng if rng is not None else np.random.default_rng())
-    return _iter_patches(record, patch, crop, stride, block)
+    return RegionPatches(record, patch, crop, stride, block)
 
 
 def _iter_patches(

@@ -23,7 +23,12 @@ the base's; ``PatchStore.magnifications`` is the list (one item for a single-mag
 Raw .npy (not .npz) so readers memory-map shards with no decompression and no memory growth; the writer
 holds at most one shard, so a Lizard-size build (~55k patches) runs in constant memory. A store is built
 in a hidden partial directory and renamed into place only when complete: an interrupted prepare never
-leaves something that opens as a store.
+leaves something that opens as a store. A full disk (or quota) ends the build with a ``DiskFullError`` naming
+the store and the space it needs; the partial directory is removed and a store already at the path is kept.
+
+Hold-out: each region's 7.5 % block (:mod:`histosynth.data.patches`); where a region's block is smaller than one
+crop, whole regions are held out instead (:func:`write_regions`: a note on stderr, store.json
+``meta.whole_region_holdout``), so the test split is empty only when asked (``holdout=0``).
 """
 
 from __future__ import annotations
@@ -39,9 +44,9 @@ from pathlib import Path
 
 import numpy as np
 
-from histosynth.data.patches import SPLITS, Patch, extract_patches, format_magnification
+from histosynth.data.patches import SPLITS, Patch, choose_whole_regions, extract_patches, format_magnification
 from histosynth.data.record import NucleiRecord
-from histosynth.errors import DataError, OutputExistsError
+from histosynth.errors import DataError, DiskFullError, OutputExistsError, is_disk_full
 
 FORMAT = "histosynth-patch-store"
 VERSION = 1
@@ -141,6 +146,8 @@ class PatchStoreWriter:
         self._count = 0
         self._shard = 0
         self._counts: dict[str, dict] = {}
+        self._reassigned: list[tuple[int, int, str]] = []  # (first index, count, split) applied at commit
+        self._write_error: BaseException | None = None  # an OSError of a shard write, judged by the space left
 
     def _check_output(self) -> None:
         if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
@@ -155,11 +162,28 @@ class PatchStoreWriter:
         return self._count
 
     def __enter__(self) -> "PatchStoreWriter":
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        _remove(self._partial)  # stale leftover of a crashed process that had our pid
-        (self._partial / SHARDS).mkdir(parents=True)
-        self._manifest = open(self._partial / MANIFEST, "w", encoding="utf-8")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            _remove(self._partial)  # stale leftover of a crashed process that had our pid
+            (self._partial / SHARDS).mkdir(parents=True)
+            self._manifest = open(self._partial / MANIFEST, "w", encoding="utf-8")
+        except OSError as exc:
+            full = is_disk_full(exc, self.path.parent)
+            self._close_and_remove()
+            if full:
+                raise DiskFullError(self.path, "the patch store") from None
+            raise
         return self
+
+    def reassign_split(self, first: int, count: int, split: str) -> None:
+        """Give the ``count`` patches from index ``first`` on (already added) the split ``split`` instead; the
+        manifest and store.json counts say it when the store is committed (whole-region hold-out)."""
+        if split not in SPLITS:
+            raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+        if first < 0 or count < 0 or first + count > self._count:
+            raise ValueError(f"patches {first}..{first + count - 1} are not all written yet ({self._count} are)")
+        if count:
+            self._reassigned.append((int(first), int(count), split))
 
     def add(self, patch: Patch) -> None:
         """Buffer one patch and write its manifest line; flushes a shard when the buffer is full."""
@@ -247,8 +271,12 @@ class PatchStoreWriter:
     def _flush(self) -> None:
         if not self._buffered:
             return
-        for array in self.arrays:
-            np.save(shard_file(self._partial, self._shard, array), self._buffers[array][: self._buffered])
+        try:
+            for array in self.arrays:
+                np.save(shard_file(self._partial, self._shard, array), self._buffers[array][: self._buffered])
+        except OSError as exc:  # np.save loses the errno of a full disk ("N requested and M written")
+            self._write_error = exc
+            raise
         self._shard += 1
         self._buffered = 0
 
@@ -276,10 +304,28 @@ class PatchStoreWriter:
             "meta": self.meta,
         }
 
+    def _apply_reassigned(self) -> None:
+        """Rewrite the closed manifest with the reassigned splits, and count the splits again from it."""
+        if not self._reassigned:
+            return
+        split_of = {}
+        for first, count, split in self._reassigned:
+            split_of.update(dict.fromkeys(range(first, first + count), split))
+        self._counts = {}
+        src, dst = self._partial / MANIFEST, self._partial / f"{MANIFEST}.new"
+        with open(src, encoding="utf-8") as fin, open(dst, "w", encoding="utf-8") as fout:
+            for line in fin:
+                row = json.loads(line)
+                row["split"] = split_of.get(row["index"], row["split"])
+                self._tally(row["split"], row.get("counts") if self.labels else None)
+                fout.write(json.dumps(row) + "\n")
+        os.replace(dst, src)
+
     def _commit(self) -> None:
         """Finish files, write store.json last, then swap into place; an old store goes only after that."""
         self._flush()
         self._manifest.close()
+        self._apply_reassigned()
         with open(self._partial / STORE_JSON, "w", encoding="utf-8") as f:
             json.dump(self._store_json(), f, indent=2)
         self._check_output()  # something may have appeared at path while we were writing
@@ -301,13 +347,39 @@ class PatchStoreWriter:
         try:
             if exc_type is None:
                 self._commit()
+        except OSError as error:  # the final flush, manifest or store.json (anything else propagates as it is)
+            exc = self._write_error = error
         finally:
-            if self._manifest is not None and not self._manifest.closed:
-                self._manifest.close()
-            self._buffers = None
-            if self._partial.exists():
-                _remove(self._partial)
+            # judged before the partial store goes: a write that lost its errno by the space left; other errors
+            # (a reader's, say) only by what they say
+            where = self._partial if exc is not None and exc is self._write_error else None
+            full = exc is not None and not isinstance(exc, DiskFullError) and is_disk_full(exc, where)
+            needed = self._bytes_reached() if full else 0
+            self._close_and_remove()
+        if full:
+            raise DiskFullError(self.path, f"the patch store ({self._count} patches cut before the disk filled)",
+                                needed, at_least=True) from None
+        if exc_type is None and exc is not None:
+            raise exc
         return False
+
+    def _bytes_reached(self) -> int:
+        """Bytes the store takes with every patch added so far: the shards (the one being written whole), manifest."""
+        try:
+            manifest = (self._partial / MANIFEST).stat().st_size
+        except OSError:
+            manifest = 0
+        return max(1, self._count) * patch_bytes(self.patch_size, self.labels) + manifest
+
+    def _close_and_remove(self) -> None:
+        if self._manifest is not None and not self._manifest.closed:
+            try:
+                self._manifest.close()
+            except OSError:  # its buffer could not be flushed (a full disk): the file goes anyway
+                pass
+        self._buffers = None
+        if self._partial.exists():
+            _remove(self._partial)
 
 
 class PatchStore:
@@ -485,11 +557,29 @@ def nuclei_meta(patch, overlap, magnification, holdout, source_magnification, st
 
 @dataclass
 class RegionsWritten:
-    """What :func:`write_regions` wrote: region sources in order, patches, distinct tissue names."""
+    """What :func:`write_regions` wrote: region sources in order, patches, distinct tissue names, and the regions
+    held out whole because their hold-out block was smaller than one crop."""
 
     sources: list[str] = field(default_factory=list)
     patches: int = 0
     tissues: set[str] = field(default_factory=set)
+    held_out_whole: list[str] = field(default_factory=list)
+
+
+@dataclass
+class _SmallBlock:
+    """A region whose hold-out block holds no test tile: its patches are indices first..first+count-1."""
+
+    source: str
+    first: int
+    count: int
+    crop: int
+    block: tuple[int, int]
+    shape: tuple[int, int]
+    magnification: str
+
+
+WHOLE_REGION_META = "whole_region_holdout"
 
 
 def write_regions(
@@ -499,21 +589,37 @@ def write_regions(
     """Patch each record (hold-out blocks drawn from ``rng``) into ``writer``; patch size and target
     magnification are the writer's. A string ``record.meta["tissue"]`` becomes each patch's ``"tissue"``.
 
-    Raises DataError naming the record when its class names differ from the writer's, and naming the sources
-    when no patch at all could be cut from ``records``.
+    Regions whose hold-out block is smaller than one crop (no test tile fits in it) are written as train, then
+    whole regions among them are held out as test (:func:`histosynth.data.patches.choose_whole_regions`, drawn
+    from ``rng`` after the blocks): about ``holdout`` of their patches, at least one region when ``records``
+    gave no other test patch. That is printed as a note (stderr) and appended to ``writer.meta``'s
+    ``whole_region_holdout`` list.
+
+    Raises DataError naming the record when its class names differ from the writer's, naming the sources
+    when no patch at all could be cut from ``records``, and naming the region when a single region's block
+    is too small for a test patch and no other region could be held out (pass holdout 0 to mean it).
     """
     done = RegionsWritten()
+    small: list[_SmallBlock] = []
+    test = train = 0  # patches of regions split in themselves (their block, or the dataset's own split)
     for record in records:
         _check_classes(record, writer.class_names)
         done.sources.append(record.source)
         tissue = (record.meta or {}).get("tissue")
         tissue = tissue if isinstance(tissue, str) else None
         region = _prepared(record, source_magnification, stain_normalizer)
-        for p in extract_patches(region, writer.patch_size, overlap, writer.magnification, holdout, rng):
+        patches = extract_patches(region, writer.patch_size, overlap, writer.magnification, holdout, rng)
+        first = len(writer)
+        for p in patches:
             if tissue is not None:
                 p.extra["tissue"] = tissue
             writer.add(p)
             done.patches += 1
+            if not patches.whole_region:
+                test, train = test + (p.split == "test"), train + (p.split != "test")
+        if patches.whole_region and len(writer) > first:
+            small.append(_SmallBlock(record.source, first, len(writer) - first, patches.crop,
+                                     patches.small_block[2:], region.image.shape[:2], str(region.magnification)))
         if tissue is not None:
             done.tissues.add(tissue)
         if bar is not None:
@@ -522,7 +628,48 @@ def write_regions(
     if done.patches == 0:
         only = done.sources[0] if len(done.sources) == 1 else None
         raise DataError(_empty_message(done.sources, writer.patch_size, writer.magnification), only)
+    if small:
+        _hold_out_whole_regions(writer, done, small, holdout, rng, need_test=test == 0, need_train=train == 0, bar=bar)
     return done
+
+
+def _hold_out_whole_regions(writer: PatchStoreWriter, done: RegionsWritten, small: list[_SmallBlock], holdout: float,
+                            rng: np.random.Generator, *, need_test: bool, need_train: bool, bar) -> None:
+    """Make whole regions of ``small`` test (see :func:`write_regions`), say so, and record it in the meta."""
+    pct = f"{holdout * 100:g} %"
+    if len(small) == 1 and need_test and need_train:
+        one = small[0]
+        raise DataError(
+            f"the {pct} hold-out block ({one.block[0]}x{one.block[1]} px) of this {one.shape[0]}x{one.shape[1]} px "
+            f"region is smaller than one crop ({one.crop} px: {writer.patch_size} px patches at {writer.magnification} "
+            f"from {format_magnification(one.magnification)}), so no test patch fits in it, and there is no other "
+            "region to hold out whole: pass --holdout 0 to prepare it without a test split, or add regions",
+            one.source,
+        )
+    chosen = choose_whole_regions([r.count for r in small], holdout, rng, at_least_one=need_test, keep_one=need_train)
+    for i in chosen:
+        writer.reassign_split(small[i].first, small[i].count, "test")
+    done.held_out_whole = [small[i].source for i in chosen]
+    held = sum(small[i].count for i in chosen)
+    of = sum(r.count for r in small)
+    crops = sorted({r.crop for r in small})
+    entry = {
+        "reason": f"the {pct} hold-out block of {len(small)} of {len(done.sources)} regions is smaller than one crop "
+                  f"({'/'.join(map(str, crops))} px), so no test patch fits in it",
+        "regions": len(small),
+        "test_regions": done.held_out_whole,
+        "test_patches": held,
+        "patches": of,
+        "test_fraction": round(held / of, 4),
+    }
+    writer.meta.setdefault(WHOLE_REGION_META, []).append(entry)
+    regions = "region" if len(chosen) == 1 else "regions"
+    note = (f"note: {entry['reason']}; held out {len(chosen)} whole {regions} of those instead ({held} of their "
+            f"{of} patches, {held / of:.1%}), chosen by the seed (store.json meta.{WHOLE_REGION_META})")
+    if bar is not None:
+        bar.write(note, file=sys.stderr)
+    else:
+        print(note, file=sys.stderr)
 
 
 def _stain_name(normalizer) -> str:

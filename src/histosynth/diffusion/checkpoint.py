@@ -4,6 +4,11 @@ A checkpoint is a directory `RUN/checkpoints/step-NNNNNNN` holding accelerate's 
 safetensors, optimizer, LR scheduler, RNG states of every process), the EMA weights (safetensors) and
 `trainer_state.json`. It is written under a temporary name and renamed into place, so a run killed at
 any moment (SIGKILL included) leaves either the complete checkpoint or none.
+
+A write that fails (:func:`writing`) removes its temporary directory; a full disk (or quota) becomes a
+``DiskFullError`` naming the checkpoint and the space it needs (the size of the last complete one, or of the
+tensors), and the earlier checkpoints are left as they were, so ``train --resume`` continues from the last
+complete one once there is room. Exports written with :func:`write_atomically` are treated the same way.
 """
 
 from __future__ import annotations
@@ -11,7 +16,11 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+from histosynth.errors import DiskFullError, is_disk_full, tree_bytes
 
 CHECKPOINTS = "checkpoints"
 
@@ -39,14 +48,50 @@ def temporary_dir(final: Path) -> Path:
     return final.parent / f".tmp-{final.name}"
 
 
-def write_atomically(final: Path, write) -> Path:
-    """Call `write(tmp_dir)` then move tmp_dir to `final`; leftovers of a crashed write are removed."""
+def write_atomically(final: Path, write, what: str | None = None) -> Path:
+    """Call `write(tmp_dir)` then move tmp_dir to `final`; leftovers of a crashed write are removed, and a write
+    that fails removes tmp_dir (a full disk: DiskFullError naming `final` and about the size of the `final` it
+    replaces, or at least what was written)."""
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = temporary_dir(final)
     if tmp.exists():
         shutil.rmtree(tmp)
-    write(tmp)
-    return finalize(tmp, final)
+    previous = tree_bytes(final) if final.exists() else None
+    with writing(tmp, final, what or final.name, needed=lambda: previous):
+        write(tmp)
+        return finalize(tmp, final)
+
+
+@contextmanager
+def writing(tmp: Path, final: Path, what: str, needed: Callable[[], int | None] | None = None,
+            then: str = "free some space there (or write elsewhere) and run it again") -> Iterator[Path]:
+    """Guard the block that fills `tmp` (and renames it to `final`): when it fails, `tmp` is removed; when it
+    failed for a full disk, DiskFullError names `final`, the space it needs (``needed()``; None: at least what
+    `tmp` had reached) and what to do (``then``)."""
+    try:
+        yield tmp
+    except DiskFullError:  # said already, by an inner writer
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    except Exception as exc:
+        need = needed() if needed is not None else None
+        full = is_disk_full(exc, tmp if tmp.exists() else final.parent, need)
+        reached = tree_bytes(tmp) if full else 0
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not full:
+            raise
+        if need is None or need < reached:
+            raise DiskFullError(final, what, reached or None, at_least=True, then=then) from None
+        raise DiskFullError(final, what, need, then=then) from None
+    except BaseException:  # Ctrl-C and the like: nothing half-written stays behind either
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def checkpoint_bytes(run: Path, state_bytes: Callable[[], int]) -> int:
+    """About the size of the next checkpoint of `run`: its last complete one, or ``state_bytes()`` (the tensors)."""
+    last = latest_checkpoint(run)
+    return tree_bytes(last) if last is not None else state_bytes()
 
 
 def finalize(tmp: Path, final: Path) -> Path:

@@ -113,14 +113,48 @@ def _key(*parts) -> str:
 
 
 def _write_npy_atomically(final: Path, shape: tuple, fill: Callable[[np.ndarray], None], meta: dict) -> None:
+    """Write a float32 .npy of ``shape`` filled by ``fill`` under a temporary name, then rename it to ``final``.
+
+    The file's blocks are reserved before it is memory-mapped (``posix_fallocate``): on a full disk, writing into
+    a sparse memory map would kill the process with SIGBUS; instead this is a DiskFullError naming ``final`` and
+    its size. A failed write leaves no temporary file."""
+    import errno
+
+    from histosynth.errors import DiskFullError, is_disk_full
+
+    def reserve(path: Path, size: int) -> None:  # ENOSPC now, not SIGBUS while filling
+        if not hasattr(os, "posix_fallocate"):
+            return
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, size)
+        except OSError as exc:
+            if exc.errno not in (errno.EINVAL, errno.EOPNOTSUPP, getattr(errno, "ENOTSUP", errno.EOPNOTSUPP)):
+                raise  # (a file system that cannot reserve blocks is written as before)
+        finally:
+            os.close(fd)
+
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = final.with_name(f".tmp-{os.getpid()}-{final.name}")
-    arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
-    fill(arr)
-    arr.flush()
-    del arr
-    os.replace(tmp, final)
-    final.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    size = 128 + int(np.prod(shape)) * 4  # about: the .npy header and the float32 data
+    filling = False
+    try:
+        arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=shape)
+        size = arr.offset + arr.nbytes
+        reserve(tmp, size)
+        filling = True
+        fill(arr)  # its errors are the encoder's, never the disk's (the blocks are reserved)
+        filling = False
+        arr.flush()
+        del arr
+        os.replace(tmp, final)
+        final.with_suffix(".json").write_text(json.dumps(meta, indent=1) + "\n")
+    except Exception as exc:
+        full = not filling and is_disk_full(exc, final.parent, size)
+        tmp.unlink(missing_ok=True)
+        if not full:
+            raise
+        raise DiskFullError(final, "the latent cache", size) from None
 
 
 # ---------------------------------------------------------------------------------------------- latents

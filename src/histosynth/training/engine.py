@@ -15,6 +15,7 @@ checkpoint reproduces the losses of an uninterrupted run bit for bit.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.errors import TrainingError
+from histosynth.errors import DiskFullError, TrainingError, is_disk_full, tree_bytes
 from histosynth.training.data_order import StreamBatchSampler, step_generator
 from histosynth.training.run_dir import LOSS_PNG, LOSSES, prepare_run_dir, truncate_losses
 from histosynth.training.task import TrainingTask
@@ -94,6 +95,8 @@ def fit(task: TrainingTask, out: str | Path, *, max_steps: int | None = None, re
     batches = iter(DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers, collate_fn=task.collate_fn,
                               pin_memory=accelerator.device.type == "cuda"))
     total = task.total_steps if max_steps is None else max_steps
+    if resume and step >= total and accelerator.is_main_process:
+        export(engine, task)  # nothing left to train: the export a full disk may have stopped after the checkpoint
     result = _run_steps(engine, task, batches, step=step, total=total, progress=progress)
     if accelerator.is_main_process and (run / LOSSES).exists():
         plot_loss_curves(run / LOSSES, run / LOSS_PNG, task.plot_columns)
@@ -109,6 +112,8 @@ def _build_engine(accelerator, model, optimizer, lr_scheduler, *, run: Path, res
     ema.to(accelerator.device)
     engine = Engine(accelerator, model, optimizer, lr_scheduler, ema, run, cfg)
     step = 0
+    if resume_from is None and accelerator.is_main_process:  # a resumed run that never completed a checkpoint
+        truncate_losses(run / LOSSES, 0)  # (a new run has no log yet)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         _load_ema(ema, resume_from, engine.unwrapped)
@@ -178,8 +183,7 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
             step, seen, loss_value = step + 1, seen + n, sums["loss"]
             if log is not None:
                 row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
-                log.write(json.dumps({**row, "stage": stage} if stage is not None else row) + "\n")
-                log.flush()
+                _log_row(log, engine, json.dumps({**row, "stage": stage} if stage is not None else row))
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 bar.set_postfix(loss=f"{loss_value:.4f}", **({"stage": stage} if stage else {}),
@@ -193,28 +197,90 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
     return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / max(time.perf_counter() - t0, 1e-9))
 
 
+def _log_row(log, engine: Engine, line: str) -> None:
+    """Append one row to RUN/losses.jsonl; a full disk cuts the file back to its last whole row (a resume reads it)
+    and is a DiskFullError asking for the room of the next checkpoint."""
+    run = engine.run
+    good = log.tell()
+    try:
+        log.write(line + "\n")
+        log.flush()
+    except OSError as exc:
+        if not is_disk_full(exc, run):
+            raise
+        try:
+            log.close()  # retries the flush; the file is closed even when that fails again
+        except OSError:
+            pass
+        os.truncate(run / LOSSES, good)
+        need = ckpt.checkpoint_bytes(run, lambda: _state_bytes(engine))
+        raise DiskFullError(run / LOSSES, "the loss log and the next checkpoint", need,
+                            then=_resume_advice(run)) from None
+
+
 def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
-    """Write checkpoint `step` atomically (accelerate state + EMA weights), then the task's export."""
+    """Write checkpoint `step` atomically (accelerate state + EMA weights), then the task's export.
+
+    A failed write leaves no temporary directory and the earlier checkpoints as they were; a full disk is a
+    DiskFullError naming the checkpoint (or the export), the space it needs and the checkpoint to resume from."""
     acc, run = engine.accelerator, engine.run
     final = ckpt.checkpoint_dir(run, step)
     tmp = ckpt.temporary_dir(final)
     if acc.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     acc.wait_for_everyone()
-    acc.save_state(str(tmp), safe_serialization=True)
+    with ckpt.writing(tmp, final, "a checkpoint", needed=lambda: ckpt.checkpoint_bytes(run, lambda: _state_bytes(engine)),
+                      then=_resume_advice(run)):
+        acc.save_state(str(tmp), safe_serialization=True)
+        if acc.is_main_process:
+            model = engine.unwrapped
+            names = [n for n, _ in model.named_parameters()]
+            state = engine.ema.state_dict()
+            shadow = state.pop("shadow_params")
+            save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, shadow)}, str(tmp / "ema.safetensors"))
+            (tmp / "ema_state.json").write_text(json.dumps(state))
+            (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": task.recipe.name,
+                                                                "time": time.time()}))
+            ckpt.finalize(tmp, final)
     if acc.is_main_process:
-        model = engine.unwrapped
-        names = [n for n, _ in model.named_parameters()]
-        state = engine.ema.state_dict()
-        shadow = state.pop("shadow_params")
-        save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, shadow)}, str(tmp / "ema.safetensors"))
-        (tmp / "ema_state.json").write_text(json.dumps(state))
-        (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": task.recipe.name, "time": time.time()}))
-        ckpt.finalize(tmp, final)
         ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints)
-        task.export(model, engine.ema if engine.cfg.ema_decay is not None else None, run)
+        export(engine, task)
     acc.wait_for_everyone()
     return final
+
+
+def export(engine: Engine, task: TrainingTask) -> None:
+    """The task's export of the current weights (EMA ones when the recipe averages); a full disk is a DiskFullError
+    asking for at least the weights' size and naming the checkpoint a resume exports again from."""
+    run = engine.run
+    try:
+        task.export(engine.unwrapped, engine.ema if engine.cfg.ema_decay is not None else None, run)
+    except DiskFullError as exc:
+        need = exc.needed
+        if need is None or exc.at_least:  # no earlier export to go by: the weights at least
+            last = ckpt.latest_checkpoint(run)
+            weights = tree_bytes(last / "ema.safetensors") if last is not None else 0
+            need = max(need or 0, weights) or None
+        raise DiskFullError(exc.path, f"the export ({exc.what})", need, at_least=exc.at_least or exc.needed is None,
+                            then=_resume_advice(run)) from None
+
+
+def _resume_advice(run: Path) -> str:
+    last = ckpt.latest_checkpoint(run)
+    since = f"from {last.name}" if last is not None else "from the start (no checkpoint is complete)"
+    return f"free some space there, then resume the run (--resume) {since}"
+
+
+def _state_bytes(engine: Engine) -> int:
+    """Bytes of the tensors a checkpoint holds: the model, its EMA copy and the optimizer's state."""
+    def size(t) -> int:
+        return t.numel() * t.element_size() if torch.is_tensor(t) else 0
+
+    total = sum(size(t) for t in engine.unwrapped.state_dict().values())
+    total += sum(size(p) for p in engine.unwrapped.parameters())  # the EMA's shadow parameters
+    for per_param in engine.optimizer.state.values():
+        total += sum(size(v) for v in per_param.values())
+    return total
 
 
 def _load_ema(ema: EMAModel, ckpt_dir: Path, model) -> None:
