@@ -24,7 +24,7 @@ from histosynth.errors import HistosynthError
 __all__ = ["MAGNIFICATIONS", "prepare", "prepare_nuclei_cmd", "slides_cmd"]
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
-FORMATS = ["lizard", "conic", "pannuke", "consep", "folder"]
+FORMATS = ["lizard", "conic", "pannuke", "consep", "folder", "polygons"]
 
 
 @click.group()
@@ -45,10 +45,16 @@ def prepare():
 @click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
               help="Magnification of the source images (required for --format folder unless known).")
 @click.option("--holdout", default=0.075, show_default=True,
-              help="Area fraction of each region held out as test, for datasets without their own split (NASDM: 7.5%).")
+              help="Area fraction of each region held out as test, for datasets without their own split (NASDM: 7.5%). "
+                   "Regions whose hold-out block is smaller than a patch are held out whole instead (about this "
+                   "fraction of them, by --seed; said in a note); 0 = no test split.")
 @click.option("--stain-normalize", type=click.Choice(["none", "vahadane", "macenko"]), default="none", show_default=True)
 @click.option("--stain-target", type=click.Path(path_type=Path), default=None, help="Target image for stain normalization.")
-@click.option("--class-names", default=None, help="Comma-separated class names for type ids 1..K (folder format).")
+@click.option("--class-names", default=None,
+              help="Comma-separated class names for type ids 1..K (folder and polygons formats).")
+@click.option("--polygon-classes", default=None,
+              help="polygons format: annotation class names (QuPath classifications, HoVer-Net type ids) onto "
+                   "--class-names, e.g. 'Tumor=neoplastic,Immune cells=inflammatory,Region*=drop', or a YAML/JSON file.")
 @click.option("--consep-classes", type=click.Choice(["merged", "original", "merge-original"]), default="merged", show_default=True)
 @click.option("--pannuke-test-folds", default="3", show_default=True, help="Comma-separated PanNuke folds used as test.")
 @click.option("--tissue", default=None, help="Tissue name of SRC (e.g. colon), written into every patch's manifest row.")
@@ -57,6 +63,10 @@ def prepare():
                    "or a YAML/JSON file; unlisted classes keep their name.")
 @click.option("--classes", default=None,
               help="Target class names in type-id order (e.g. epithelial,spindle-shaped,inflammatory,other).")
+@click.option("--relabel-components", is_flag=True,
+              help="Split instance ids made of several disconnected parts (e.g. an 8-bit instance PNG whose ids "
+                   "wrapped past 255) into one nucleus per 8-connected part, each with its majority type, and give "
+                   "typed pixels in no instance their own nuclei, instead of refusing such maps (every source).")
 @click.option("--append", is_flag=True,
               help="Add the source(s) to the existing store at --out (its patches kept; same patch size, "
                    "magnification, classes, overlap, hold-out, seed, stain normalization, taken from it).")
@@ -64,12 +74,14 @@ def prepare():
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def prepare_nuclei_cmd(src, fmt, sources_file, out, patch, overlap, magnification, source_magnification, holdout,
-                       stain_normalize, stain_target, class_names, consep_classes, pannuke_test_folds, tissue,
-                       class_map, classes, append, seed, overwrite):
+                       stain_normalize, stain_target, class_names, polygon_classes, consep_classes, pannuke_test_folds,
+                       tissue, class_map, classes, relabel_components, append, seed, overwrite):
     """Tile SRC (a dataset in its native FORMAT), or every dataset of --sources, into a patch store with a manifest.
 
     With --tissue, --class-map / --classes or --sources, several datasets share one class scheme and each patch
-    row names its tissue (see histosynth.data.sources).
+    row names its tissue (see histosynth.data.sources). Every reader checks its format's layout and refuses
+    instance maps that cannot be right (ids of several disconnected parts, typed pixels in no instance) unless
+    --relabel-components is given (see histosynth.data.instance_check).
     """
     from histosynth.data.sources import prepare_sources, read_sources_file
     from histosynth.data.stain import make_stain_normalizer
@@ -83,7 +95,10 @@ def prepare_nuclei_cmd(src, fmt, sources_file, out, patch, overlap, magnificatio
         target, sources = read_sources_file(sources_file)
     else:
         target, sources = _single_source(src, fmt, given, source_magnification, class_names, consep_classes,
-                                         pannuke_test_folds, tissue, class_map, classes)
+                                         pannuke_test_folds, tissue, class_map, classes, polygon_classes)
+    if relabel_components:
+        for source in sources:
+            source.options["relabel_components"] = True
     if stain_normalize != "none" and stain_target is None:
         raise HistosynthError(f"--stain-normalize {stain_normalize} needs --stain-target IMAGE")
     normalizer = make_stain_normalizer(stain_normalize, stain_target)
@@ -99,7 +114,7 @@ def prepare_nuclei_cmd(src, fmt, sources_file, out, patch, overlap, magnificatio
 
 
 SINGLE_SOURCE_OPTIONS = ("fmt", "source_magnification", "class_names", "consep_classes", "pannuke_test_folds",
-                         "tissue", "class_map", "classes")
+                         "tissue", "class_map", "classes", "polygon_classes")
 
 
 def _given(ctx: click.Context) -> set[str]:
@@ -123,7 +138,7 @@ def _refuse_single_source_options(given: set[str], src) -> None:
 
 
 def _single_source(src, fmt, given, source_magnification, class_names, consep_classes, pannuke_test_folds, tissue,
-                   class_map, classes):
+                   class_map, classes, polygon_classes=None):
     """(target classes or None, [NucleiSource]) from SRC and the single-source options."""
     from histosynth.data.class_mapping import parse_class_list, parse_class_map
     from histosynth.data.sources import NucleiSource, check_tissue, reader_options
@@ -133,7 +148,7 @@ def _single_source(src, fmt, given, source_magnification, class_names, consep_cl
     options = reader_options(
         fmt, class_names=class_names, consep_classes=consep_classes if "consep_classes" in given else None,
         pannuke_test_folds=pannuke_test_folds if "pannuke_test_folds" in given else None,
-        source_magnification=source_magnification,
+        polygon_classes=polygon_classes, source_magnification=source_magnification,
     )
     source = NucleiSource(path=src, format=fmt, tissue=check_tissue(tissue), class_map=parse_class_map(class_map),
                           source_magnification=source_magnification, options=options)

@@ -33,7 +33,9 @@ The sources YAML (relative paths are relative to the file)::
         class_map: {neoplastic: epithelial, connective: spindle-shaped}   # or "a=b,c=d", or a file
 
 Per-format options use the command's words: ``class_names`` (folder), ``consep_classes`` (consep),
-``pannuke_test_folds`` (pannuke).
+``pannuke_test_folds`` (pannuke). ``relabel_components: true`` (any format; ``--relabel-components`` on the command
+line, for every source) splits instance ids made of several disconnected parts instead of refusing them
+(:mod:`histosynth.data.instance_check`).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
 __all__ = ["NucleiSource", "prepare_sources", "read_sources_file", "reader_options"]
 
-FORMAT_OPTIONS = {"folder": ("class_names",), "consep": ("consep_classes",), "pannuke": ("pannuke_test_folds",)}
-SOURCE_KEYS = ("path", "format", "tissue", "class_map", "source_magnification",
+FORMAT_OPTIONS = {"folder": ("class_names",), "consep": ("consep_classes",), "pannuke": ("pannuke_test_folds",),
+                  "polygons": ("class_names", "polygon_classes")}
+SOURCE_KEYS = ("path", "format", "tissue", "class_map", "source_magnification", "relabel_components",
                *(k for keys in FORMAT_OPTIONS.values() for k in keys))
 FILE_KEYS = ("classes", "sources")
 # store settings an appended source must share with the store, and the command-line words for them
@@ -70,16 +73,30 @@ def _cli_word(key: str) -> str:
     return "--" + key.replace("_", "-")
 
 
-def reader_options(fmt: str, *, class_names=None, consep_classes=None, pannuke_test_folds=None,
-                   source_magnification: str | None = None, word=_cli_word, where: str = "",
+def reader_options(fmt: str, *, class_names=None, consep_classes=None, pannuke_test_folds=None, polygon_classes=None,
+                   source_magnification: str | None = None, relabel_components=None, word=_cli_word, where: str = "",
                    path: str | Path | None = None) -> dict:
     """Keyword arguments of ``read_nuclei(fmt, ...)`` from the command's per-format options (None: not given).
 
     ``word`` spells an option for errors (``--class-names`` on the command line, ``class_names`` in YAML);
     ``where`` prefixes messages, ``path`` is the file they name. Raises DataError for an option of another
     format. consep_classes defaults to "merged", pannuke_test_folds to "3" (the other folds train).
+    ``relabel_components`` (every format; true/false) appears in the options only when true.
     """
-    given = {"class_names": class_names, "consep_classes": consep_classes, "pannuke_test_folds": pannuke_test_folds}
+    options = _format_options(fmt, class_names, consep_classes, pannuke_test_folds, source_magnification, word,
+                              where, path, polygon_classes)
+    if relabel_components is not None and not isinstance(relabel_components, bool):
+        raise DataError(f"{where}{word('relabel_components')}: expected true or false, got {relabel_components!r}",
+                        path)
+    if relabel_components:
+        options["relabel_components"] = True
+    return options
+
+
+def _format_options(fmt, class_names, consep_classes, pannuke_test_folds, source_magnification, word, where,
+                    path, polygon_classes=None) -> dict:
+    given = {"class_names": class_names, "consep_classes": consep_classes, "pannuke_test_folds": pannuke_test_folds,
+             "polygon_classes": polygon_classes}
     for key, value in given.items():
         if value is not None and key not in FORMAT_OPTIONS.get(fmt, ()):
             owner = next(f for f, keys in FORMAT_OPTIONS.items() if key in keys)
@@ -89,8 +106,10 @@ def reader_options(fmt: str, *, class_names=None, consep_classes=None, pannuke_t
     if fmt == "pannuke":
         test = _folds(pannuke_test_folds if pannuke_test_folds is not None else "3", word, where, path)
         return {"test_folds": test, "train_folds": tuple(f for f in (1, 2, 3) if f not in test)}
-    if fmt == "folder":
+    if fmt in ("folder", "polygons"):
         options = {"magnification": source_magnification}
+        if polygon_classes is not None:  # annotation class names -> the classes (polygons.py parses and checks it)
+            options["class_map"] = polygon_classes
         if class_names is not None:  # folder.py checks them (empty, repeated) and names the folder
             names = class_names.split(",") if isinstance(class_names, str) else class_names
             if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -388,8 +407,10 @@ def _source_entry(entry, i: int, file: Path) -> NucleiSource:
         raise DataError(f"sources[{i}].format {fmt!r} is not one of {', '.join(READERS)}", file)
     magnification = _magnification(entry.get("source_magnification"), f"sources[{i}].source_magnification", file)
     options = reader_options(fmt, class_names=entry.get("class_names"), consep_classes=entry.get("consep_classes"),
-                             pannuke_test_folds=entry.get("pannuke_test_folds"), source_magnification=magnification,
-                             word=lambda k: k, where=where, path=file)
+                             pannuke_test_folds=entry.get("pannuke_test_folds"),
+                             polygon_classes=entry.get("polygon_classes"), source_magnification=magnification,
+                             relabel_components=entry.get("relabel_components"), word=lambda k: k, where=where,
+                             path=file)
     return NucleiSource(
         path=file.parent / entry["path"], format=fmt, tissue=check_tissue(entry.get("tissue"), f"{where}tissue", file),
         class_map=parse_class_map(entry.get("class_map"), f"{where}class_map", file, base=file.parent),

@@ -14,6 +14,7 @@ from histosynth.data.formats.consep import read_consep
 from histosynth.data.formats.folder import read_folder
 from histosynth.data.formats.lizard import read_lizard
 from histosynth.data.formats.pannuke import read_pannuke
+from histosynth.data.formats.polygons import read_polygons
 from histosynth.data.record import NucleiRecord
 from histosynth.errors import DataError
 
@@ -23,9 +24,11 @@ READERS = {
     "conic": read_conic,
     "pannuke": read_pannuke,
     "folder": read_folder,
+    "polygons": read_polygons,
 }
 
-__all__ = ["READERS", "read_nuclei", "read_conic", "read_consep", "read_folder", "read_lizard", "read_pannuke"]
+__all__ = ["READERS", "read_nuclei", "read_conic", "read_consep", "read_folder", "read_lizard", "read_pannuke",
+           "read_polygons"]
 
 
 def read_nuclei(fmt: str, src: str | Path, **options) -> Iterator[NucleiRecord]:
