@@ -323,6 +323,30 @@ def test_corrupt_tile_names_the_file_and_position_and_writes_nothing(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["corrupt.tif"]  # no store, no partial directory
 
 
+def test_a_failed_group_read_falls_back_to_the_kept_patches_alone(tmp_path, monkeypatch):
+    """Neighbouring patches are read as one block; when the block fails (a corrupt tile under glass no kept patch
+    needs), the kept patches are read one by one and come out as from the block."""
+    path = tmp_path / "s.tif"
+    write_pyramid(path, content(64, 256, 8), factors=(2,))
+    clean = prepare_zoom_slides([path], tmp_path / "a", patch=16, magnifications="20x,10x", tissue_threshold=0.0,
+                                progress=False)
+    real = zoom_levels.read_area
+    calls = {"blocks": 0}
+
+    def flaky(slide, origin0, size0, size, level, name):
+        if size[0] > 16 or size[1] > 16:  # every multi-patch block fails
+            calls["blocks"] += 1
+            raise DataError("cannot read the region (corrupt tile data?)", name)
+        return real(slide, origin0, size0, size, level, name)
+
+    monkeypatch.setattr(zoom_levels, "read_area", flaky)
+    again = prepare_zoom_slides([path], tmp_path / "b", patch=16, magnifications="20x,10x", tissue_threshold=0.0,
+                                progress=False)
+    assert calls["blocks"] > 0 and len(again) == len(clean)
+    for i in range(len(clean)):
+        assert np.array_equal(np.asarray(again[i]["image"]), np.asarray(clean[i]["image"]))
+
+
 # --- the multi-magnification store ----------------------------------------------------------------
 
 

@@ -345,22 +345,21 @@ def _group(lp: ZoomLevelPlan, patch: int) -> int:
     return max(1, int(READ_CHUNK // side))
 
 
-def _locate_failure(slide, plan: ZoomSlidePlan, lp: ZoomLevelPlan, kept: list, error: DataError) -> None:
-    """A group read failed: read its patches one by one and raise a DataError naming the first that fails
-    (its level, base-grid tile and level-0 position), else the group's error."""
+def _read_one_by_one(slide, plan: ZoomSlidePlan, lp: ZoomLevelPlan, kept: list) -> list[np.ndarray]:
+    """A group read failed: read the kept patches one by one. A corrupt tile under glass only (no kept patch needs
+    it) costs nothing; one under a kept patch is a DataError naming that patch (level, base-grid tile, level-0
+    position)."""
     step0 = (1 << lp.zoom) * plan.patch * plan.base_downsample
+    images = []
     for row, col, _ in kept:
         try:
-            read_area(slide, (col * step0, row * step0), (lp.region0, lp.region0), (plan.patch, plan.patch),
-                      lp.level, plan.path)
-        except DataError as exc:
-            error = exc
-            break
-    else:
-        row = col = None
-    message = str(error).removeprefix(f"{error.path}: ") if error.path else str(error)
-    where = "" if row is None else f"the {lp.magnification} patch at base tile y {row << lp.zoom}, x {col << lp.zoom}: "
-    raise DataError(where + message, plan.path) from None
+            images.append(read_area(slide, (col * step0, row * step0), (lp.region0, lp.region0),
+                                    (plan.patch, plan.patch), lp.level, plan.path))
+        except DataError as error:
+            message = str(error).removeprefix(f"{error.path}: ") if error.path else str(error)
+            raise DataError(f"the {lp.magnification} patch at base tile y {row << lp.zoom}, x {col << lp.zoom}: "
+                            + message, plan.path) from None
+    return images
 
 
 def iter_zoom_patches(
@@ -406,11 +405,12 @@ def iter_zoom_patches(
                     try:
                         block = read_area(slide, (gx * step0, gy * step0), (w * lp.region0, h * lp.region0),
                                           (w * p, h * p), lp.level, plan.path)
-                    except DataError as exc:
-                        _locate_failure(slide, plan, lp, kept, exc)
-                    for row, col, fraction in kept:
-                        r, c = (row - gy) * p, (col - gx) * p
-                        yield np.ascontiguousarray(block[r : r + p, c : c + p]), {
+                        images = [np.ascontiguousarray(block[(r - gy) * p:(r - gy + 1) * p, (c - gx) * p:(c - gx + 1) * p])
+                                  for r, c, _ in kept]
+                    except DataError:
+                        images = _read_one_by_one(slide, plan, lp, kept)
+                    for (row, col, fraction), image in zip(kept, images):
+                        yield image, {
                             "y": round(row * step0), "x": round(col * step0), "crop": round(lp.region0),
                             "magnification": lp.magnification, "zoom": lp.zoom, "tile_y": row * n, "tile_x": col * n,
                             "base_size": p * n, "slide_index": slide_index, "slide": name, "path": plan.path,
