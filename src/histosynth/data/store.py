@@ -445,6 +445,14 @@ class PatchStore:
             return list(range(len(self.records)))
         return [row["index"] for row in self.records if row["split"] == split]
 
+    def indices_by_magnification(self, split: str | None = None) -> dict[str, list[int]]:
+        """{magnification: patch indices} of one split (all when None), from each row's own magnification
+        (a multi-magnification store has several)."""
+        out: dict[str, list[int]] = {}
+        for i in self.indices(split):
+            out.setdefault(self.records[i].get("magnification"), []).append(i)
+        return out
+
     def _array(self, shard: int, array: str) -> np.ndarray:
         key = (shard, array)
         if key not in self._maps:

@@ -18,7 +18,7 @@ import torch
 from histosynth.data.images import load_image
 from histosynth.data.store import PatchStore
 from histosynth.errors import DataError
-from histosynth.evaluate.distribution_metrics import frechet_distance
+from histosynth.evaluate.distribution_metrics import feature_statistics, frechet_distance
 
 
 def _features(extractor, images, batch_size: int = 32) -> np.ndarray:
@@ -34,7 +34,7 @@ def _features(extractor, images, batch_size: int = 32) -> np.ndarray:
 
 
 def _fd(a: np.ndarray, b: np.ndarray) -> float:
-    return frechet_distance(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
+    return frechet_distance(*feature_statistics(a), *feature_statistics(b))
 
 
 def fd_per_magnification(generated: str | Path, real: str | Path, extractor, *, split: str | None = None,
@@ -57,9 +57,7 @@ def fd_per_magnification(generated: str | Path, real: str | Path, extractor, *, 
         row = json.loads(line)
         by_level.setdefault(row.get("magnification"), []).append(generated / row["image"])
     store = PatchStore(real)
-    real_by_level: dict[str, list[int]] = {}
-    for i in store.indices(split):
-        real_by_level.setdefault(store.records[i].get("magnification"), []).append(i)
+    real_by_level = store.indices_by_magnification(split)
     common = [m for m in by_level if len(by_level[m]) >= 2 and len(real_by_level.get(m, [])) >= 2]
     if not common:
         raise DataError(f"no magnification with >= 2 images on both sides (generated: {sorted(by_level)}, real: "

@@ -60,11 +60,7 @@ def reference_patches(pipe, store_path: Path, levels: list[str] | None, num: int
     if (embeddings.encoder, embeddings.dim) != (info.get("encoder"), info.get("dim")):
         raise DataError(f"--reference: its embeddings come from {embeddings.encoder} ({embeddings.dim}-d), the model "
                         f"was trained on {info.get('encoder')} ({info.get('dim')}-d)", embeddings.path)
-    rows = store.records
-    pool = store.indices(split)
-    by_level: dict[str, list[int]] = {}
-    for i in pool:
-        by_level.setdefault(rows[i].get("magnification"), []).append(i)
+    by_level = store.indices_by_magnification(split)
     wanted = levels or [m for m in pipe.magnifications if m in by_level]
     empty = [m for m in wanted if not by_level.get(m)]
     if empty or not wanted:
