@@ -115,16 +115,18 @@ class EmbeddingSummariser(ModelMixin, ConfigMixin):
         """(B, width, S, S): each (g, g, C) grid (a list, or one (B, g, g, C) tensor) through the stem, then to S × S
         (nearest up, average-pool down)."""
         size = self.config.input_size
-        if isinstance(grids, torch.Tensor) and grids.dim() == 4:
-            grids = list(grids)  # (B, g, g, C)
-        out = []
-        for grid in grids:
-            x = torch.as_tensor(grid, device=self.device).to(self.dtype).permute(2, 0, 1)[None]  # (1, C, g, g)
-            x = self.stem(x)
-            g = x.shape[-1]
+        grids = list(grids)  # a (B, g, g, C) tensor or a list of (g, g, C) grids
+        out: list[torch.Tensor | None] = [None] * len(grids)
+        by_side: dict[int, list[int]] = {}  # one stem pass per grid size (a level's grids share it)
+        for i, grid in enumerate(grids):
+            by_side.setdefault(int(grid.shape[0]), []).append(i)
+        for g, items in by_side.items():
+            batch = torch.stack([torch.as_tensor(grids[i]) for i in items]).to(self.device, self.dtype)
+            x = self.stem(batch.permute(0, 3, 1, 2))  # (n, width, g, g)
             x = F.interpolate(x, size=(size, size), mode="nearest") if g <= size else F.adaptive_avg_pool2d(x, size)
-            out.append(x)
-        return torch.cat(out)
+            for i, xi in zip(items, x):
+                out[i] = xi
+        return torch.stack(out)
 
     def forward(self, grids, levels: torch.Tensor, drop: torch.Tensor | None = None) -> torch.Tensor:
         """Tokens of each grid.

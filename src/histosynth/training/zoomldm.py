@@ -52,6 +52,17 @@ def store_levels(store: PatchStore) -> list[str]:
     return list(levels)
 
 
+def train_patches(store: PatchStore, magnifications: list[str]) -> tuple[list[int], np.ndarray]:
+    """(store indices of the train patches at ``magnifications``, their level index into that list (int64));
+    DataError naming the store when there are none."""
+    by_level = store.indices_by_magnification("train")
+    indices = sorted(i for m in magnifications for i in by_level.get(m, []))
+    if not indices:
+        raise DataError(f"the store has no train patches at {', '.join(magnifications)}", store.path)
+    rows = store.records
+    return indices, np.array([magnifications.index(rows[i]["magnification"]) for i in indices])
+
+
 def balanced_positions(levels: np.ndarray, weights: list[float] | None, seed: int, total: int | None = None) -> np.ndarray:
     """Positions of one pass: all of them (weights None), or for each level l about T·w_l/Σw positions drawn with
     replacement from its patches by ``seed`` (a level without patches gets none), T = max(N, ``total``). Give
@@ -111,11 +122,7 @@ class ZoomLDMTask(TrainingTask):
                                   f"{type(self.vae).__name__}", recipe.autoencoder.path)
         scaling = recipe.autoencoder.scaling_factor
         self.scaling = float(self.vae.config.scaling_factor if scaling is None else scaling)
-        rows = self.store.records
-        self.indices = [i for i in self.store.indices("train") if rows[i]["magnification"] in self.magnifications]
-        if not self.indices:
-            raise DataError(f"the store has no train patches at {', '.join(self.magnifications)}", data)
-        self.levels = np.array([self.magnifications.index(rows[i]["magnification"]) for i in self.indices])
+        self.indices, self.levels = train_patches(self.store, self.magnifications)
         self.noise_scheduler = ddpm_scheduler(recipe.diffusion)
         t_cfg = recipe.train
         self.init_from = resolve_path(t_cfg.init_unet, data) if t_cfg.init_unet else None

@@ -36,6 +36,7 @@ from histosynth.training.latent_conditions import resolve_path
 from histosynth.training.pathldm import ldm_warmup_factor
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
+from histosynth.training.zoomldm import train_patches
 
 
 def summarise_patches(summariser, embeddings: SlideEmbeddings, store: PatchStore, indices: list[int], levels: np.ndarray,
@@ -85,11 +86,7 @@ class ZoomConditionsTask(TrainingTask):
             raise DataError(f"the store's embeddings come from {self.embeddings.encoder} ({self.embeddings.dim}-d); the "
                             f"ZoomLDM was trained on {info.get('encoder')} ({info.get('dim')}-d)", self.embeddings.path)
         self.magnifications = self.pipe.magnifications
-        rows = self.store.records
-        self.indices = [i for i in self.store.indices("train") if rows[i].get("magnification") in self.magnifications]
-        if not self.indices:
-            raise DataError(f"the store has no train patches at the model's {', '.join(self.magnifications)}", data)
-        self.levels = np.array([self.magnifications.index(rows[i]["magnification"]) for i in self.indices])
+        self.indices, self.levels = train_patches(self.store, self.magnifications)
         self.noise_scheduler = ddpm_scheduler(recipe.diffusion)
 
     def setup(self, accelerator, run, resuming):
