@@ -17,6 +17,7 @@ class HistosynthError(Exception):
 
     def __init__(self, message: str, path: str | Path | None = None):
         self.path = None if path is None else str(path)
+        self.message = message  # without the path, for callers that re-raise it with more context
         super().__init__(f"{self.path}: {message}" if self.path else message)
 
 

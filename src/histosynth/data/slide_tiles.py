@@ -55,10 +55,7 @@ def read_base_tile(slide, plan: SlidePlan, ty: int, tx: int) -> np.ndarray:
     try:
         return read_area(slide, (x0, y0), (side0, side0), (plan.patch, plan.patch), plan.level, plan.path)
     except HistosynthError as exc:
-        detail = str(exc)
-        if exc.path and detail.startswith(f"{exc.path}: "):
-            detail = detail[len(exc.path) + 2:]
-        raise DataError(f"base tile (row {ty}, col {tx}): {detail}", plan.path) from None
+        raise DataError(f"base tile (row {ty}, col {tx}): {exc.message}", plan.path) from None
 
 
 def iter_base_tiles(plan: SlidePlan, positions: Iterable[tuple[int, int]]) -> Iterator[tuple[int, int, np.ndarray]]:

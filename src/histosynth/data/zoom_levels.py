@@ -356,7 +356,7 @@ def _read_one_by_one(slide, plan: ZoomSlidePlan, lp: ZoomLevelPlan, kept: list) 
             images.append(read_area(slide, (col * step0, row * step0), (lp.region0, lp.region0),
                                     (plan.patch, plan.patch), lp.level, plan.path))
         except DataError as error:
-            message = str(error).removeprefix(f"{error.path}: ") if error.path else str(error)
+            message = getattr(error, "message", str(error))
             raise DataError(f"the {lp.magnification} patch at base tile y {row << lp.zoom}, x {col << lp.zoom}: "
                             + message, plan.path) from None
     return images
