@@ -33,7 +33,7 @@ class Method:
     title: str = ""  # how messages name it ("NASDM")
     pipeline: type | None = None
     sample: Callable | None = None
-    sample_input: Literal["masks", "prompts", "counts", "magnifications"] | None = None
+    sample_input: Literal["masks", "prompts", "counts", "magnifications", "regions"] | None = None
     sample_input_help: str = ""  # what the sample input is, for messages
     trains: Literal["diffusion", "autoencoder"] = "diffusion"  # what `histosynth train WHAT` it answers to
 
@@ -113,6 +113,10 @@ def _register_builtins() -> None:
     from histosynth.sampling.zoom import sample_zoom
     from histosynth.training.zoomldm import ZoomLDMTask
     from histosynth.training.zoomldm_conditions import ZoomConditionsTask
+    from histosynth.pipelines.disc import DISCPipeline
+    from histosynth.recipes.disc import DISCRecipe
+    from histosynth.sampling.regions import sample_regions
+    from histosynth.training.disc import DISCTask
 
     register_method(Method("nasdm", NASDMRecipe, NASDMTask, "NASDM", NASDMPipeline, sample_store, "masks",
                            "the masks of a store"))
@@ -122,6 +126,8 @@ def _register_builtins() -> None:
                            "counts", "counts per nucleus type and a tissue"))
     register_method(Method("zoomldm", ZoomLDMRecipe, ZoomLDMTask, "ZoomLDM", ZoomLDMPipeline, sample_zoom,
                            "magnifications", "patches at magnifications, from generated or reference conditions"))
+    register_method(Method("disc", DISCRecipe, DISCTask, "DISC", DISCPipeline, sample_regions, "regions",
+                           "tiles on the region masks of a region store"))
     register_method(Method("zoomldm-conditions", ZoomConditionsRecipe, ZoomConditionsTask, "ZoomLDM condition sampler"))
     register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder", trains="autoencoder"))
     register_method(Method("histosmith-autoencoder", JointAutoencoderRecipe, JointAutoencoderTask,

@@ -1,4 +1,5 @@
-"""`histosynth prepare nuclei | slides`: build a patch store from a labelled dataset or from whole slides.
+"""`histosynth prepare nuclei | regions | slides`: build a patch store from a labelled dataset, from region masks
+(DISC: a region folder, or regions derived from nuclei labels, :mod:`histosynth.data.regions`) or from whole slides.
 
 The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. ``prepare nuclei`` is a
 thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
@@ -21,7 +22,7 @@ import click
 from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError
 
-__all__ = ["MAGNIFICATIONS", "prepare", "prepare_nuclei_cmd", "slides_cmd"]
+__all__ = ["MAGNIFICATIONS", "prepare", "prepare_nuclei_cmd", "prepare_regions_cmd", "slides_cmd"]
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
 FORMATS = ["lizard", "conic", "pannuke", "consep", "folder", "polygons"]
@@ -173,6 +174,81 @@ def _store_settings(out, given, patch, magnification, overlap, holdout, seed, st
         if "stain_target" not in given and meta.get("stain_target"):
             stain_target = Path(meta["stain_target"])
     return patch, magnification, overlap, holdout, seed, stain_normalize, stain_target
+
+
+@prepare.command("regions")
+@click.argument("src", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", required=True, type=click.Choice(["folder", "nuclei-density"]),
+              help="folder: images/ + masks/ + classes.txt. nuclei-density: regions derived from the nuclei labels of "
+                   "a dataset read with --nuclei-format (the dominant nucleus group of each neighbourhood).")
+@click.option("--nuclei-format", default=None, type=click.Choice(FORMATS),
+              help="nuclei-density: the format of SRC's nuclei labels.")
+@click.option("--region-map", default=None,
+              help="nuclei-density: nucleus type → region label, e.g. epithelial=epithelial,neoplastic=epithelial,"
+                   "spindle-shaped=stroma,connective=stroma,inflammatory=inflammatory,other=drop (default: that, for "
+                   "the readers' class names). Label 0 is background.")
+@click.option("--sigma-um", default=16.0, show_default=True, type=click.FloatRange(min=0.0, min_open=True),
+              help="nuclei-density: the neighbourhood (Gaussian σ, µm).")
+@click.option("--min-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),
+              help="nuclei-density: the share of the neighbourhood one group's nuclei must cover, else background.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The region store to create.")
+@click.option("--patch", default=128, show_default=True, type=click.IntRange(min=1), help="Patch size in pixels.")
+@click.option("--overlap", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
+@click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS))
+@click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
+              help="Magnification of SRC's pixels (required for a folder; a nuclei dataset's reader may know it).")
+@click.option("--holdout", default=0.075, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Fraction of each region held out as test (a dataset's own train/test split wins).")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--overwrite", is_flag=True)
+@user_errors
+def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fraction, out, patch, overlap, magnification,
+                        source_magnification, holdout, seed, overwrite):
+    """Tile SRC's images and region masks (DISC's condition) into a region store: image + region mask per patch,
+    masks cut with their image (nearest neighbour) at --magnification.
+    """
+    from dataclasses import replace
+
+    from histosynth.data.regions import density_regions, parse_region_map, read_region_folder, region_labels
+    from histosynth.data.store import prepare_nuclei
+
+    given = _given(click.get_current_context())
+    density_only = sorted(given & {"nuclei_format", "region_map", "sigma_um", "min_fraction"})
+    if fmt == "folder":
+        if density_only:
+            raise HistosynthError(f"{', '.join(_word(n) for n in density_only)}: only with --format nuclei-density")
+        if source_magnification is None:
+            raise HistosynthError("--format folder needs --source-magnification (a folder of images records none)")
+        records = read_region_folder(src, source_magnification=source_magnification)
+    else:
+        if nuclei_format is None:
+            raise HistosynthError("--format nuclei-density needs --nuclei-format (the format of SRC's nuclei labels)")
+        from histosynth.data.formats import read_nuclei
+        from histosynth.data.sources import reader_options
+
+        mapping = parse_region_map(region_map)
+        labels = region_labels(mapping)
+        options = reader_options(nuclei_format, source_magnification=source_magnification)
+        records = (density_regions(replace(r, magnification=source_magnification or r.magnification), mapping, labels,
+                                   sigma_um=sigma_um, min_fraction=min_fraction)
+                   for r in read_nuclei(nuclei_format, src, **options))
+    store = prepare_nuclei(records, out, patch=patch, overlap=overlap, magnification=magnification, holdout=holdout,
+                           source_magnification=source_magnification, seed=seed, overwrite=overwrite,
+                           command=" ".join(sys.argv))
+    counts = {s: len(store.indices(s)) for s in ("train", "test")}
+    shares = _label_shares(store)
+    click.echo(f"wrote {out}: {len(store)} patches ({counts['train']} train, {counts['test']} test), region labels "
+               + ", ".join(f"{n} {f:.0%}" for n, f in shares.items()))
+
+
+def _label_shares(store) -> dict[str, float]:
+    """Each region label's share of the store's pixels (from the manifest's per-patch fractions)."""
+    totals = dict.fromkeys(store.class_names, 0.0)
+    for row in store.records:
+        for name, f in row.get("regions", {}).items():
+            totals[name] += f
+    n = max(1, len(store.records))
+    return {name: t / n for name, t in totals.items()}
 
 
 @prepare.command("slides")

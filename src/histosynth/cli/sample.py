@@ -1,5 +1,5 @@
 """`histosynth sample`: generate images with a trained model (NASDM on the masks of a store, PathLDM on prompts,
-HistoSmith on counts, ZoomLDM at magnifications)."""
+HistoSmith on counts, ZoomLDM at magnifications, DISC on region masks)."""
 
 from __future__ import annotations
 
@@ -33,12 +33,19 @@ __all__ = ["sample"]
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="ZoomLDM: condition on the real embedding grids of this store's patches (`prepare slides "
                    "--magnifications` + `embed`) instead of conditions drawn by the model's condition sampler.")
+@click.option("--regions", type=click.Path(path_type=Path), default=None,
+              help="DISC: a region store (`prepare regions`) whose masks condition the tiles (its --split).")
+@click.option("--separated", default=None, type=click.Choice(["none", "final", "every-step"]),
+              help="DISC: separated conditions: none (SD, the whole mask), final (SD-SC: each present label denoised "
+                   "alone from one noise, fused by the mask at the end; costs × labels present) or every-step (fused "
+                   "after every step). Default: the recipe's.")
 @click.option("--split", default=None, type=click.Choice(["train", "test", "all"]),
-              help="The split drawn from: --masks (default test), --counts-from (default train), --reference (default all).")
+              help="The split drawn from: --masks and --regions (default test), --counts-from (default train), --reference "
+                   "(default all).")
 @click.option("--num", type=click.IntRange(min=1), default=None,
               help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
                    "(default: each prompt once, in order). Counts: images (default 16; --requests: each row once, "
-                   "or cycled to this many). ZoomLDM: images per magnification (default 16).")
+                   "or cycled to this many). ZoomLDM: images per magnification (default 16). Regions: masks (default 16).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
                    "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith and ZoomLDM "
@@ -54,12 +61,12 @@ __all__ = ["sample"]
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, split, num, guidance, steps, sampler,
-           seed, batch_size, device, out, overwrite):
+def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, regions,
+           separated, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
-    ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones).
-    Unset options take the method's defaults."""
+    ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones), DISC on
+    the region masks of a region store (each tile with its mask). Unset options take the method's defaults."""
     import torch
 
     from histosynth.methods import load_pipeline, method_of_model
@@ -69,7 +76,9 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
                      "boost": boost}
     zoom_options = {"magnification": magnification, "reference": reference}
+    region_options = {"store": regions, "separated": separated}
     given = {"masks": masks, "prompts": prompts,
+             "regions": region_options if any(v is not None for v in region_options.values()) else None,
              "counts": count_options if any(v is not None for v in count_options.values()) else None,
              "magnifications": zoom_options if any(v is not None for v in zoom_options.values()) else None}
     wanted = method.sample_input
@@ -88,4 +97,5 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
 _HOW = {"masks": "--masks STORE", "prompts": "--prompts FILE",
         "counts": "--counts-from STORE, --requests FILE or --counts TYPE=N,... [--tissue NAME]",
-        "magnifications": "--magnification LEVELS and/or --reference STORE"}
+        "magnifications": "--magnification LEVELS and/or --reference STORE",
+        "regions": "--regions STORE [--separated none|final|every-step]"}

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 from PIL import Image
 
-from histosynth.data.record import NucleiRecord
+from histosynth.data.record import NucleiRecord, RegionRecord
 from histosynth.errors import DataError
 
 SPLITS = ("train", "test")
@@ -52,6 +52,7 @@ class Patch:
     source: str
     extra: dict = field(default_factory=dict)
     magnification: str | None = None
+    region_map: np.ndarray | None = None  # int32 (P, P) region labels 0..K-1 (a region store, data/regions.py)
 
 
 def parse_magnification(value: str | float | int, source: str | None = None) -> float:
@@ -173,14 +174,19 @@ def _resize_labels(labels: np.ndarray, size: int) -> np.ndarray:
     return labels[np.ix_(idx, idx)].astype(np.int32)
 
 
-def _check_record(record: NucleiRecord) -> None:
-    img, inst, typ = record.image, record.inst_map, record.type_map
+def _label_maps(record) -> dict[str, np.ndarray]:
+    """The label maps a record carries: a NucleiRecord's inst_map and type_map, a RegionRecord's region_map."""
+    names = ("inst_map", "type_map", "region_map")
+    return {n: getattr(record, n) for n in names if getattr(record, n, None) is not None}
+
+
+def _check_record(record) -> None:
+    img, maps = record.image, _label_maps(record)
     if img.ndim != 3 or img.shape[2] != 3 or img.dtype != np.uint8:
         raise DataError(f"image must be uint8 HxWx3, got {img.dtype} {img.shape}", record.source)
-    if inst.shape != img.shape[:2] or typ.shape != img.shape[:2]:
-        raise DataError(
-            f"image {img.shape[:2]}, inst_map {inst.shape} and type_map {typ.shape} differ in size", record.source
-        )
+    if any(m.shape != img.shape[:2] for m in maps.values()):
+        sizes = " and ".join(f"{n} {m.shape}" for n, m in maps.items())
+        raise DataError(f"image {img.shape[:2]}, {sizes} differ in size", record.source)
     if record.split is not None and record.split not in SPLITS:
         raise DataError(f"unknown split {record.split!r}; expected one of {SPLITS}", record.source)
 
@@ -199,17 +205,22 @@ def crop_size(
     return max(1, round(patch * src / dst))
 
 
-def _cut(record: NucleiRecord, y: int, x: int, crop: int, patch: int, split: str) -> Patch:
+def _cut(record, y: int, x: int, crop: int, patch: int, split: str) -> Patch:
+    """The patch at (y, x): image area-averaged, every label map nearest-neighbour (a region record has no nuclei)."""
     window = (slice(y, y + crop), slice(x, x + crop))
+    maps = {n: _resize_labels(m[window], patch) for n, m in _label_maps(record).items()}
+    if "inst_map" in maps:
+        maps["inst_map"] = relabel_contiguous(maps["inst_map"])
     return Patch(
         image=resize_image(record.image[window], patch),
-        inst_map=relabel_contiguous(_resize_labels(record.inst_map[window], patch)),
-        type_map=_resize_labels(record.type_map[window], patch),
+        inst_map=maps.get("inst_map"),
+        type_map=maps.get("type_map"),
         split=split,
         y=y,
         x=x,
         crop=crop,
         source=record.source,
+        region_map=maps.get("region_map"),
     )
 
 
@@ -227,7 +238,7 @@ class RegionPatches:
     out whole. ``crop`` and ``stride`` are in source pixels.
     """
 
-    def __init__(self, record: NucleiRecord, patch: int, crop: int, stride: int,
+    def __init__(self, record: NucleiRecord | RegionRecord, patch: int, crop: int, stride: int,
                  block: tuple[int, int, int, int] | None):
         self.record, self.patch, self.crop, self.stride = record, patch, crop, stride
         self.small_block: tuple[int, int, int, int] | None = None
@@ -249,7 +260,7 @@ def _holds_tile(block: tuple[int, int, int, int], crop: int, stride: int) -> boo
 
 
 def extract_patches(
-    record: NucleiRecord,
+    record: NucleiRecord | RegionRecord,
     patch: int = 128,
     overlap: float = 0.5,
     target_magnification: str | float = "20x",
@@ -281,7 +292,7 @@ def extract_patches(
 
 
 def _iter_patches(
-    record: NucleiRecord, patch: int, crop: int, stride: int, block: tuple[int, int, int, int] | None
+    record: NucleiRecord | RegionRecord, patch: int, crop: int, stride: int, block: tuple[int, int, int, int] | None
 ) -> Iterator[Patch]:
     height, width = record.image.shape[:2]
     region_split = record.split or "train"  # the dataset's own split, else train

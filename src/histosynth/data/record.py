@@ -33,3 +33,27 @@ class NucleiRecord:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+
+@dataclass
+class RegionRecord:
+    """One H&E image with a region mask (DISC's condition: Gleason patterns, or regions derived from nuclei).
+
+    image:        uint8 (H, W, 3) RGB.
+    region_map:   int32 (H, W); every pixel one label 0..len(class_names)-1 (no "unlabelled" value: label 0 is the
+                  label set's first, e.g. non-cancer or background).
+    class_names:  the region labels, index = label id.
+    source, split, magnification, meta: as :class:`NucleiRecord`'s.
+    """
+
+    image: np.ndarray
+    region_map: np.ndarray
+    class_names: tuple[str, ...]
+    source: str
+    split: str | None = None
+    magnification: str | None = None
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)

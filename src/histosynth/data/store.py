@@ -13,6 +13,11 @@ An image-only store (``labels=False``, e.g. whole-slide tiles for text/class-con
 inst/type shards and no nuclei counts; store.json says ``"labels": false`` and each manifest row carries
 the patch's ``extra`` metadata (slide, level, coordinates, tissue fraction, ...).
 
+A region store (``regions=True``, DISC's data, :mod:`histosynth.data.regions`) holds an image and a region mask
+per patch: ``NNNNN_region.npy`` uint8 (n, P, P), labels 0..K-1 named by ``class_names``; store.json says
+``"regions": true`` (and ``"labels": false``: no nuclei); each manifest row has ``regions``, the fraction of the
+patch's pixels per label.
+
 A store of several magnifications (ZoomLDM's levels, :mod:`histosynth.data.zoom_levels`) is written with a
 list of magnifications: every patch carries its own (``Patch.magnification``), its manifest row says it,
 store.json's ``magnifications`` lists the levels that hold patches (in the given order) and its
@@ -45,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth.data.patches import SPLITS, Patch, choose_whole_regions, extract_patches, format_magnification
-from histosynth.data.record import NucleiRecord
+from histosynth.data.record import NucleiRecord, RegionRecord
 from histosynth.errors import DataError, DiskFullError, OutputExistsError, is_disk_full
 
 FORMAT = "histosynth-patch-store"
@@ -57,18 +62,26 @@ SHARD_BYTES = 64 << 20  # default shard size: bounds the writer's memory whateve
 MAX_SHARD_PATCHES = 1024
 ARRAYS = ("image", "inst", "type")
 IMAGE_ARRAYS = ("image",)
+REGION_ARRAYS = ("image", "region")
 # keys the writer and PatchStore.__getitem__ own: a patch's `extra` may not redefine them
 ROW_KEYS = frozenset({"index", "source", "y", "x", "crop", "split", "magnification", "counts",
-                      "image", "inst_map", "type_map"})
+                      "image", "inst_map", "type_map", "regions", "region_map"})
 
 
-def patch_bytes(patch_size: int, labels: bool = True) -> int:
-    """Bytes one patch takes in the shards (image 3 + inst 4 + type 1 byte per pixel; image only: 3)."""
-    return patch_size * patch_size * ((3 + 4 + 1) if labels else 3)
+def patch_bytes(patch_size: int, labels: bool = True, regions: bool = False) -> int:
+    """Bytes one patch takes in the shards (image 3 + inst 4 + type 1 byte per pixel; image only: 3; image and
+    region mask: 4)."""
+    return patch_size * patch_size * ((3 + 4 + 1) if labels else 4 if regions else 3)
 
 
-def default_shard_size(patch_size: int, labels: bool = True) -> int:
-    return max(1, min(MAX_SHARD_PATCHES, SHARD_BYTES // patch_bytes(patch_size, labels)))
+def default_shard_size(patch_size: int, labels: bool = True, regions: bool = False) -> int:
+    return max(1, min(MAX_SHARD_PATCHES, SHARD_BYTES // patch_bytes(patch_size, labels, regions)))
+
+
+def region_fractions(region_map: np.ndarray, class_names: Sequence[str]) -> dict[str, float]:
+    """{label: fraction of the pixels} of a region map (labels 0..K-1), rounded to 4 decimals."""
+    counts = np.bincount(np.asarray(region_map, dtype=np.int64).ravel(), minlength=len(class_names))
+    return {name: round(float(c) / max(1, region_map.size), 4) for name, c in zip(class_names, counts)}
 
 
 def shard_file(root: Path, shard: int, array: str) -> Path:
@@ -103,7 +116,8 @@ class PatchStoreWriter:
     """Append patches to a new store; the store appears at `path` only when the `with` block succeeds.
 
     Memory: one preallocated shard buffer, flushed to raw .npy files when full. With ``labels=False`` the
-    store holds images only (patches must have ``inst_map``/``type_map`` None; ``class_names`` may be empty).
+    store holds images only (patches must have ``inst_map``/``type_map`` None; ``class_names`` may be empty); with
+    ``regions=True`` too (labels False) each patch brings its ``region_map`` with labels 0..len(class_names)-1.
     ``magnification``: one ('20x'), or a list or tuple of several for a multi-magnification store, whose
     patches must each carry one of them as ``Patch.magnification`` (ValueError otherwise).
     """
@@ -118,10 +132,14 @@ class PatchStoreWriter:
         overwrite: bool = False,
         shard_size: int | None = None,
         labels: bool = True,
+        regions: bool = False,
     ):
         self.path = Path(path)
         self.labels = bool(labels)
-        self.arrays = ARRAYS if self.labels else IMAGE_ARRAYS
+        self.regions = bool(regions)
+        if self.labels and self.regions:
+            raise ValueError("a store holds nuclei labels or region masks, not both (regions=True needs labels=False)")
+        self.arrays = ARRAYS if self.labels else REGION_ARRAYS if self.regions else IMAGE_ARRAYS
         self.class_names = tuple(class_names)
         if len(self.class_names) > 255:
             raise ValueError("type maps are stored as uint8: at most 255 classes")
@@ -137,7 +155,7 @@ class PatchStoreWriter:
         self._per_magnification: dict[str, int] = {}
         self.meta = dict(meta or {})
         self.overwrite = overwrite
-        self.shard_size = int(shard_size or default_shard_size(self.patch_size, self.labels))
+        self.shard_size = int(shard_size or default_shard_size(self.patch_size, self.labels, self.regions))
         self._check_output()
         self._partial = _partial_dir(self.path)
         self._manifest = None
@@ -156,7 +174,7 @@ class PatchStoreWriter:
     @property
     def buffered_bytes(self) -> int:
         """Bytes of patches held in memory, waiting for the next shard flush (never more than one shard)."""
-        return self._buffered * patch_bytes(self.patch_size, self.labels)
+        return self._buffered * patch_bytes(self.patch_size, self.labels, self.regions)
 
     def __len__(self) -> int:
         return self._count
@@ -193,7 +211,8 @@ class PatchStoreWriter:
         magnification = self._patch_magnification(patch)
         if self._buffers is None:
             p, n = self.patch_size, self.shard_size
-            shapes = {"image": ((n, p, p, 3), np.uint8), "inst": ((n, p, p), np.int32), "type": ((n, p, p), np.uint8)}
+            shapes = {"image": ((n, p, p, 3), np.uint8), "inst": ((n, p, p), np.int32), "type": ((n, p, p), np.uint8),
+                      "region": ((n, p, p), np.uint8)}
             self._buffers = {a: np.empty(*shapes[a]) for a in self.arrays}
         slot = self._buffered
         self._buffers["image"][slot] = patch.image
@@ -202,6 +221,10 @@ class PatchStoreWriter:
             self._buffers["inst"][slot] = patch.inst_map
             self._buffers["type"][slot] = patch.type_map
             counts = nuclei_per_type(patch.inst_map, patch.type_map, self.class_names)
+        fractions = None
+        if self.regions:
+            self._buffers["region"][slot] = patch.region_map
+            fractions = region_fractions(patch.region_map, self.class_names)
         row = {
             "index": self._count,
             "source": patch.source,
@@ -213,9 +236,11 @@ class PatchStoreWriter:
         }
         if counts is not None:
             row["counts"] = counts
+        if fractions is not None:
+            row["regions"] = fractions
         row.update(patch.extra or {})
         self._manifest.write(json.dumps(row) + "\n")
-        self._tally(patch.split, counts)
+        self._tally(patch.split, counts, fractions)
         self._per_magnification[magnification] = self._per_magnification.get(magnification, 0) + 1
         self._buffered += 1
         self._count += 1
@@ -243,8 +268,18 @@ class PatchStoreWriter:
             if patch.inst_map is not None or patch.type_map is not None:
                 raise ValueError(f"patch from {patch.source} has labels, but this store holds images only (labels=False)")
             shapes_ok = True
+        if not self.regions and patch.region_map is not None:
+            raise ValueError(f"patch from {patch.source} has a region_map, but this store holds no region masks")
+        if self.regions:
+            if patch.region_map is None:
+                raise ValueError(f"patch from {patch.source} has no region_map, which a region store needs")
+            shapes_ok = patch.region_map.shape == (p, p)
+            if patch.region_map.size and (patch.region_map.min() < 0 or patch.region_map.max() >= len(self.class_names)):
+                raise DataError(f"region labels {int(patch.region_map.min())}..{int(patch.region_map.max())} outside "
+                                f"0..{len(self.class_names) - 1} ({', '.join(self.class_names)})", patch.source)
         if patch.image.shape != (p, p, 3) or not shapes_ok:
-            shapes = "/".join(str(getattr(a, "shape", None)) for a in (patch.image, patch.inst_map, patch.type_map))
+            shapes = "/".join(str(getattr(a, "shape", None))
+                              for a in (patch.image, patch.inst_map, patch.type_map, patch.region_map))
             raise ValueError(f"patch from {patch.source} has shapes {shapes}, store patch size is {p}")
         clash = ROW_KEYS.intersection(patch.extra or {})
         if clash:
@@ -259,7 +294,13 @@ class PatchStoreWriter:
                 patch.source,
             )
 
-    def _tally(self, split: str, counts: dict[str, int] | None) -> None:
+    def _tally(self, split: str, counts: dict[str, int] | None, fractions: dict[str, float] | None = None) -> None:
+        if fractions is not None:  # region store: patches per split, and patches holding each label
+            entry = self._counts.setdefault(split, {"patches": 0, "patches_with": dict.fromkeys(self.class_names, 0)})
+            entry["patches"] += 1
+            for name, f in fractions.items():
+                entry["patches_with"][name] += f > 0
+            return
         if counts is None:  # image-only store: patches per split, no nuclei
             self._counts.setdefault(split, {"patches": 0})["patches"] += 1
             return
@@ -293,6 +334,8 @@ class PatchStoreWriter:
             "labels": self.labels,
             "magnification": magnification,
         }
+        if self.regions:
+            info["regions"] = True
         if several is not None:
             info["magnifications"] = several
         return {
@@ -317,7 +360,7 @@ class PatchStoreWriter:
             for line in fin:
                 row = json.loads(line)
                 row["split"] = split_of.get(row["index"], row["split"])
-                self._tally(row["split"], row.get("counts") if self.labels else None)
+                self._tally(row["split"], row.get("counts") if self.labels else None, row.get("regions"))
                 fout.write(json.dumps(row) + "\n")
         os.replace(dst, src)
 
@@ -369,7 +412,7 @@ class PatchStoreWriter:
             manifest = (self._partial / MANIFEST).stat().st_size
         except OSError:
             manifest = 0
-        return max(1, self._count) * patch_bytes(self.patch_size, self.labels) + manifest
+        return max(1, self._count) * patch_bytes(self.patch_size, self.labels, self.regions) + manifest
 
     def _close_and_remove(self) -> None:
         if self._manifest is not None and not self._manifest.closed:
@@ -397,6 +440,7 @@ class PatchStore:
         self.shard_size = int(info["shard_size"])
         self.meta = info.get("meta", {})
         self.has_labels = bool(info.get("labels", True))  # stores written before image-only ones had labels
+        self.has_regions = bool(info.get("regions", False))  # a region store (DISC): image + region_map
         self.records = self._read_manifest(int(info["num_patches"]))
         self._maps: dict[tuple[int, str], np.ndarray] = {}
 
@@ -473,6 +517,8 @@ class PatchStore:
         if self.has_labels:  # an image-only store's items have no inst_map / type_map
             item["inst_map"] = np.array(self._array(shard, "inst")[offset], dtype=np.int32)
             item["type_map"] = np.array(self._array(shard, "type")[offset], dtype=np.int32)
+        if self.has_regions:
+            item["region_map"] = np.array(self._array(shard, "region")[offset], dtype=np.int32)
         return {**item, **self.records[i]}
 
     def __getstate__(self) -> dict:
@@ -510,7 +556,8 @@ def prepare_nuclei(
     command: str | Sequence[str] | None = None,
     shard_size: int | None = None,
 ) -> PatchStore:
-    """Stream labelled regions into a patch store (NASDM section 3.1) and open it.
+    """Stream labelled regions into a patch store (NASDM section 3.1) and open it. ``RegionRecord``s (DISC's image
+    + region mask, :mod:`histosynth.data.regions`) make a region store; their patching and hold-out are the same.
 
     Records are consumed one at a time, so any reader's generator works. One Generator(seed) draws all
     hold-out blocks in record order: the same inputs and seed give the same split. Stain normalization
@@ -530,7 +577,9 @@ def prepare_nuclei(
     meta = nuclei_meta(patch, overlap, magnification, holdout, source_magnification, stain_normalizer, seed, command)
     bar = _progress(records, progress)
     try:
-        with PatchStoreWriter(out, first.class_names, patch, magnification, meta, overwrite, shard_size) as writer:
+        regions = isinstance(first, RegionRecord)  # region records make a region store (image + region mask)
+        with PatchStoreWriter(out, first.class_names, patch, magnification, meta, overwrite, shard_size,
+                              labels=not regions, regions=regions) as writer:
             done = write_regions(writer, chain([first], iterator), np.random.default_rng(seed), overlap=overlap,
                                  holdout=holdout, source_magnification=source_magnification,
                                  stain_normalizer=stain_normalizer, bar=bar)
@@ -686,7 +735,7 @@ def _stain_name(normalizer) -> str:
     return getattr(normalizer, "name", None) or type(normalizer).__name__
 
 
-def _check_classes(record: NucleiRecord, class_names: tuple[str, ...]) -> None:
+def _check_classes(record: NucleiRecord | RegionRecord, class_names: tuple[str, ...]) -> None:
     if tuple(record.class_names) != class_names:
         raise DataError(
             f"class names {tuple(record.class_names)} differ from the first region's {class_names}; "

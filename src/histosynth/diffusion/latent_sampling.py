@@ -36,13 +36,17 @@ def check_ddim_steps(scheduler_config, num_inference_steps: int) -> None:
 
 
 def ddim_latents(unet, scheduler_config, num_inference_steps: int, batch: int, guidance_scale: float, *,
-                 eta: float = 0.0, generator=None, progress_bar=None, **conditions) -> torch.Tensor:
+                 eta: float = 0.0, generator=None, progress_bar=None, latents: torch.Tensor | None = None,
+                 concat: torch.Tensor | None = None, after_step=None, **conditions) -> torch.Tensor:
     """Latents (batch, C, s, s) denoised from Gaussian noise by exactly ``num_inference_steps`` DDIM steps.
 
     Each step is one UNet pass on the batched [∅; y] pair combined by :func:`classifier_free_guidance` (diffusers'
     g; one pass on y alone when g = 1), then ``DDIMScheduler.step`` with ``eta``. ``conditions``: the UNet's
     condition inputs (``encoder_hidden_states``, ``class_labels``), already stacked null-first when g != 1.
-    ``progress_bar``: wraps the timesteps (a pipeline's ``self.progress_bar``), or None.
+    ``latents``: the starting noise (batch, C, s, s) (default drawn from ``generator``); ``concat``: channels
+    concatenated to the UNet's input at every step (stacked like the conditions; C = the UNet's out_channels);
+    ``after_step(latents) -> latents``: applied after every step (e.g. DISC's fusion). ``progress_bar``: wraps the
+    timesteps (a pipeline's ``self.progress_bar``), or None.
 
     Raises:
         HistosynthError: a step count the schedule cannot run (see :func:`check_ddim_steps`).
@@ -51,13 +55,19 @@ def ddim_latents(unet, scheduler_config, num_inference_steps: int, batch: int, g
     scheduler = DDIMScheduler.from_config(scheduler_config)
     scheduler.set_timesteps(num_inference_steps, device=unet.device)
     size = unet.config.sample_size
-    shape = (batch, unet.config.in_channels, size, size)
-    latents = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype) * scheduler.init_noise_sigma
+    shape = (batch, unet.config.out_channels, size, size)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=unet.device, dtype=unet.dtype)
+    latents = latents * scheduler.init_noise_sigma
     do_guidance = guidance_scale != 1.0
     for t in progress_bar(scheduler.timesteps) if progress_bar is not None else scheduler.timesteps:
         x_in = torch.cat([latents, latents]) if do_guidance else latents
+        if concat is not None:
+            x_in = torch.cat([x_in, concat], dim=1)
         eps = unet(x_in, t, **conditions).sample
         if do_guidance:
             eps = classifier_free_guidance(*eps.chunk(2), guidance_scale)
         latents = scheduler.step(eps, t, latents, eta=eta, generator=generator).prev_sample
+        if after_step is not None:
+            latents = after_step(latents)
     return latents

@@ -1,0 +1,198 @@
+"""DISCPipeline: H&E tiles whose patterns follow a region mask (DISC, Ho et al.).
+
+    pipe = DISCPipeline.from_pretrained("RUN")                 # a disc run, or a saved pipeline folder
+    out = pipe(masks)                                          # SD: int (B, H, W) labels 0..K-1
+    out = pipe(masks, separated="final")                       # SD-SC: separated conditions, fused at the end
+
+Reads top to bottom (DISC Sec. 2):
+1. The condition: the mask encoder τθ turns each region mask into cross-attention tokens (and, when the model was
+   trained so, its one-hot nearest-downsampled to the latent is concatenated to the UNet input); ∅ is its learned null
+   tokens (and zeros).
+2. Sampling, DDIM (the paper: 200 steps) with classifier-free guidance ε̂ = ε(∅) + g·(ε(c) − ε(∅)):
+   - ``separated="none"`` (SD): each image is denoised under its whole mask.
+   - ``separated="final"`` (SD-SC, the paper's): one noise z_T per image is duplicated for each label present in its
+     mask; each copy is denoised under the uniform mask of its label; the results are fused by the mask
+     nearest-downsampled to the latent (eq. 2: z0^mixed = Σ_k z0^k · m_k). Only present labels are run, so an image
+     costs (labels present) × SD.
+   - ``separated="every-step"``: the same branches, fused after every DDIM step, each branch continuing from the
+     fused latent (the branches then agree at region borders throughout).
+   All branches of a batch run in one batched UNet pass per step.
+3. The frozen VQ-f4 autoencoder decodes (quantising first, as LDM's VQ first stage does).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from histosynth.diffusion.latent_sampling import check_ddim_steps, ddim_latents
+from histosynth.errors import HistosynthError
+from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_masks
+from histosynth.pipelines.loading import pipeline_directory
+
+SEPARATED = ("none", "final", "every-step")
+
+
+def downsample_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
+    """int (B, size, size) nearest-neighbour downsampling of int (B, H, W) masks at output pixel centres
+    (latent pixel i takes mask pixel ⌊(i + ½)·H/size⌋), as DISC's fusion masks m_k (Sec. 2.3)."""
+    h, w = masks.shape[-2:]
+    rows = ((torch.arange(size) + 0.5) * h / size).long().clamp(max=h - 1)
+    cols = ((torch.arange(size) + 0.5) * w / size).long().clamp(max=w - 1)
+    return masks[:, rows][:, :, cols]
+
+
+def separated_branches(masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(image index, label) int64 (R,) of every branch SD-SC runs: one per label present in each mask, in image
+    order then label order."""
+    images, labels = [], []
+    for b, mask in enumerate(masks):
+        for label in torch.unique(mask).tolist():
+            images.append(b)
+            labels.append(int(label))
+    return torch.tensor(images, dtype=torch.long), torch.tensor(labels, dtype=torch.long)
+
+
+def fuse_latents(branch_latents: torch.Tensor, images: torch.Tensor, labels: torch.Tensor,
+                 small_masks: torch.Tensor) -> torch.Tensor:
+    """DISC eq. 2: z^mixed_b = Σ_k z^k_b · m_k, m_k = [small_masks_b == k], over the branches (images, labels) of
+    ``branch_latents`` (R, C, h, w); ``small_masks`` int (B, h, w) at the latent's size. Returns (B, C, h, w)."""
+    binary = (small_masks[images] == labels[:, None, None].to(small_masks.device)).to(branch_latents.dtype)
+    fused = torch.zeros((len(small_masks),) + branch_latents.shape[1:], dtype=branch_latents.dtype,
+                        device=branch_latents.device)
+    return fused.index_add_(0, images.to(branch_latents.device), branch_latents * binary[:, None])
+
+
+@dataclass
+class DISCPipelineOutput(BaseOutput):
+    """images uint8 (B, H, W, 3); masks int32 (B, H, W) the conditions; latents float32 (B, C, h, w) before decoding;
+    unet_passes: UNet evaluations per image (steps × branches × (2 with guidance)), the cost SC multiplies."""
+
+    images: np.ndarray
+    masks: np.ndarray
+    latents: np.ndarray
+    separated: str
+    num_steps_run: int
+    unet_passes: list
+
+
+class DISCPipeline(DiffusionPipeline):
+    model_cpu_offload_seq = "mask_encoder->unet->vae"
+
+    def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDIMScheduler, mask_encoder: RegionMaskEncoder,
+                 latent_scaling_factor: float | None = None, magnification: str | None = None,
+                 patch_size: int | None = None, injection: str = "cross-attention", sampling: dict | None = None):
+        super().__init__()
+        self.register_modules(unet=unet, vae=vae, scheduler=scheduler, mask_encoder=mask_encoder)
+        if latent_scaling_factor is None:
+            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
+        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), magnification=magnification,
+                                patch_size=patch_size, injection=injection, sampling=sampling)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
+        return super().from_pretrained(str(pipeline_directory(pretrained_model_name_or_path, cls)), **kwargs)
+
+    @property
+    def label_names(self) -> list[str]:
+        names = self.mask_encoder.config.label_names
+        return list(names) if names else [str(k) for k in range(self.mask_encoder.config.num_labels)]
+
+    def conditions(self, masks: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(tokens, concatenated channels or None) of int masks (B, H, W), stacked [∅; c] when ``guided``."""
+        tokens = self.mask_encoder(masks).to(self.unet.dtype)
+        concat = None
+        if self.config.injection == "cross-attention+concat":
+            small = downsample_masks(masks, self.unet.config.sample_size)
+            concat = one_hot_masks(small, self.mask_encoder.config.num_labels).to(self.unet.device, self.unet.dtype)
+        if guided:
+            tokens = torch.cat([self.mask_encoder.null_condition(len(tokens)).to(tokens.dtype), tokens])
+            concat = None if concat is None else torch.cat([torch.zeros_like(concat), concat])
+        return tokens, concat
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        masks,
+        guidance_scale: float | None = None,
+        num_inference_steps: int | None = None,
+        separated: str | None = None,
+        eta: float | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        progress: bool = True,
+    ) -> DISCPipelineOutput:
+        """Generate one tile per mask.
+
+        Args:
+            masks: int (B, H, W) region labels 0..K-1 (numpy or torch), H = W = the model's patch size.
+            guidance_scale: g (1 = conditional only); default the recipe's.
+            num_inference_steps: DDIM steps, exactly this many run; default the recipe's (paper 200).
+            separated: "none" (SD), "final" (SD-SC, eq. 2 at the end) or "every-step"; default the recipe's.
+            eta: DDIM's η (default the recipe's, 0).
+            generator: one, or one per image (each image's z_T from its own).
+        Raises:
+            HistosynthError: masks of the wrong size or with labels outside 0..K-1, an unknown ``separated``, a step
+                count outside 1..T.
+        """
+        sampling = self.config.sampling or {}
+        g_scale = sampling.get("guidance_scale", 1.75) if guidance_scale is None else guidance_scale
+        steps = sampling.get("num_inference_steps", 200) if num_inference_steps is None else num_inference_steps
+        separated = sampling.get("separated", "none") if separated is None else separated
+        eta = sampling.get("eta", 0.0) if eta is None else eta
+        if separated not in SEPARATED:
+            raise HistosynthError(f"separated must be one of {', '.join(SEPARATED)}, got {separated!r}")
+        masks = self._check_masks(masks)
+        check_ddim_steps(self.scheduler.config, steps)
+        guided = g_scale != 1.0
+        size, channels = self.unet.config.sample_size, self.unet.config.out_channels
+        # one z_T per image, from its own generator when given a list
+        z_t = randn_tensor((len(masks), channels, size, size), generator=generator, device=self.unet.device,
+                           dtype=self.unet.dtype)
+        progress_bar = self.progress_bar if progress else None
+
+        # 1-2. SD: each image under its whole mask
+        if separated == "none":
+            tokens, concat = self.conditions(masks, guided)
+            latents = ddim_latents(self.unet, self.scheduler.config, steps, len(masks), g_scale, eta=eta,
+                                   generator=generator, progress_bar=progress_bar, latents=z_t, concat=concat,
+                                   encoder_hidden_states=tokens)
+            passes = [steps * (2 if guided else 1)] * len(masks)
+        # 1-2. SD-SC: one branch per present label, from the image's z_T, under that label's uniform mask; fused by eq. 2
+        else:
+            images, labels = separated_branches(masks)
+            uniform = labels[:, None, None].expand(-1, *masks.shape[-2:]).to(masks.device)
+            tokens, concat = self.conditions(uniform, guided)
+            small = downsample_masks(masks, size).to(self.unet.device)
+            fuse = lambda z: fuse_latents(z, images, labels, small)  # noqa: E731
+            every = (lambda z: fuse(z)[images.to(z.device)]) if separated == "every-step" else None
+            branches = ddim_latents(self.unet, self.scheduler.config, steps, len(images), g_scale, eta=eta,
+                                    generator=generator, progress_bar=progress_bar, latents=z_t[images.to(z_t.device)],
+                                    concat=concat, after_step=every, encoder_hidden_states=tokens)
+            latents = fuse(branches)
+            per_image = torch.bincount(images, minlength=len(masks)).tolist()
+            passes = [steps * n * (2 if guided else 1) for n in per_image]
+
+        # 3. decode with the frozen first stage
+        decoded = self.vae.decode((latents / self.config.latent_scaling_factor).to(self.vae.dtype)).sample
+        images_out = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        return DISCPipelineOutput(images=images_out, masks=masks.cpu().numpy().astype(np.int32),
+                                  latents=latents.float().cpu().numpy(), separated=separated, num_steps_run=steps,
+                                  unet_passes=passes)
+
+    def _check_masks(self, masks) -> torch.Tensor:
+        masks = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks).long()
+        size, k = self.mask_encoder.config.mask_size, self.mask_encoder.config.num_labels
+        if masks.ndim == 2:
+            masks = masks[None]
+        if masks.ndim != 3 or masks.shape[-2:] != (size, size):
+            raise HistosynthError(f"masks must be (B, {size}, {size}) region labels, got shape {tuple(masks.shape)}")
+        if masks.numel() and (int(masks.min()) < 0 or int(masks.max()) >= k):
+            raise HistosynthError(f"mask labels {int(masks.min())}..{int(masks.max())} outside this model's 0..{k - 1} "
+                                  f"({', '.join(self.label_names)})")
+        return masks.to(self.unet.device)
