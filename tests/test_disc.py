@@ -162,7 +162,8 @@ def test_region_folder_to_store_keeps_masks_aligned_with_their_images(tmp_path):
     assert len(store) == 2 * 2 * 2  # 64 px at 40x: 32 px crops, 2 x 2 per image
     for i in range(len(store)):
         item = store[i]
-        y, x, crop = item["y"], item["x"], item["crop"]
+        y, x = item["y"], item["x"]
+        assert item["crop"] == 32
         source = mask if item["source"].endswith("a.png") else np.full((64, 64), 1)
         centres = np.arange(16) * 2 + 1  # 32 px crop → 16 px: nearest at output pixel centres
         assert np.array_equal(item["region_map"], source[y + centres][:, x + centres]), i
