@@ -386,3 +386,31 @@ def test_sample_cli_writes_tiles_with_their_masks_as_a_region_folder(region_stor
     r = CliRunner().invoke(main, ["sample", "--model", str(sd_run), "--masks", str(region_store), "--out",
                                   str(tmp_path / "x")])
     assert r.exit_code == 2 and "--regions STORE" in r.output
+
+
+def test_tile_sets_cli_and_sampling_them_gives_mil_bags_of_tiles(region_store, sd_run, tmp_path):
+    """`prepare tile-sets` (Sec. 2.2) → `sample --regions SETS`: every tile generated on its mask, sets.jsonl names
+    each tile's image; a non-cancer primary set is all label 0."""
+    from histosynth.cli import main
+
+    sets = tmp_path / "sets"
+    r = CliRunner().invoke(main, ["prepare", "tile-sets", str(region_store), "--pairs",
+                                  "epithelial+stroma,background+background", "--sets", "2", "--size", "3-4",
+                                  "--seed", "1", "--out", str(sets)])
+    assert r.exit_code == 0, r.output
+    out = tmp_path / "tiles"
+    r = CliRunner().invoke(main, ["sample", "--model", str(sd_run), "--regions", str(sets), "--steps", "2",
+                                  "--out", str(out), "--device", "cpu"])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "sets.jsonl").read_text().splitlines()]
+    assert [row["primary"] for row in rows] == ["epithelial", "background"] and all(3 <= row["size"] <= 4 for row in rows)
+    for row in rows:
+        for tile in row["tiles"]:
+            mask = np.asarray(Image.open(out / tile["mask"]))
+            assert (out / tile["image"]).is_file() and mask.shape == (32, 32)
+            if row["primary"] == "background":
+                assert mask.max() == 0
+    assert sum(len(row["tiles"]) for row in rows) == len((out / "samples.jsonl").read_text().splitlines())
+    r = CliRunner().invoke(main, ["prepare", "tile-sets", str(region_store), "--pairs", "GG9+GG3", "--out",
+                                  str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "GG9" in r.output, r.output

@@ -8,13 +8,16 @@ command with ``add_command``:
 module                             commands
 ================================== ============================================================
 :mod:`~.quickstart`                ``quickstart``
-:mod:`~.prepare`                   ``prepare nuclei | slides``
+:mod:`~.prepare`                   ``prepare nuclei | regions | slides``
+:mod:`~.tile_sets`                 ``prepare tile-sets``
 :mod:`~.train`                     ``train``
 :mod:`~.sample`                    ``sample``
 :mod:`~.evaluate_distribution`     ``evaluate fid | kid | is``
 :mod:`~.evaluate_controllability`  ``evaluate mask-adherence | counts | sweep | report``
 :mod:`~.evaluate_downstream`       ``evaluate augment | cas``
+:mod:`~.evaluate_mil`              ``evaluate mil``
 :mod:`~.evaluate_reconstruction`   ``evaluate recon``
+:mod:`~.evaluate_regions`          ``evaluate region-classifier | region-adherence``
 :mod:`~.seg`                       ``seg train | evaluate | predict``
 :mod:`~.captions`                  ``captions build | summarize``
 :mod:`~.convert`                   ``convert autoencoder``
@@ -39,11 +42,14 @@ from histosynth.cli import (
     evaluate_controllability,
     evaluate_distribution,
     evaluate_downstream,
+    evaluate_mil,
     evaluate_reconstruction,
+    evaluate_regions,
     prepare,
     quickstart,
     sample,
     seg,
+    tile_sets,
     train,
 )
 
@@ -65,12 +71,15 @@ for _command in (
     *evaluate_distribution.COMMANDS,
     *evaluate_controllability.COMMANDS,
     *evaluate_downstream.COMMANDS,
+    *evaluate_mil.COMMANDS,
     *evaluate_reconstruction.COMMANDS,
+    *evaluate_regions.COMMANDS,
 ):
     evaluate.add_command(_command)
 del _command
 
 main.add_command(quickstart.quickstart)
+prepare.prepare.add_command(tile_sets.tile_sets_cmd)  # `prepare tile-sets` (DISC Sec. 2.2)
 main.add_command(prepare.prepare)
 main.add_command(train.train)
 main.add_command(sample.sample)

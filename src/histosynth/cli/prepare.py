@@ -1,5 +1,7 @@
 """`histosynth prepare nuclei | regions | slides`: build a patch store from a labelled dataset, from region masks
-(DISC: a region folder, or regions derived from nuclei labels, :mod:`histosynth.data.regions`) or from whole slides.
+(DISC: a region folder, the Gleason datasets SICAPv2 / Gleason2019 / PANDA in their native layouts,
+:mod:`histosynth.data.gleason`, or regions derived from nuclei labels, :mod:`histosynth.data.regions`) or from whole
+slides.
 
 The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. ``prepare nuclei`` is a
 thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
@@ -176,11 +178,23 @@ def _store_settings(out, given, patch, magnification, overlap, holdout, seed, st
     return patch, magnification, overlap, holdout, seed, stain_normalize, stain_target
 
 
+REGION_FORMATS = ["folder", "nuclei-density", "sicapv2", "gleason2019", "panda"]
+GLEASON_FORMATS = ("sicapv2", "gleason2019", "panda")
+# options that belong to some --format values only (the rest are refused with them)
+_REGION_OPTION_FORMATS = {
+    "nuclei_format": ("nuclei-density",), "region_map": ("nuclei-density",), "sigma_um": ("nuclei-density",),
+    "min_fraction": ("nuclei-density",), "labels": GLEASON_FORMATS, "label_map": GLEASON_FORMATS,
+    "sicap_partition": ("sicapv2",), "sicap_mask_tolerance": ("sicapv2",), "gleason_pathologist": ("gleason2019",),
+    "panda_providers": ("panda",), "panda_block": ("panda",),
+}
+
+
 @prepare.command("regions")
 @click.argument("src", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", required=True, type=click.Choice(["folder", "nuclei-density"]),
+@click.option("--format", "fmt", required=True, type=click.Choice(REGION_FORMATS),
               help="folder: images/ + masks/ + classes.txt. nuclei-density: regions derived from the nuclei labels of "
-                   "a dataset read with --nuclei-format (the dominant nucleus group of each neighbourhood).")
+                   "a dataset read with --nuclei-format (the dominant nucleus group of each neighbourhood). sicapv2, "
+                   "gleason2019, panda: the public Gleason datasets in their native layout (histosynth.data.gleason).")
 @click.option("--nuclei-format", default=None, type=click.Choice(FORMATS),
               help="nuclei-density: the format of SRC's nuclei labels.")
 @click.option("--region-map", default=None,
@@ -191,19 +205,43 @@ def _store_settings(out, given, patch, magnification, overlap, holdout, seed, st
               help="nuclei-density: the neighbourhood (Gaussian σ, µm).")
 @click.option("--min-fraction", default=0.1, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="nuclei-density: the share of the neighbourhood one group's nuclei must cover, else background.")
+@click.option("--labels", default=None,
+              help="sicapv2 / gleason2019 / panda: the region labels in label-id order "
+                   "(default non-cancer,GG3,GG4,GG5: DISC's K = 4).")
+@click.option("--label-map", default=None,
+              help="sicapv2 / gleason2019 / panda: native mask value → label, e.g. '0=non-cancer,3=GG3', overriding the "
+                   "format's default mapping value by value; panda: PROVIDER:VALUE=LABEL maps one provider's masks, "
+                   "e.g. 'karolinska:2=GG3'.")
+@click.option("--sicap-partition", default="test", show_default=True,
+              type=click.Choice(["test", "val1", "val2", "val3", "val4"]),
+              help="sicapv2: the partition whose Train.xlsx / Test.xlsx give the split (partition/Test or "
+                   "partition/Validation/ValN).")
+@click.option("--sicap-mask-tolerance", default=3, show_default=True, type=click.IntRange(0, 255),
+              help="sicapv2: a JPEG mask's grey level within this many levels of a mapped value is that value "
+                   "(compression noise); farther ones are errors.")
+@click.option("--gleason-pathologist", default="majority", show_default=True,
+              type=click.Choice(["majority", "1", "2", "3", "4", "5", "6"]),
+              help="gleason2019: whose maps (Maps<N>_T), or the pixel-wise majority of the maps a core has (ties to "
+                   "the lower grade).")
+@click.option("--panda-providers", default="radboud,karolinska", show_default=True,
+              help="panda: the data providers to read (Karolinska's ungraded cancer needs --label-map karolinska:2=...).")
+@click.option("--panda-block", default=2048, show_default=True, type=click.IntRange(min=1),
+              help="panda: the side of the aligned image / mask blocks read at --magnification (memory: one block).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The region store to create.")
 @click.option("--patch", default=128, show_default=True, type=click.IntRange(min=1), help="Patch size in pixels.")
 @click.option("--overlap", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
 @click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS))
 @click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
-              help="Magnification of SRC's pixels (required for a folder; a nuclei dataset's reader may know it).")
+              help="Magnification of SRC's pixels (required for a folder; sicapv2 is 10x, gleason2019 40x, a nuclei "
+                   "dataset's reader may know it; panda: overrides the slides' level 0, else read from their metadata, else 20x).")
 @click.option("--holdout", default=0.075, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of each region held out as test (a dataset's own train/test split wins).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fraction, out, patch, overlap, magnification,
-                        source_magnification, holdout, seed, overwrite):
+def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fraction, labels, label_map,
+                        sicap_partition, sicap_mask_tolerance, gleason_pathologist, panda_providers, panda_block, out,
+                        patch, overlap, magnification, source_magnification, holdout, seed, overwrite):
     """Tile SRC's images and region masks (DISC's condition) into a region store: image + region mask per patch,
     masks cut with their image (nearest neighbour) at --magnification.
     """
@@ -213,13 +251,21 @@ def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fract
     from histosynth.data.store import prepare_nuclei
 
     given = _given(click.get_current_context())
-    density_only = sorted(given & {"nuclei_format", "region_map", "sigma_um", "min_fraction"})
+    foreign = sorted(n for n in given if n in _REGION_OPTION_FORMATS and fmt not in _REGION_OPTION_FORMATS[n])
+    if foreign:
+        groups: dict[tuple[str, ...], list[str]] = {}
+        for name in foreign:
+            groups.setdefault(_REGION_OPTION_FORMATS[name], []).append(_word(name))
+        raise HistosynthError("; ".join(f"{', '.join(words)}: only with --format {' / '.join(formats)}"
+                                        for formats, words in groups.items()))
     if fmt == "folder":
-        if density_only:
-            raise HistosynthError(f"{', '.join(_word(n) for n in density_only)}: only with --format nuclei-density")
         if source_magnification is None:
             raise HistosynthError("--format folder needs --source-magnification (a folder of images records none)")
         records = read_region_folder(src, source_magnification=source_magnification)
+    elif fmt in GLEASON_FORMATS:
+        records, source_magnification = _gleason_records(
+            fmt, src, labels, label_map, sicap_partition, sicap_mask_tolerance, gleason_pathologist, panda_providers,
+            panda_block, patch, magnification, source_magnification)
     else:
         if nuclei_format is None:
             raise HistosynthError("--format nuclei-density needs --nuclei-format (the format of SRC's nuclei labels)")
@@ -227,9 +273,9 @@ def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fract
         from histosynth.data.sources import reader_options
 
         mapping = parse_region_map(region_map)
-        labels = region_labels(mapping)
+        names = region_labels(mapping)
         options = reader_options(nuclei_format, source_magnification=source_magnification)
-        records = (density_regions(replace(r, magnification=source_magnification or r.magnification), mapping, labels,
+        records = (density_regions(replace(r, magnification=source_magnification or r.magnification), mapping, names,
                                    sigma_um=sigma_um, min_fraction=min_fraction)
                    for r in read_nuclei(nuclei_format, src, **options))
     store = prepare_nuclei(records, out, patch=patch, overlap=overlap, magnification=magnification, holdout=holdout,
@@ -239,6 +285,34 @@ def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fract
     shares = _label_shares(store)
     click.echo(f"wrote {out}: {len(store)} patches ({counts['train']} train, {counts['test']} test), region labels "
                + ", ".join(f"{n} {f:.0%}" for n, f in shares.items()))
+
+
+def _gleason_records(fmt, src, labels, label_map, sicap_partition, sicap_mask_tolerance, gleason_pathologist,
+                     panda_providers, panda_block, patch, magnification, source_magnification):
+    """(records, the source magnification prepare_nuclei should apply) of a Gleason dataset in its native format.
+
+    sicapv2 / gleason2019 know their magnification (10x / 40x; --source-magnification overrides it); panda's
+    records come out at --magnification already (read from the slides' pyramid), so nothing is applied to them.
+    """
+    from histosynth.data.gleason import parse_label_map, parse_labels, read_gleason_regions
+    from histosynth.data.gleason.gleason2019 import GLEASON2019_MAGNIFICATION, parse_pathologist
+    from histosynth.data.gleason.sicapv2 import SICAP_MAGNIFICATION
+
+    options = {"labels": parse_labels(labels), "label_map": parse_label_map(label_map)}
+    note = lambda line: click.echo(f"note: {line}", err=True)  # noqa: E731
+    if fmt == "sicapv2":
+        source_magnification = source_magnification or SICAP_MAGNIFICATION
+        options.update(partition=sicap_partition, mask_tolerance=sicap_mask_tolerance,
+                       source_magnification=source_magnification)
+    elif fmt == "gleason2019":
+        source_magnification = source_magnification or GLEASON2019_MAGNIFICATION
+        options.update(pathologist=parse_pathologist(gleason_pathologist), source_magnification=source_magnification,
+                       report=note)
+    else:
+        options.update(magnification=magnification, providers=panda_providers, block=panda_block, min_side=patch,
+                       source_magnification=source_magnification, report=note)
+        source_magnification = None  # the blocks are at --magnification already
+    return read_gleason_regions(fmt, src, **options), source_magnification
 
 
 def _label_shares(store) -> dict[str, float]:

@@ -34,7 +34,8 @@ __all__ = ["sample"]
               help="ZoomLDM: condition on the real embedding grids of this store's patches (`prepare slides "
                    "--magnifications` + `embed`) instead of conditions drawn by the model's condition sampler.")
 @click.option("--regions", type=click.Path(path_type=Path), default=None,
-              help="DISC: a region store (`prepare regions`) whose masks condition the tiles (its --split).")
+              help="DISC: a region store (`prepare regions`) whose masks condition the tiles (its --split), or a "
+                   "tile-set folder (`prepare tile-sets`: every tile of its first --num sets).")
 @click.option("--separated", default=None, type=click.Choice(["none", "final", "every-step"]),
               help="DISC: separated conditions: none (SD, the whole mask), final (SD-SC: each present label denoised "
                    "alone from one noise, fused by the mask at the end; costs × labels present) or every-step (fused "
@@ -48,13 +49,13 @@ __all__ = ["sample"]
                    "or cycled to this many). ZoomLDM: images per magnification (default 16). Regions: masks (default 16).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
-                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith and ZoomLDM "
-                   "the recipe's: 1.75, 2.0, 1.75).")
+                   "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith, ZoomLDM "
+                   "and DISC the recipe's: 1.75, 2.0, 1.75, 1.75).")
 @click.option("--steps", type=int, default=None,
               help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM, HistoSmith and ZoomLDM "
-                   "the recipe's: 50).")
+                   "the recipe's: 50; DISC the recipe's: 200, tiny 50).")
 @click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
-              help="NASDM: ddpm (default) or ddim. PathLDM, HistoSmith and ZoomLDM: ddim only.")
+              help="NASDM: ddpm (default) or ddim. PathLDM, HistoSmith, ZoomLDM and DISC: ddim only.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")

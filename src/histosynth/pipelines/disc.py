@@ -171,8 +171,11 @@ class DISCPipeline(DiffusionPipeline):
             small = downsample_masks(masks, size).to(self.unet.device)
             fuse = lambda z: fuse_latents(z, images, labels, small)  # noqa: E731
             every = (lambda z: fuse(z)[images.to(z.device)]) if separated == "every-step" else None
+            # η > 0 draws step noise per branch: a branch uses its image's generator
+            branch_generator = [generator[b] for b in images.tolist()] if isinstance(generator, list) else generator
             branches = ddim_latents(self.unet, self.scheduler.config, steps, len(images), g_scale, eta=eta,
-                                    generator=generator, progress_bar=progress_bar, latents=z_t[images.to(z_t.device)],
+                                    generator=branch_generator, progress_bar=progress_bar,
+                                    latents=z_t[images.to(z_t.device)],
                                     concat=concat, after_step=every, encoder_hidden_states=tokens)
             latents = fuse(branches)
             per_image = torch.bincount(images, minlength=len(masks)).tolist()

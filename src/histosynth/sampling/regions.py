@@ -1,8 +1,9 @@
-"""Sample a DISC model on the region masks of a region store: each tile written with its mask, ready to train on.
+"""Sample a DISC model on region masks: each tile written with its mask, ready to train on.
 
-``source`` (from ``histosynth sample``): ``store`` (a ``prepare regions`` store whose masks condition the tiles, its
-``split``, default test) and ``separated`` (none = SD, final = SD-SC (eq. 2 at the end), every-step; default the
-model's recipe's).
+``source`` (from ``histosynth sample``): ``store`` — a ``prepare regions`` store whose masks condition the tiles (its
+``split``, default test), or a tile-set folder of ``prepare tile-sets`` (DISC Sec. 2.2: ``masks/``, ``classes.txt``,
+``sets.jsonl``; every tile of the first ``num`` sets, default all) — and ``separated`` (none = SD, final = SD-SC
+(eq. 2 at the end), every-step; default the model's recipe's).
 
 Output (written atomically by the shared writer; a region folder that ``prepare regions --format folder`` reads back)::
 
@@ -10,19 +11,24 @@ Output (written atomically by the shared writer; a region folder that ``prepare 
     OUT/masks/N.png       its region mask (uint8 labels 0..K-1)
     OUT/real/N.png        the real patch of that mask
     OUT/classes.txt       the region labels, one per line (line i = mask value i)
-    OUT/samples.jsonl     per image: store index, seed, separated, UNet passes, region fractions
-    OUT/grid.png          coloured mask | generated | real
+    OUT/samples.jsonl     per image: store index (or set and tile), seed, separated, UNet passes, region fractions
+    OUT/sets.jsonl        tile sets only: the input's rows, each tile with its generated "image" (MIL bags)
+    OUT/grid.png          coloured mask | generated | real (tile sets: mask | generated)
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
+import json
+
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from histosynth.data.store import PatchStore, region_fractions
+from histosynth.data.io import read_label_png
+from histosynth.data.regions import read_classes
+from histosynth.data.store import STORE_JSON, PatchStore, region_fractions
 from histosynth.errors import DataError, HistosynthError
 from histosynth.sampling.masks import choose_patches
 from histosynth.sampling.prompts import image_seed
@@ -48,6 +54,10 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
     if source.get("store") is None:
         raise HistosynthError("a DISC model samples tiles on region masks: give --regions STORE")
     store_path = Path(source["store"])
+    if not (store_path / STORE_JSON).is_file() and (store_path / "sets.jsonl").is_file():
+        return _sample_tile_sets(pipe, store_path, source.get("separated"), out, num=num, guidance_scale=guidance_scale,
+                                 num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
+                                 overwrite=overwrite, progress=progress)
     store = PatchStore(store_path)
     if not store.has_regions:
         raise DataError("--regions: not a region store (no region masks): make one with `histosynth prepare regions`",
@@ -79,4 +89,38 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
                        "unet_passes": int(passes), "regions": region_fractions(mask, names)}
                 files = {f"masks/{name}.png": mask.astype(np.uint8), f"real/{name}.png": real}
                 writer.add(image, row, files=files, grid=[colour_mask(mask), image, real])
+    return Path(out)
+
+
+def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale, num_inference_steps, seed,
+                      batch_size, overwrite, progress) -> Path:
+    """Every tile of the first ``num`` sets of a tile-set folder (all when None), written with its mask; OUT/sets.jsonl
+    repeats the input's rows with each tile's generated ``image`` (the MIL bags of DISC Sec. 2.4)."""
+    names = list(read_classes(folder / "classes.txt"))
+    if names != pipe.label_names:
+        raise DataError(f"--regions: the tile sets' labels {names} differ from the model's {pipe.label_names}",
+                        folder / "classes.txt")
+    rows = [json.loads(line) for line in (folder / "sets.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
+    rows = rows[:num] if num is not None else rows
+    jobs = [(r, t) for r in range(len(rows)) for t in range(len(rows[r]["tiles"]))]
+    if not jobs:
+        raise DataError("--regions: no tiles in the tile sets", folder / "sets.jsonl")
+    with SampleWriter(out, overwrite, grid_columns=2, grid_rows=8) as writer:
+        (writer.root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
+        for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", disable=not progress):
+            chunk = jobs[start:start + batch_size]
+            masks = np.stack([read_label_png(folder / rows[r]["tiles"][t]["mask"]) for r, t in chunk])
+            seeds = [image_seed(seed, writer.count + j) for j in range(len(chunk))]
+            result = pipe(masks, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
+                          separated=separated, generator=[torch.Generator().manual_seed(s) for s in seeds],
+                          progress=False)
+            for (r, t), image, mask, s, passes in zip(chunk, result.images, masks, seeds, result.unet_passes):
+                name = f"{writer.count:05d}"
+                rows[r]["tiles"][t].update(image=f"images/{name}.png", mask=f"masks/{name}.png")
+                row = {"mask": f"masks/{name}.png", "set": rows[r].get("set", r), "tile": t, "seed": s,
+                       "base_seed": seed, "separated": result.separated, "num_inference_steps": result.num_steps_run,
+                       "unet_passes": int(passes), "regions": region_fractions(mask, names)}
+                writer.add(image, row, files={f"masks/{name}.png": mask.astype(np.uint8)},
+                           grid=[colour_mask(mask), image])
+        (writer.root / "sets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return Path(out)
