@@ -131,6 +131,23 @@ def test_pipeline_save_load_and_mask_errors(tmp_path):
         pipe(np.zeros((1, 16, 16), np.int64))
     with pytest.raises(HistosynthError, match="separated must be one of"):
         pipe(mask, separated="always")
+    with pytest.raises(HistosynthError, match="integer region labels, got torch.float"):
+        pipe(mask.astype(np.float32))
+
+
+@pytest.mark.parametrize("injection", ["cross-attention", "cross-attention+concat"])
+def test_guidance_zero_is_the_null_condition_alone(injection):
+    """g = 0 leaves ε(∅) only: the tiles no longer depend on the mask (checks the [∅; c] order of tokens and concat);
+    g = 1 (conditional only) does depend on it."""
+    pipe = _tiny_pipeline(injection)
+    with torch.no_grad():
+        pipe.mask_encoder.position.normal_()  # make the conditional tokens clearly differ from the null ones
+    a, b = (pipe(np.full((1, 32, 32), k), guidance_scale=g, generator=torch.Generator().manual_seed(4)).latents
+            for k in (0, 2) for g in (0.0,))
+    assert np.allclose(a, b, atol=1e-6)
+    c, d = (pipe(np.full((1, 32, 32), k), guidance_scale=1.0, generator=torch.Generator().manual_seed(4)).latents
+            for k in (0, 2))
+    assert not np.allclose(c, d, atol=1e-3)
 
 
 # ------------------------------------------------------------------------------------------------ region data
@@ -273,9 +290,19 @@ def test_sd_resumes_exactly_and_trains_the_mask_encoder(region_store, vq_dir, sd
     fit(DISCTask(recipe, region_store, progress=False), tmp_path / "run", resume=True, progress=False)
     assert [r["loss"] for r in _losses(tmp_path / "run")] == [r["loss"] for r in _losses(sd_run)]
     pipe = DISCPipeline.from_pretrained(sd_run)
-    fresh = _tiny_pipeline("cross-attention+concat")
     assert pipe.label_names == ["background", "epithelial", "stroma", "inflammatory"]
-    assert not torch.equal(pipe.mask_encoder.null_tokens, fresh.mask_encoder.null_tokens[:, :16])
+    # τθ is trained with the UNet: the exported encoder differs from the initial one (same seed as the engine's)
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    task = DISCTask(recipe, region_store, progress=False)
+    task.setup(Accelerator(cpu=True), tmp_path / "init", resuming=False)
+    set_seed(recipe.train.seed)
+    initial = task.build_model(None, tmp_path / "init", resuming=False).mask_encoder
+    for name, value in initial.state_dict().items():
+        assert value.shape == pipe.mask_encoder.state_dict()[name].shape
+    assert not torch.allclose(initial.null_tokens, pipe.mask_encoder.null_tokens)
+    assert not torch.allclose(initial.stem.weight, pipe.mask_encoder.stem.weight)
 
 
 def test_training_masks_are_flipped_with_their_latents(region_store, vq_dir):
@@ -320,7 +347,8 @@ def test_distillation_losses_and_the_resumable_sc_set(region_store, sd_run, tmp_
     assert latents.shape == (5, 3, 8, 8) and masks.shape == (5, 32, 32)
     # the set is the teacher's SC output for those masks and seeds
     task = DISCTask(recipe, region_store, progress=False)
-    want_masks, seeds = task.distill_masks()
+    picks, flips, seeds = task.distill_draws()
+    want_masks = task.distill_masks(picks, flips)
     assert np.array_equal(masks, want_masks)
     teacher = DISCPipeline.from_pretrained(sd_run)
     teacher.set_progress_bar_config(disable=True)
@@ -337,8 +365,11 @@ def test_distillation_losses_and_the_resumable_sc_set(region_store, sd_run, tmp_
     arr.flush()
     del arr
     resumed = DISCTask(recipe, region_store, progress=False)
-    m, s = resumed.distill_masks()
-    DistillSet(run / DISTILL).generate(teacher, m, s, state["settings"], progress=False)
+    picks, flips, seeds = resumed.distill_draws()
+    made = []
+    DistillSet(run / DISTILL).generate(teacher, lambda chunk: made.append(chunk) or resumed.distill_masks(
+        picks[chunk], flips[chunk]), 5, seeds, state["settings"], progress=False)
+    assert [(c.start, c.stop) for c in made] == [(2, 4), (4, 5)]  # only the unfinished batches
     assert np.allclose(DistillSet(run / DISTILL).open()[0], first, atol=1e-5)
     # the losses against hand-written ones, from the same generator state
     from accelerate import Accelerator
@@ -379,7 +410,8 @@ def test_sample_cli_writes_tiles_with_their_masks_as_a_region_folder(region_stor
     for row in rows:
         mask = np.asarray(Image.open(out / row["mask"]))
         assert np.array_equal(mask, store[row["index"]]["region_map"])
-        assert row["separated"] == "final" and row["unet_passes"] == 2 * 2 * len(np.unique(mask))
+        small = mask[2::4, 2::4]  # the latent's mask: pixel centres of 4 x 4 blocks
+        assert row["separated"] == "final" and row["unet_passes"] == 2 * 2 * len(np.unique(small))
     assert (out / "grid.png").is_file()
     again = list(read_region_folder(out, source_magnification="5x"))  # the output is a region folder
     assert len(again) == 3 and again[0].class_names == store.class_names
@@ -395,7 +427,7 @@ def test_tile_sets_cli_and_sampling_them_gives_mil_bags_of_tiles(region_store, s
 
     sets = tmp_path / "sets"
     r = CliRunner().invoke(main, ["prepare", "tile-sets", str(region_store), "--pairs",
-                                  "epithelial+stroma,background+background", "--sets", "2", "--size", "3-4",
+                                  "epithelial+stroma,background+background", "--sets", "17", "--size", "1-2",
                                   "--seed", "1", "--out", str(sets)])
     assert r.exit_code == 0, r.output
     out = tmp_path / "tiles"
@@ -403,7 +435,9 @@ def test_tile_sets_cli_and_sampling_them_gives_mil_bags_of_tiles(region_store, s
                                   "--out", str(out), "--device", "cpu"])
     assert r.exit_code == 0, r.output
     rows = [json.loads(x) for x in (out / "sets.jsonl").read_text().splitlines()]
-    assert [row["primary"] for row in rows] == ["epithelial", "background"] and all(3 <= row["size"] <= 4 for row in rows)
+    assert len(rows) == 17  # every set (more than the 16 masks drawn from a store by default)
+    assert [row["primary"] for row in rows] == ["epithelial", "background"] * 8 + ["epithelial"]
+    assert all(1 <= row["size"] <= 2 for row in rows)
     for row in rows:
         for tile in row["tiles"]:
             mask = np.asarray(Image.open(out / tile["mask"]))
@@ -414,3 +448,25 @@ def test_tile_sets_cli_and_sampling_them_gives_mil_bags_of_tiles(region_store, s
     r = CliRunner().invoke(main, ["prepare", "tile-sets", str(region_store), "--pairs", "GG9+GG3", "--out",
                                   str(tmp_path / "bad")])
     assert r.exit_code == 2 and "GG9" in r.output, r.output
+
+
+def test_distillation_teacher_is_checked_against_the_store_and_the_recipe(region_store, sd_run, tmp_path):
+    """A teacher of another schedule, or a set made by another teacher's weights, is refused naming the teacher."""
+    from histosynth.pipelines.disc import DISCPipeline
+    from histosynth.training.disc import DISCTask, DistillSet, teacher_identity
+
+    distill = {"teacher": str(sd_run), "num_samples": 2, "batch_size": 2, "num_inference_steps": 2}
+    with pytest.raises(HistosynthError, match=r"diffusion .* differs from distill.teacher's schedule"):
+        DISCTask(disc_recipe(None, distill=distill, diffusion={"beta_end": 0.012}), region_store, progress=False)
+    task = DISCTask(disc_recipe(None, distill=distill), region_store, progress=False)
+    assert task.teacher_id == teacher_identity(sd_run) and len(task.teacher_id) == 16
+    teacher = DISCPipeline.from_pretrained(sd_run)
+    teacher.set_progress_bar_config(disable=True)
+    picks, flips, seeds = task.distill_draws()
+    settings = {"teacher_weights": "a", "num_inference_steps": 2, "guidance_scale": 1.75, "separated": "final",
+                "batch_size": 1}
+    DistillSet(tmp_path / "d").generate(teacher, lambda c: task.distill_masks(picks[c], flips[c]), 1, seeds, settings,
+                                        progress=False)
+    with pytest.raises(HistosynthError, match="made with other settings"):
+        DistillSet(tmp_path / "d").generate(teacher, lambda c: task.distill_masks(picks[c], flips[c]), 1, seeds,
+                                            {**settings, "teacher_weights": "b"}, progress=False)

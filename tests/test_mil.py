@@ -270,3 +270,24 @@ def test_cli_errors_are_one_line_naming_the_file_or_option(mil_fixtures, fake_en
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
     assert re.search(message, r.output), r.output
     assert not (tmp_path / "out").exists()
+
+
+def test_regions_cut_from_one_slide_make_one_bag(tmp_path):
+    """Records carrying meta["slide"] (PANDA blocks, SICAPv2 patches of one slide) give one bag per slide, not one
+    per region: the store keeps the slide in every manifest row."""
+    from histosynth.data.record import RegionRecord
+    from histosynth.data.store import PatchStore, prepare_nuclei
+    from histosynth.evaluate.mil_bags import region_store_bags
+
+    rng = np.random.default_rng(0)
+    records = [RegionRecord(image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8),
+                            region_map=np.full((32, 32), k % 2, np.int32), class_names=("non-cancer", "GG3"),
+                            source=f"block{k}", split="train", magnification="20x", meta={"slide": f"S{k // 2}"})
+               for k in range(4)]
+    store = PatchStore(prepare_nuclei(records, tmp_path / "s", patch=16, overlap=0.0, magnification="20x",
+                                      progress=False).path)
+    assert [r["slide"] for r in store.records] == ["S0"] * 8 + ["S1"] * 8
+    bags = region_store_bags(store, np.zeros((len(store), 3), np.float32), ["non-cancer", "GG3"],
+                             negative_label="non-cancer")
+    assert [b.source for b in bags] == ["S0", "S1"] and all(len(b.features) == 8 for b in bags)
+    assert all(b.labels.tolist() == [0.0, 1.0] for b in bags)  # GG3 on half of each slide: non-cancer dropped

@@ -39,7 +39,8 @@ __all__ = ["COMMANDS", "mil_cmd"]
 @click.option("--max-labels", default=2, show_default=True, help="At most this many labels per real slide (primary + "
               "secondary: 2; 0 = no limit).")
 @click.option("--negative-label", default=None,
-              help="A label (e.g. non-cancer) given only when no other label reaches --min-share.")
+              help="A label (e.g. non-cancer) given only when no other label reaches --min-share (default: the store's "
+                   "label 0, the rule of the synthetic tile sets, so that real and synthetic targets mean the same).")
 @click.option("--split", type=click.Choice(["auto", "store", "slides"]), default="auto", show_default=True,
               help="Real slides' train/test: the store's split, whole slides at random, or the store's when it can.")
 @click.option("--test-fraction", default=0.3, show_default=True, help="For --split slides: share of slides held out.")

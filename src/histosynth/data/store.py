@@ -644,7 +644,8 @@ def write_regions(
     holdout: float, source_magnification: str | None = None, stain_normalizer=None, bar=None,
 ) -> RegionsWritten:
     """Patch each record (hold-out blocks drawn from ``rng``) into ``writer``; patch size and target
-    magnification are the writer's. A string ``record.meta["tissue"]`` becomes each patch's ``"tissue"``.
+    magnification are the writer's. A string ``record.meta["tissue"]`` becomes each patch's ``"tissue"``, a string
+    ``record.meta["slide"]`` its ``"slide"`` (the slide several records were cut from).
 
     Regions whose hold-out block is smaller than one crop (no test tile fits in it) are written as train, then
     whole regions among them are held out as test (:func:`histosynth.data.patches.choose_whole_regions`, drawn
@@ -664,12 +665,15 @@ def write_regions(
         done.sources.append(record.source)
         tissue = (record.meta or {}).get("tissue")
         tissue = tissue if isinstance(tissue, str) else None
+        slide = (record.meta or {}).get("slide")  # several regions of one slide (Gleason blocks, patches): MIL's bags
         region = _prepared(record, source_magnification, stain_normalizer)
         patches = extract_patches(region, writer.patch_size, overlap, writer.magnification, holdout, rng)
         first = len(writer)
         for p in patches:
             if tissue is not None:
                 p.extra["tissue"] = tissue
+            if isinstance(slide, str):
+                p.extra["slide"] = slide
             writer.add(p)
             done.patches += 1
             if not patches.whole_region:

@@ -71,14 +71,15 @@ def shares_target(shares: dict[str, float], classes: Sequence[str], *, min_share
 def _slides(store) -> dict[str, list[int]]:
     groups: dict[str, list[int]] = {}
     for row in store.records:
-        groups.setdefault(str(row["source"]), []).append(int(row["index"]))
+        # a slide: the rows of one "slide" (Gleason readers: the slide several regions were cut from), else of one source
+        groups.setdefault(str(row.get("slide") or row["source"]), []).append(int(row["index"]))
     return groups
 
 
 def region_store_bags(store, features: np.ndarray, classes: Sequence[str], *, min_share: float = 0.05,
                       max_labels: int = 2, negative_label: str | None = None) -> list[Bag]:
-    """One real bag per ``source`` of an open region store (:class:`~histosynth.data.store.PatchStore`); features
-    float32 ``(len(store), C)`` in store order. Raises DataError naming the manifest: a row without ``regions``."""
+    """One real bag per slide (manifest ``slide``, else ``source``) of an open region store
+    (:class:`~histosynth.data.store.PatchStore`); features float32 ``(len(store), C)`` in store order. Raises DataError naming the manifest: a row without ``regions``."""
     bags = []
     for source, idx in _slides(store).items():
         rows = [store.records[i] for i in idx]

@@ -85,7 +85,7 @@ def evaluate_mil(
         encoder: the frozen tile encoder (``load_tile_encoder``: None = offline EfficientNet-Lite0, a hub id, a local
             path, or an ``nn.Module``).
         classes: the output labels (default: all the store's region labels); min_share, max_labels, negative_label:
-            the real slides' target rule; split, test_fraction: the real slides' train/test split.
+            the real slides' target rule (negative_label default: the store's label 0, when among ``classes``); split, test_fraction: the real slides' train/test split.
 
     Raises:
         OutputExistsError: ``out`` exists and not ``overwrite``.
@@ -117,6 +117,8 @@ def evaluate_mil(
     unknown = [c for c in classes if c not in names]
     if unknown or len(set(classes)) != len(classes):
         raise HistosynthError(f"--classes {','.join(classes)}: each once, among the store's labels {', '.join(names)}")
+    if negative_label is None and names[0] in classes:
+        negative_label = names[0]  # label 0 (non-cancer, background): as the tile sets' rule (Sec. 2.2), real and synthetic alike
     if negative_label is not None and negative_label not in classes:
         raise HistosynthError(f"--negative-label {negative_label!r} is not among the classes {', '.join(classes)}")
     if max(lams) > 0 and synthetic is None:

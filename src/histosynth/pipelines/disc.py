@@ -11,7 +11,7 @@ Reads top to bottom (DISC Sec. 2):
 2. Sampling, DDIM (the paper: 200 steps) with classifier-free guidance ε̂ = ε(∅) + g·(ε(c) − ε(∅)):
    - ``separated="none"`` (SD): each image is denoised under its whole mask.
    - ``separated="final"`` (SD-SC, the paper's): one noise z_T per image is duplicated for each label present in its
-     mask; each copy is denoised under the uniform mask of its label; the results are fused by the mask
+     mask (at the latent's resolution: a label no latent pixel keeps would fuse to nothing); each copy is denoised under the uniform mask of its label; the results are fused by the mask
      nearest-downsampled to the latent (eq. 2: z0^mixed = Σ_k z0^k · m_k). Only present labels are run, so an image
      costs (labels present) × SD.
    - ``separated="every-step"``: the same branches, fused after every DDIM step, each branch continuing from the
@@ -165,10 +165,10 @@ class DISCPipeline(DiffusionPipeline):
             passes = [steps * (2 if guided else 1)] * len(masks)
         # 1-2. SD-SC: one branch per present label, from the image's z_T, under that label's uniform mask; fused by eq. 2
         else:
-            images, labels = separated_branches(masks)
+            small = downsample_masks(masks, size).to(self.unet.device)
+            images, labels = separated_branches(small)  # labels that survive in the latent's mask: the others fuse to nothing
             uniform = labels[:, None, None].expand(-1, *masks.shape[-2:]).to(masks.device)
             tokens, concat = self.conditions(uniform, guided)
-            small = downsample_masks(masks, size).to(self.unet.device)
             fuse = lambda z: fuse_latents(z, images, labels, small)  # noqa: E731
             every = (lambda z: fuse(z)[images.to(z.device)]) if separated == "every-step" else None
             # η > 0 draws step noise per branch: a branch uses its image's generator
@@ -189,7 +189,10 @@ class DISCPipeline(DiffusionPipeline):
                                   unet_passes=passes)
 
     def _check_masks(self, masks) -> torch.Tensor:
-        masks = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks).long()
+        masks = torch.as_tensor(np.asarray(masks) if not torch.is_tensor(masks) else masks)
+        if masks.dtype.is_floating_point or masks.dtype.is_complex or masks.dtype == torch.bool:
+            raise HistosynthError(f"masks must hold integer region labels, got {masks.dtype}")
+        masks = masks.long()
         size, k = self.mask_encoder.config.mask_size, self.mask_encoder.config.num_labels
         if masks.ndim == 2:
             masks = masks[None]

@@ -63,6 +63,9 @@ class DistillConfig:
     batch_size: int = 16  # images generated at once (each runs one branch per present label)
     cotrain: bool = False
     seed: int = 0
+    # where the set lives; null: RUN/distill. Give SD-DISC's set to an SD-DISC-CoTrain run of the same teacher and
+    # settings to reuse it (the settings are checked: another teacher's weights or settings are refused)
+    set_dir: str | None = None
 
 
 @dataclass(kw_only=True)

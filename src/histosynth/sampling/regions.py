@@ -38,11 +38,12 @@ from histosynth.viz import colour_mask
 DEFAULT_NUM = 16
 
 
-def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "test", num: int | None = DEFAULT_NUM,
+def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "test", num: int | None = None,
                    guidance_scale: float | None = None, num_inference_steps: int | None = None,
                    sampler: str | None = None, seed: int = 0, batch_size: int = 8, overwrite: bool = False,
                    progress: bool = True) -> Path:
-    """Write one tile per chosen mask (see the module docstring). Unset settings: the recipe's (DDIM 200, g 1.75).
+    """Write one tile per chosen mask (see the module docstring). ``num``: masks of a store (default 16), or sets of a
+    tile-set folder (default all). Unset settings: the recipe's (DDIM 200, g 1.75).
 
     Raises:
         DataError: naming the store: not a region store, other region labels or patch size than the model's, no
@@ -100,16 +101,22 @@ def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale
     if names != pipe.label_names:
         raise DataError(f"--regions: the tile sets' labels {names} differ from the model's {pipe.label_names}",
                         folder / "classes.txt")
-    rows = [json.loads(line) for line in (folder / "sets.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows = rows[:num] if num is not None else rows
-    jobs = [(r, t) for r in range(len(rows)) for t in range(len(rows[r]["tiles"]))]
+    sets_file = folder / "sets.jsonl"
+    try:
+        rows = [json.loads(line) for line in sets_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        rows = rows[:num] if num is not None else rows
+        jobs = [(r, t) for r in range(len(rows)) for t in range(len(rows[r]["tiles"]))]
+        paths = [folder / rows[r]["tiles"][t]["mask"] for r, t in jobs]
+    except (ValueError, KeyError, TypeError) as exc:
+        raise DataError(f"--regions: not a tile-set file (rows with tiles: [{{mask: ...}}]): {exc!r}", sets_file) from None
     if not jobs:
-        raise DataError("--regions: no tiles in the tile sets", folder / "sets.jsonl")
+        raise DataError("--regions: no tiles in the tile sets", sets_file)
+    size = pipe.mask_encoder.config.mask_size
     with SampleWriter(out, overwrite, grid_columns=2, grid_rows=8) as writer:
         (writer.root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
         for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", disable=not progress):
             chunk = jobs[start:start + batch_size]
-            masks = np.stack([read_label_png(folder / rows[r]["tiles"][t]["mask"]) for r, t in chunk])
+            masks = np.stack([_tile_mask(paths[start + j], size) for j in range(len(chunk))])
             seeds = [image_seed(seed, writer.count + j) for j in range(len(chunk))]
             result = pipe(masks, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps,
                           separated=separated, generator=[torch.Generator().manual_seed(s) for s in seeds],
@@ -124,3 +131,10 @@ def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale
                            grid=[colour_mask(mask), image])
         (writer.root / "sets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return Path(out)
+
+
+def _tile_mask(path: Path, size: int) -> np.ndarray:
+    mask = read_label_png(path)
+    if mask.shape != (size, size):
+        raise DataError(f"--regions: mask is {mask.shape[0]}x{mask.shape[1]} px, the model makes {size} x {size} tiles", path)
+    return mask

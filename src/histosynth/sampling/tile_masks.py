@@ -35,9 +35,10 @@ The pieces, each usable alone:
 
 So every tile mixes the set's grades in the annotators' shapes, and the primary is the majority of most tiles. The
 Gleason definition (the primary is the most extensive grade of the slide) is then made exact over the set: when,
-by chance, another candidate covers more pixels of the set than the primary, those two labels are swapped in
+by chance, the secondary grade covers more pixels of the set than the primary, those two labels are swapped in
 every tile of the set (each tile keeps its shapes and stays non-overlapping; ``TileSet.swapped`` says it
-happened). A non-cancer primary makes every pixel non-cancer (the secondary must be non-cancer too).
+happened; a primary that got no pixel at all takes the place of the label covering most). Non-cancer is not ranked (Gleason grades only the cancer; benign tissue may cover more of a slide than
+its primary). A non-cancer primary makes every pixel non-cancer (the secondary must be non-cancer too).
 
 Everything random comes from one ``numpy.random.Generator`` (or an int seed for ``np.random.default_rng``): the same
 seed gives the same sets, shapes, labels and masks.
@@ -299,7 +300,7 @@ class TileSet:
             the candidates; a non-cancer set: 1 on non-cancer; after a swap, the primary's and the other label's
             exchanged with them).
         fractions: (size, K) the share of each label in each tile.
-        swapped: the primary and the label covering most of the set were swapped to make the primary the majority.
+        swapped: the primary and the secondary were swapped to make the primary the set's most extensive grade.
     """
 
     bank: ShapeBank
@@ -418,7 +419,10 @@ def sample_tile_masks(bank: ShapeBank, primary: int | str, secondary: int | str,
         totals = np.zeros(k, dtype=np.int64)
         for t, i in enumerate(shape_ids):
             np.add.at(totals, rank_labels[t], bank.shape_pixels[i])
-        top = int(candidates[np.argmax(totals[candidates])])
+        grades = candidates[candidates != nc]  # Gleason ranks grades only: benign tissue may cover more
+        top = int(grades[np.argmax(totals[grades])])
+        if totals[p] == 0:  # the primary must be in the slide: it takes the shapes of the label covering most
+            top = int(candidates[np.argmax(totals[candidates])])
         if totals[top] > totals[p]:  # Gleason: the primary is the most extensive grade of the slide
             swap = rank_labels.copy()
             swap[rank_labels == p], swap[rank_labels == top] = top, p

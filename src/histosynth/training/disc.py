@@ -84,32 +84,39 @@ class DistillSet:
     def __init__(self, folder: Path):
         self.folder = folder
 
-    def generate(self, teacher: DISCPipeline, masks: np.ndarray, seeds: list[int], settings: dict, *,
+    def generate(self, teacher: DISCPipeline, masks_of, n: int, seeds: list[int], settings: dict, *,
                  progress: bool) -> None:
+        """Generate the samples not done yet: ``masks_of(slice)`` gives uint8 (b, H, W) masks of samples ``slice``
+        (made one batch at a time, so memory does not grow with N), ``seeds[i]`` sample i's noise seed."""
         self.folder.mkdir(parents=True, exist_ok=True)
         state_file = self.folder / "progress.json"
-        n = len(masks)
         c, s = teacher.unet.config.out_channels, teacher.unet.config.sample_size
+        size = teacher.mask_encoder.config.mask_size
         done = 0
         if state_file.is_file():
-            state = json.loads(state_file.read_text())
+            try:
+                state = json.loads(state_file.read_text())
+            except ValueError:
+                raise HistosynthError("unreadable progress file of the distillation set: remove the folder to make "
+                                      "it again", state_file) from None
             if state.get("settings") != settings:
                 raise HistosynthError("the distillation set here was made with other settings "
                                       f"({state.get('settings')}); remove it or use another run directory", self.folder)
             done = int(state["done"])
         mode = "r+" if done else "w+"
         latents = open_memmap(self.folder / "latents.npy", mode=mode, dtype=np.float32, shape=(n, c, s, s))
-        stored = open_memmap(self.folder / "masks.npy", mode=mode, dtype=np.uint8, shape=masks.shape)
+        stored = open_memmap(self.folder / "masks.npy", mode=mode, dtype=np.uint8, shape=(n, size, size))
         batch = settings["batch_size"]
         with tqdm(total=n, initial=done, desc="distillation set (SC)", unit="tile", disable=not progress) as bar:
             for start in range(done, n, batch):
                 chunk = slice(start, min(n, start + batch))
                 generators = [torch.Generator(device=teacher.unet.device).manual_seed(sd) for sd in seeds[chunk]]
-                out = teacher(masks[chunk], guidance_scale=settings["guidance_scale"],
+                masks = masks_of(chunk)
+                out = teacher(masks, guidance_scale=settings["guidance_scale"],
                               num_inference_steps=settings["num_inference_steps"], separated=settings["separated"],
                               generator=generators, progress=False)
                 latents[chunk] = out.latents
-                stored[chunk] = masks[chunk]
+                stored[chunk] = masks
                 latents.flush()
                 stored.flush()
                 _write_json(state_file, {"done": chunk.stop, "total": n, "settings": settings})
@@ -120,6 +127,44 @@ class DistillSet:
         if state["done"] != state["total"]:
             raise HistosynthError(f"the distillation set is incomplete ({state['done']} of {state['total']})", self.folder)
         return (np.load(self.folder / "latents.npy", mmap_mode="r"), np.load(self.folder / "masks.npy", mmap_mode="r"))
+
+
+def teacher_identity(path: Path) -> str:
+    """sha256 of the teacher pipeline's UNet and mask-encoder weight files: a resumed distillation set refuses to mix
+    samples of a teacher retrained at the same path."""
+    import hashlib
+
+    from histosynth.pipelines.loading import pipeline_directory
+
+    folder = pipeline_directory(path, DISCPipeline)
+    digest = hashlib.sha256()
+    for part in ("unet", "mask_encoder"):
+        for file in sorted((folder / part).glob("*.safetensors")):
+            with open(file, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def check_teacher(teacher: DISCPipeline, store: PatchStore, recipe: DISCRecipe, path: Path) -> None:
+    """DataError / HistosynthError naming the teacher when it cannot make this store's distillation set: other region
+    labels, tile size or magnification, or another noise schedule than the recipe's ``diffusion`` (the student is
+    trained and exported with the recipe's)."""
+    if teacher.label_names != list(store.class_names):
+        raise DataError(f"distill.teacher was trained on region labels {teacher.label_names}, the store has "
+                        f"{list(store.class_names)}", path)
+    if teacher.mask_encoder.config.mask_size != store.patch_size:
+        raise DataError(f"distill.teacher makes {teacher.mask_encoder.config.mask_size} px tiles, the store holds "
+                        f"{store.patch_size} px patches", path)
+    made_at = teacher.config.magnification
+    if made_at is not None and made_at != store.magnification:
+        raise DataError(f"distill.teacher was trained at {made_at}, the store holds {store.magnification} patches", path)
+    d, t = recipe.diffusion, teacher.scheduler.config
+    ours = (d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type)
+    theirs = (t["num_train_timesteps"], t["beta_schedule"], t["beta_start"], t["beta_end"], t["prediction_type"])
+    if ours != theirs:
+        raise HistosynthError(f"recipe {recipe.name}: diffusion {ours} differs from distill.teacher's schedule {theirs}; "
+                              "the student must keep its teacher's", path)
 
 
 def _write_json(path: Path, value: dict) -> None:
@@ -142,10 +187,10 @@ class DISCTask(TrainingTask):
         self.teacher = None
         d = recipe.distill
         if d is not None:
-            self.teacher = DISCPipeline.from_pretrained(resolve_path(d.teacher, data))
-            if self.teacher.label_names != list(self.labels):
-                raise DataError(f"distill.teacher was trained on region labels {self.teacher.label_names}, the store "
-                                f"has {list(self.labels)}", data)
+            teacher_path = resolve_path(d.teacher, data)
+            self.teacher = DISCPipeline.from_pretrained(teacher_path)
+            self.teacher_id = teacher_identity(teacher_path)
+            check_teacher(self.teacher, self.store, recipe, teacher_path)
             self.vae, self.scaling = self.teacher.vae, float(self.teacher.config.latent_scaling_factor)
         else:
             if recipe.autoencoder is None:
@@ -176,29 +221,34 @@ class DISCTask(TrainingTask):
                                              self.indices, flips=self.recipe.train.random_flips, progress=self.progress)
         self.distilled = None
         if self.teacher is not None:
-            folder = run / DISTILL
+            d = self.recipe.distill
+            folder = resolve_path(d.set_dir, self.data) if d.set_dir else run / DISTILL
             if accelerator.is_main_process:
-                d = self.recipe.distill
-                masks, seeds = self.distill_masks()
-                settings = {"teacher": str(d.teacher), "num_samples": d.num_samples, "separated": d.separated,
-                            "num_inference_steps": d.num_inference_steps, "guidance_scale": d.guidance_scale,
-                            "batch_size": d.batch_size, "seed": d.seed}
+                picks, flips, seeds = self.distill_draws()
+                settings = {"teacher": str(d.teacher), "teacher_weights": self.teacher_id, "num_samples": d.num_samples,
+                            "separated": d.separated, "num_inference_steps": d.num_inference_steps,
+                            "guidance_scale": d.guidance_scale, "batch_size": d.batch_size, "seed": d.seed}
                 self.teacher.to(self.device)
                 self.teacher.set_progress_bar_config(disable=True)
-                DistillSet(folder).generate(self.teacher, masks, seeds, settings, progress=self.progress)
+                DistillSet(folder).generate(self.teacher, lambda chunk: self.distill_masks(picks[chunk], flips[chunk]),
+                                            d.num_samples, seeds, settings, progress=self.progress)
+                self.teacher.to("cpu")  # the student is a copy: the teacher's weights are not needed on the device
             accelerator.wait_for_everyone()
             self.distilled = DistillSet(folder).open()
 
-    def distill_masks(self) -> tuple[np.ndarray, list[int]]:
-        """uint8 (N, H, W) masks of the distillation set: train patches drawn with replacement by ``distill.seed``,
-        each in a random flip; and the per-sample seeds of their noise."""
+    def distill_draws(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        """The distillation set's draws, by ``distill.seed``: for each of the N samples a train patch (drawn with
+        replacement), its flip, and the seed of its noise."""
         d = self.recipe.distill
         rng = np.random.default_rng(d.seed)
         picks = rng.choice(len(self.indices), size=d.num_samples, replace=True)
         flips = rng.integers(0, cache.NUM_FLIPS, size=d.num_samples)
-        masks = np.stack([flip_masks(self.store[self.indices[p]]["region_map"].astype(np.uint8), int(k))
-                          for p, k in zip(picks, flips)])
-        return masks, [int(s) for s in rng.integers(0, 2**31 - 1, size=d.num_samples)]
+        return picks, flips, [int(s) for s in rng.integers(0, 2**31 - 1, size=d.num_samples)]
+
+    def distill_masks(self, picks: np.ndarray, flips: np.ndarray) -> np.ndarray:
+        """uint8 (n, H, W): the masks of train patches ``picks`` (positions), each in its flip."""
+        return np.stack([flip_masks(self.store[self.indices[p]]["region_map"].astype(np.uint8), int(k))
+                         for p, k in zip(picks, flips)])
 
     def build_model(self, accelerator, run, resuming):
         if self.teacher is not None:  # SD-DISC starts from the teacher's weights

@@ -132,7 +132,8 @@ def _records(images: list[Path], index, who: int | None, mapping: LabelMapping, 
         region = _vote(image.shape[:2], maps, mapping)
         yield RegionRecord(image=image, region_map=region, class_names=mapping.labels, source=str(image_path),
                            split=None, magnification=magnification,
-                           meta={"pathologists": sorted(maps), "vote": "majority" if who is None else f"pathologist {who}"})
+                           meta={"pathologists": sorted(maps), "vote": "majority" if who is None else f"pathologist {who}",
+                                 "slide": image_path.stem.split("_core")[0]})
     if skipped and report is not None:
         report(f"gleason2019: {skipped} cores have no map of pathologist {who}; they are left out")
 

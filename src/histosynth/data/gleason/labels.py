@@ -151,9 +151,17 @@ def build_mapping(default: dict[int, str], user: UserMap | None, labels: tuple[s
     return LabelMapping(labels=tuple(labels), names=names, hint=hint)
 
 
+SNAP_WINDOW = 5  # px: the neighbourhood whose majority code a JPEG-noisy pixel takes
+
+
 def snap_to_values(native: np.ndarray, values, tolerance: int) -> np.ndarray:
-    """A uint8 mask with each grey level within ``tolerance`` of one of ``values`` replaced by the nearest of them
-    (ties to the lower); other levels are kept as they are (and refused later if no mapping places them)."""
+    """A uint8 JPEG mask back on its codes ``values``: each grey level within ``tolerance`` of a code goes to the
+    nearest code (ties to the lower); then, as SICAPv2's 3, 4, 5 are one grey level apart and ±1 JPEG noise flips
+    grades, a pixel takes the code that the majority (over half) of its 5 × 5 neighbourhood has when its grey level
+    is within ``tolerance`` of it (annotated regions are blobs, not single pixels). Other levels are kept as they are
+    (and refused later if no mapping places them). A mask without noise is returned unchanged."""
+    from scipy.ndimage import uniform_filter
+
     a = np.asarray(native)
     codes = sorted(int(v) for v in values if 0 <= int(v) <= 255)
     if tolerance <= 0 or not codes or a.dtype != np.uint8:
@@ -164,4 +172,9 @@ def snap_to_values(native: np.ndarray, values, tolerance: int) -> np.ndarray:
     nearest = dist.argmin(1)  # first minimum: the lower code on a tie
     close = dist[grey, nearest] <= tolerance
     lut[close] = np.asarray(codes, dtype=np.uint8)[nearest[close]]
-    return lut[a]
+    out = lut[a]
+    votes = np.stack([uniform_filter((out == c).astype(np.float32), SNAP_WINDOW, mode="nearest") for c in codes])
+    voted = np.asarray(codes, dtype=np.uint8)[votes.argmax(0)]
+    fix = (votes.max(0) > 0.5) & (np.abs(a.astype(np.int16) - voted) <= tolerance) & (out != voted)
+    out[fix] = voted[fix]
+    return out

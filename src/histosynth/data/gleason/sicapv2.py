@@ -49,7 +49,7 @@ SICAP_MAGNIFICATION = "10x"
 SICAP_DEFAULT_MAP = {0: "non-cancer", 3: "GG3", 4: "GG4", 5: "GG5"}
 PARTITIONS = ("test", "val1", "val2", "val3", "val4")
 LOSSY_SUFFIXES = (".jpg", ".jpeg")
-DEFAULT_MASK_TOLERANCE = 3  # grey levels; JPEG noise around codes 3 apart
+DEFAULT_MASK_TOLERANCE = 3  # grey levels of JPEG noise; the codes 3, 4, 5 are 1 apart: neighbours vote (labels.snap_to_values)
 GRADE_COLUMNS = ("NC", "G3", "G4", "G5", "G4C")
 
 
@@ -169,6 +169,11 @@ def read_sicapv2(src: str | Path, *, partition: str = "test", labels: tuple[str,
                     str(partition).lower(), unlisted)
 
 
+def slide_of(stem: str) -> str:
+    """The slide of a SICAPv2 patch from its file name ("16B0001851_Block_Region_1_..." → "16B0001851")."""
+    return stem.split("_Block")[0] if "_Block" in stem else stem.split("_")[0]
+
+
 def _records(order, listed, images, masks, mapping: LabelMapping, tolerance: int, magnification: str,
              partition: str, unlisted: int) -> Iterator[RegionRecord]:
     for stem in order:
@@ -184,4 +189,5 @@ def _records(order, listed, images, masks, mapping: LabelMapping, tolerance: int
         region = mapping.apply(native, mask_path)
         yield RegionRecord(image=image, region_map=region, class_names=mapping.labels, source=str(images[stem]),
                            split=split, magnification=magnification,
-                           meta={"partition": partition, "labels": grades, "unlisted": unlisted})
+                           meta={"partition": partition, "labels": grades, "unlisted": unlisted,
+                                 "slide": slide_of(stem)})
