@@ -45,7 +45,10 @@ def main() -> None:
             continue
         adherence = region_adherence(classifier, folder, out=out / f"adherence-{key}.json", overwrite=True,
                                      progress=False)
-        fd = evaluate_distribution(store, folder, "effnet-lite0", split="test", metrics=["fid"], progress=False)
+        stats = out / "real-test-effnet.npz"  # the real test patches' statistics, computed once
+        fd = evaluate_distribution(None if stats.is_file() else store, folder, "effnet-lite0", split="test",
+                                   metrics=["fid"], progress=False, real_stats=stats if stats.is_file() else None,
+                                   save_stats=None if stats.is_file() else stats)
         samples = [json.loads(x) for x in (folder / "samples.jsonl").read_text().splitlines()]
         wall = wall_seconds(out, key)
         rows[key] = {"title": title, "fd": fd["fid"], "n": fd["n_generated"], "n_real": fd["n_real"],
