@@ -82,7 +82,7 @@ def make_sample_dir(root: Path, region, store: Path | None) -> tuple[Path, list[
             row = {"name": name, "image": f"images/{name}.png", "mask": f"masks/{name}.png",
                    "inst_map": f"labels/{name}_inst.png", "type_map": f"labels/{name}_type.png",
                    "real": f"real/{name}.png", "store_index": n, "seed": 0, "guidance_scale": 1.0,
-                   "num_inference_steps": 2, "sampler": "ddpm", "split": "test"}
+                   "num_inference_steps": 2, "scheduler": "ddpm", "split": "test"}
             if store is not None:
                 row["store"] = str(store)
             f.write(json.dumps(row) + "\n")
@@ -266,7 +266,7 @@ def sweep_run(tmp_path_factory, store16):
     _tiny_pipeline().save_pretrained(root / "model")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # 2 images: singular covariance warnings
-        rows = guidance_sweep(root / "model", store16, root / "out", "0,1.5", num=2, steps=2, sampler="ddpm",
+        rows = guidance_sweep(root / "model", store16, root / "out", "0,1.5", num=2, steps=2, scheduler="ddpm",
                               seed=0, progress=False, device="cpu")
     return root, rows
 

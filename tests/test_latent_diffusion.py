@@ -155,6 +155,27 @@ def _cli_train(recipe_file: Path, store: Path, run: Path, *extra: str) -> subpro
                              str(store), "--out", str(run), *extra], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
+def test_gradient_checkpointing_recomputes_and_gives_the_same_training(store, vq_dir, tmp_path, monkeypatch):
+    """train.gradient_checkpointing: the UNet's blocks run under torch's checkpoint (recomputed in the backward pass)
+    and three steps end at the same weights as without it (fused AdamW in both)."""
+    from safetensors.torch import load_file
+
+    import torch.utils.checkpoint as tc
+
+    calls = []
+    original = tc.checkpoint
+    monkeypatch.setattr(tc, "checkpoint", lambda *a, **k: calls.append(1) or original(*a, **k))
+    weights = {}
+    for on in (False, True):
+        recipe = ldm_recipe(vq_dir, kind="class", steps=3, checkpoint_every=3, ema_decay=0.0, gradient_checkpointing=on)
+        train_latent(recipe, store, tmp_path / str(on), progress=False)
+        weights[on] = load_file(next((tmp_path / str(on) / "pipeline" / "unet").glob("*.safetensors")))
+        assert bool(calls) == on
+    assert weights[True].keys() == weights[False].keys()
+    for key, value in weights[False].items():
+        torch.testing.assert_close(weights[True][key], value, rtol=1e-4, atol=1e-5)
+
+
 def test_latent_loop_resumes_exactly_after_sigkill(store, vq_dir, tmp_path):
     recipe = ldm_recipe(vq_dir, steps=400, checkpoint_every=4, condition_dropout=0.5)  # long: the kill lands mid-run
     recipe_file = tmp_path / "ldm.yaml"
@@ -253,6 +274,52 @@ def test_ddim_runs_exactly_the_steps_asked(steps):
     assert ts == sorted(ts, reverse=True) and len(set(ts)) == steps and ts[-1] == 1  # LDM's DDIM: ..., 1 + ⌊1000/n⌋, 1
     with pytest.raises(HistosynthError, match="num_inference_steps"):
         pipe([0], num_inference_steps=0, progress=False)
+
+
+def test_batched_guidance_equals_two_separate_passes():
+    """One UNet pass on the stacked [∅; y] pair per step gives the latents of two passes (∅, then y) combined by
+    ε(∅) + g·(ε(y) − ε(∅)), stepped by a DDIM of the same config (4 steps, g = 2.5)."""
+    from diffusers import DDIMScheduler
+
+    from histosynth.diffusion.latent_sampling import denoise_latents
+
+    pipe = _class_pipeline()
+    cond, null = pipe.encode_prompts([0, 3])
+    noise = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(4))
+    batched = denoise_latents(pipe.unet, pipe.scheduler, 4, 2, 2.5, latents=noise,
+                              encoder_hidden_states=torch.cat([null, cond]))
+    scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    x = noise.clone()
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            e_null = pipe.unet(x, t, encoder_hidden_states=null).sample
+            e_cond = pipe.unet(x, t, encoder_hidden_states=cond).sample
+            x = scheduler.step(e_null + 2.5 * (e_cond - e_null), t, x).prev_sample
+    torch.testing.assert_close(batched, x, rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(x, noise)
+
+
+@pytest.mark.parametrize("name", ["ddpm", "dpm-solver++", "sde-dpm-solver++", "unipc", "deis", "euler",
+                                  "euler-ancestral", "lms"])
+def test_every_scheduler_runs_the_steps_asked_on_the_latent_loop(name):
+    """Swapped in through the config (LDM's schedule and leading spacing kept): exactly n batched passes, finite
+    images, the trained DDIM back unchanged afterwards."""
+    from histosynth.diffusion.schedulers import use_scheduler
+
+    pipe = _class_pipeline()
+    trained = dict(pipe.scheduler.config)
+    use_scheduler(pipe, name)
+    assert pipe.scheduler.config.beta_end == trained["beta_end"] and pipe.scheduler.config.steps_offset == 1
+    calls = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kw: calls.append((x.shape[0], float(t))) or forward(x, t, **kw)
+    out = pipe([0, 1], num_inference_steps=6, output_type="pt", generator=torch.Generator().manual_seed(0),
+               progress=False)
+    assert out.num_steps_run == 6 and len(calls) == 6 and all(b == 4 for b, _ in calls)
+    assert torch.isfinite(out.images).all() and out.images.shape == (2, 3, 32, 32)
+    use_scheduler(pipe, "ddim")
+    assert {k: v for k, v in pipe.scheduler.config.items() if k in trained} == trained
 
 
 def test_guidance_formula_and_how_the_pipeline_uses_it():
@@ -396,5 +463,11 @@ def test_sample_cli_writes_prompts_and_seeds_and_never_overwrites(store, vq_dir,
     assert (tmp_path / "s" / "grid.png").is_file() and (tmp_path / "s" / rows[1]["image"]).is_file()
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 2 and "--overwrite" in again.output
+    unipc = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "u"), "--scheduler", "unipc"])
+    assert unipc.exit_code == 0, unipc.output
+    assert {json.loads(x)["scheduler"] for x in (tmp_path / "u" / "samples.jsonl").read_text().splitlines()} == {"unipc"}
+    assert {r["scheduler"] for r in rows} == {"ddim"}
+    bad = CliRunner().invoke(main, [*args[:-1], str(tmp_path / "h"), "--scheduler", "heun"])
+    assert bad.exit_code == 2 and "'heun' is not one of" in bad.output and "dpm-solver++" in bad.output
     masks = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "run"), "--masks", str(store), "--out", str(tmp_path / "m")])
     assert masks.exit_code == 2 and "--prompts" in masks.output

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from histosynth.diffusion.schedulers import SCHEDULERS, use_scheduler
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
 from histosynth.pipelines.nasdm import NASDMPipeline
@@ -39,34 +40,65 @@ def test_save_load_round_trip_gives_identical_samples(tmp_path):
     pipe.save_pretrained(tmp_path / "p")
     loaded = NASDMPipeline.from_pretrained(tmp_path / "p")
     assert loaded.config.class_names == ["a", "b", "c"] and loaded.config.magnification == "20x"
-    for sampler in ("ddpm", "ddim"):
-        a = pipe(_cond(), num_inference_steps=5, sampler=sampler, generator=torch.Generator().manual_seed(7), progress=False)
-        b = loaded(_cond(), num_inference_steps=5, sampler=sampler, generator=torch.Generator().manual_seed(7), progress=False)
+    for name in ("ddpm", "ddim"):
+        use_scheduler(pipe, name), use_scheduler(loaded, name)
+        a = pipe(_cond(), num_inference_steps=5, generator=torch.Generator().manual_seed(7), progress=False)
+        b = loaded(_cond(), num_inference_steps=5, generator=torch.Generator().manual_seed(7), progress=False)
         assert a.images.dtype == np.uint8 and a.images.shape == (2, 16, 16, 3)
         assert np.array_equal(a.images, b.images)
 
 
-@pytest.mark.parametrize("sampler,steps", [("ddpm", 7), ("ddim", 13), ("ddpm", 250)])
-def test_the_number_of_steps_asked_is_the_number_run(sampler, steps):
+@pytest.mark.parametrize("name,steps", [("ddpm", 7), ("ddim", 13), ("ddpm", 250),
+                                        *[(n, s) for n in SCHEDULERS if n not in ("ddpm", "ddim") for s in (3, 8)]])
+def test_every_scheduler_runs_the_number_of_steps_asked_and_gives_finite_images(name, steps):
     pipe = _pipe()
+    use_scheduler(pipe, name)
     calls = []
     pipe.unet.register_forward_hook(lambda m, i, o: calls.append(i[1]))
-    out = pipe(_cond(1), guidance_scale=1.5, num_inference_steps=steps, sampler=sampler, progress=False)
+    out = pipe(_cond(1), guidance_scale=1.5, num_inference_steps=steps, output_type="pt",
+               generator=torch.Generator().manual_seed(0), progress=False)
     assert out.num_steps_run == steps and len(calls) == steps  # one batched (cond + null) forward per step
-    ts = [int(t[0]) for t in calls]
+    assert calls[0].shape[0] == 2 and torch.isfinite(out.images).all()
+    ts = [float(t[0]) for t in calls]
     assert ts == sorted(ts, reverse=True) and len(set(ts)) == steps
+
+
+def test_schedulers_are_swapped_through_the_config_keeping_the_trained_schedule():
+    """A swapped scheduler keeps T, the β schedule and the learned variance of the trained DDPM; only the solver
+    changes (DPM-Solver++ 2M), and DDIM keeps NASDM's clipping. Unknown names list the known ones."""
+    pipe = _pipe()
+    trained = dict(pipe.scheduler.config)
+    assert use_scheduler(pipe, None) == "ddpm"
+    assert use_scheduler(pipe, "dpm-solver++") == "dpm-solver++"
+    cfg = pipe.scheduler.config
+    assert (cfg.algorithm_type, cfg.solver_order) == ("dpmsolver++", 2)
+    assert all(cfg[k] == trained[k] for k in ("num_train_timesteps", "beta_schedule", "beta_start", "beta_end",
+                                              "variance_type"))
+    use_scheduler(pipe, "ddim")
+    assert pipe.scheduler.config.clip_sample is True and use_scheduler(pipe, "ddpm") == "ddpm"
+    assert pipe.scheduler.config.variance_type == "learned_range"  # round trip through other solvers
+    with pytest.raises(HistosynthError, match="unknown scheduler 'heun'; choose one of ddpm, ddim, dpm-solver"):
+        use_scheduler(pipe, "heun")
+
+
+def test_eta_is_refused_by_schedulers_without_it():
+    pipe = _pipe()
+    use_scheduler(pipe, "unipc")
+    with pytest.raises(HistosynthError, match="eta = 0.5 is DDIM's; the unipc scheduler has no eta"):
+        pipe(_cond(1), num_inference_steps=2, eta=0.5, progress=False)
 
 
 def test_guidance_runs_the_null_condition_and_changes_only_when_asked():
     pipe = _pipe()
     seen = []
     pipe.unet.register_forward_pre_hook(lambda m, args: seen.append(args[2].clone()))
+    use_scheduler(pipe, "ddim")
     cond = _cond(2)
     g = lambda: torch.Generator().manual_seed(3)  # noqa: E731
-    s0 = pipe(cond, guidance_scale=1.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
+    s0 = pipe(cond, guidance_scale=1.0, num_inference_steps=4, generator=g(), output_type="pt", progress=False)
     assert seen[0].shape[0] == 2  # g = 1 (NASDM's s = 0): conditional pass only
     seen.clear()
-    s2 = pipe(cond, guidance_scale=3.0, num_inference_steps=4, sampler="ddim", generator=g(), output_type="pt", progress=False)
+    s2 = pipe(cond, guidance_scale=3.0, num_inference_steps=4, generator=g(), output_type="pt", progress=False)
     assert seen[0].shape[0] == 4 and torch.equal(seen[0][:2], cond) and not seen[0][2:].any()  # y then ∅ = zeros
     assert not torch.allclose(s0.images, s2.images)
 

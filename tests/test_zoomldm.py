@@ -164,16 +164,16 @@ def test_pipeline_save_load_gives_the_same_images(tmp_path, with_sampler):
 
 def test_ddim_step_range_is_checked_before_sampling():
     """LDM's DDIM ("leading", steps_offset 1, T = 1000) runs 1..999 steps; the check names --steps and the range."""
-    from histosynth.diffusion.latent_sampling import check_ddim_steps, max_ddim_steps
+    from histosynth.diffusion.sampling_loop import check_num_steps, max_num_steps
     from histosynth.diffusion.schedulers import ldm_ddim_scheduler
 
-    config = ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195).config
-    assert max_ddim_steps(config) == 999
+    scheduler = ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195)
+    assert max_num_steps(scheduler) == 999
     for ok in (1, 50, 500, 999):
-        check_ddim_steps(config, ok)
+        check_num_steps(scheduler, ok)
     for bad in (0, 1000, 2000):
         with pytest.raises(HistosynthError, match=rf"--steps\) must be within 1\.\.999 .* got {bad}"):
-            check_ddim_steps(config, bad)
+            check_num_steps(scheduler, bad)
     pipe = _tiny_pipeline(False)
     with pytest.raises(HistosynthError, match="within 1..999"):
         pipe(grids=[np.zeros((1, 1, 12), np.float32)], num_inference_steps=1000)

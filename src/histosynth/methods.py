@@ -24,7 +24,7 @@ from histosynth.training.run_dir import PIPELINE
 @dataclass(frozen=True)
 class Method:
     """One method. ``task(recipe, data, progress=...)`` builds its :class:`~histosynth.training.TrainingTask`;
-    ``sample(pipe, source, out, *, split, num, guidance_scale, num_inference_steps, sampler, seed, batch_size,
+    ``sample(pipe, source, out, *, split, num, guidance_scale, num_inference_steps, scheduler, seed, batch_size,
     overwrite, progress)`` writes samples (unset settings: the method's defaults) with the shared writer."""
 
     name: str

@@ -61,7 +61,7 @@ def run_quickstart(out: str | Path, *, max_steps: int | None = None, overwrite: 
     print(f"[3/4] sample: {NUM_SAMPLES} held-out masks, {SAMPLER.upper()} {SAMPLING_STEPS} steps, guidance {GUIDANCE}")
     pipe = NASDMPipeline.from_pretrained(out / "run")
     sample_store(pipe, out / "store", out / "samples", split="test", num=NUM_SAMPLES, guidance_scale=GUIDANCE,
-                 num_inference_steps=SAMPLING_STEPS, sampler=SAMPLER, seed=0)
+                 num_inference_steps=SAMPLING_STEPS, scheduler=SAMPLER, seed=0)
     (out / "grid.png").write_bytes((out / "samples" / "grid.png").read_bytes())
     t_sample = time.perf_counter()
 

@@ -5,12 +5,16 @@ from __future__ import annotations
 import functools
 import re
 import sys
+import typing
 
 import click
 
 from histosynth.errors import HistosynthError
+from histosynth.recipes.base import SchedulerName
 
-__all__ = ["cli_message", "user_errors"]
+__all__ = ["SCHEDULER_NAMES", "cli_message", "user_errors"]
+
+SCHEDULER_NAMES = typing.get_args(SchedulerName)  # `--scheduler` choices (histosynth.diffusion.schedulers)
 
 # library messages name both interfaces, e.g. "pass --overwrite (overwrite=True)" or "(e.g. 20x; source_magnification=)";
 # on the command line only the option is typable

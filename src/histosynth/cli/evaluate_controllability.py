@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import SCHEDULER_NAMES, user_errors
 
 __all__ = ["COMMANDS", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
 
@@ -118,7 +118,8 @@ def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
 @click.option("--num", default=16, show_default=True, help="Masks sampled per value (the same masks for every value).")
 @click.option("--steps", default=250, show_default=True, help="Denoising steps (when sweeping guidance).")
 @click.option("--guidance", default=2.0, show_default=True, help="Guidance scale g (when sweeping steps; NASDM's s = g − 1).")
-@click.option("--sampler", default="ddpm", show_default=True, type=click.Choice(["ddpm", "ddim"]))
+@click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
+              help="Sampling scheduler (default: the model's own, NASDM's DDPM; see `histosynth sample --help`).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--features", default="effnet-lite0", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
 @click.option("--segmenter", type=click.Path(path_type=Path), default=None, help="Also measure mask adherence.")
@@ -127,14 +128,14 @@ def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--overwrite", is_flag=True)
 @user_errors
-def sweep_cmd(model, masks, split, param, values, num, steps, guidance, sampler, seed, features, segmenter, batch_size,
+def sweep_cmd(model, masks, split, param, values, num, steps, guidance, scheduler, seed, features, segmenter, batch_size,
               device, out, overwrite):
     """Sample the same masks at several guidance scales (or step counts) and measure each (NASDM Fig. 2)."""
     from histosynth.evaluate.sweep import guidance_sweep, parse_values
 
     values = parse_values(values, param)  # check the flags before loading anything
     seg = _load_segmenter(segmenter, device) if segmenter else None
-    rows = guidance_sweep(model, masks, out, values, param, num=num, steps=steps, guidance=guidance, sampler=sampler,
+    rows = guidance_sweep(model, masks, out, values, param, num=num, steps=steps, guidance=guidance, scheduler=scheduler,
                           seed=seed, split=None if split == "all" else split, features=features, segmenter=seg,
                           overwrite=overwrite, batch_size=batch_size, device=_device(device))
     keys = [param, "fid", "kid_mean", "nuclei_contrast_generated", "mpq"]

@@ -20,7 +20,10 @@ __all__ = ["quickstart"]
 @user_errors
 def quickstart(out, max_steps, overwrite):
     """Prepare the bundled HGSC sample, train a tiny NASDM, sample held-out masks, write grid.png + metrics.json."""
+    from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.quickstart import run_quickstart
+
+    configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
 
     metrics = run_quickstart(out, max_steps=max_steps, overwrite=overwrite)
     click.echo(json.dumps(metrics, indent=2))

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import SCHEDULER_NAMES, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["sample"]
@@ -54,8 +54,10 @@ __all__ = ["sample"]
 @click.option("--steps", type=int, default=None,
               help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM, HistoSmith and ZoomLDM "
                    "the recipe's: 50; DISC the recipe's: 200, tiny 50).")
-@click.option("--sampler", default=None, type=click.Choice(["ddpm", "ddim"]),
-              help="NASDM: ddpm (default) or ddim. PathLDM, HistoSmith, ZoomLDM and DISC: ddim only.")
+@click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
+              help="Sampling scheduler, any model: swapped in on the model's trained noise schedule (one UNet pass per "
+                   "step, two with guidance). Default: the model's own (NASDM: ddpm; the latent models: their "
+                   "recipe's, ddim). dpm-solver++ is DPM-Solver++(2M); see docs/benchmarks.md for quality vs steps.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
@@ -63,16 +65,24 @@ __all__ = ["sample"]
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, regions,
-           separated, split, num, guidance, steps, sampler, seed, batch_size, device, out, overwrite):
+           separated, split, num, guidance, steps, scheduler, seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
     ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones), DISC on
-    the region masks of a region store (each tile with its mask). Unset options take the method's defaults."""
+    the region masks of a region store (each tile with its mask). Unset options take the method's defaults.
+
+    Data-parallel: `accelerate launch -m histosynth.cli sample ...` shares the batches among the processes and writes one
+    OUT, the same as one process writes. A killed run continues from its finished batches when the same command is run
+    again (they wait in .OUT.partial; a rerun with other settings stops, or with --overwrite starts again)."""
     import torch
 
+    from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.methods import load_pipeline, method_of_model
+    from histosynth.sampling.writer import process_state
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    state = process_state()  # under `accelerate launch`: this process's share of the batches, on its device
+    if device is None:
+        device = str(state.device) if state.num_processes > 1 else "cuda" if torch.cuda.is_available() else "cpu"
     method = method_of_model(model)
     count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
                      "boost": boost}
@@ -87,13 +97,16 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     if given[wanted] is None or any(v is not None for k, v in given.items() if k != wanted):
         raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give {_HOW[wanted]} "
                               f"(and no {other})", model)
+    if device == "cpu":
+        configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
     _, pipe = load_pipeline(model, device)
-    settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "sampler": sampler}
+    settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "scheduler": scheduler}
     settings = {k: v for k, v in settings.items() if v is not None}
     if split is not None:
         settings["split"] = None if split == "all" else split
     method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
-    click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
+    if state.is_main_process:
+        click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
 
 
 _HOW = {"masks": "--masks STORE", "prompts": "--prompts FILE",

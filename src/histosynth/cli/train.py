@@ -31,9 +31,11 @@ def train(what, recipe, data, out, max_steps, resume, overwrite):
     """
     from histosynth.methods import get_method
     from histosynth.recipes import load_recipe
+    from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.training import fit
 
     loaded = load_recipe(recipe)
+    configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
     method = get_method(loaded.method)
     is_autoencoder = method.trains == "autoencoder"
     if what is not None and (what == "autoencoder") != is_autoencoder:

@@ -1,8 +1,62 @@
-"""The noise schedulers of the methods, built from their recipes' named fields (diffusers schedulers)."""
+"""The noise schedulers of the methods (diffusers schedulers), and the sampling schedulers a pipeline can swap in by
+name.
+
+Training builds each method's forward process from its recipe's named fields (:func:`ddpm_scheduler`,
+:func:`ldm_ddim_scheduler`). Sampling takes any scheduler of :data:`SCHEDULERS` the way diffusers does: the new one is
+made from the pipeline's scheduler *config* (``cls.from_config(pipe.scheduler.config)``), so the schedule it was
+trained with (T, β range, β schedule, prediction type, timestep spacing and offset) carries over and only the solver
+changes. Every scheduler here makes exactly one model evaluation per step (Heun, KDPM2 and PNDM's Runge-Kutta warm-up
+make several and are left out, so ``--steps N`` is always N UNet passes, 2N with guidance).
+"""
 
 from __future__ import annotations
 
-from diffusers import DDIMScheduler, DDPMScheduler
+import typing
+
+from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
+                       EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler,
+                       UniPCMultistepScheduler)
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
+
+from histosynth.errors import HistosynthError
+from histosynth.recipes.base import SchedulerName
+
+# name → (diffusers class, the settings that make it that solver); everything else comes from the model's config
+SCHEDULERS: dict[str, tuple[type, dict]] = {
+    "ddpm": (DDPMScheduler, {}),  # ancestral sampling (Ho et al. 2020); NASDM's paper sampler (250 steps)
+    "ddim": (DDIMScheduler, {}),  # Song et al. 2021; LDM's, PathLDM's, ZoomLDM's and DISC's paper sampler
+    "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),  # 2M
+    "sde-dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
+    "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),  # UniPC (Zhao et al. 2023), bh2
+    "deis": (DEISMultistepScheduler, {"solver_order": 2}),
+    "euler": (EulerDiscreteScheduler, {}),
+    "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
+    "lms": (LMSDiscreteScheduler, {}),
+}
+
+if set(SCHEDULERS) != set(typing.get_args(SchedulerName)):  # the recipes' choices are these names
+    raise RuntimeError("SCHEDULERS and recipes.base.SchedulerName name different schedulers")
+
+
+def sampling_scheduler(name: str, config) -> SchedulerMixin:
+    """The scheduler ``name`` (a key of :data:`SCHEDULERS`) on the schedule of ``config`` (a scheduler's config: the
+    model's). ``ddim`` on NASDM's DDPM config keeps its clipping to [-1, 1] (``clip_sample`` carries over).
+
+    Raises:
+        HistosynthError: an unknown name (the message lists the known ones).
+    """
+    if name not in SCHEDULERS:
+        raise HistosynthError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
+    cls, settings = SCHEDULERS[name]
+    return cls.from_config(config, **settings)
+
+
+def scheduler_name(scheduler: SchedulerMixin) -> str:
+    """The :data:`SCHEDULERS` name of a scheduler object (its class and solver settings), or its class name."""
+    for name, (cls, settings) in SCHEDULERS.items():
+        if type(scheduler) is cls and all(scheduler.config.get(k) == v for k, v in settings.items()):
+            return name
+    return type(scheduler).__name__
 
 
 def ddpm_scheduler(diffusion, *, variance_type: str = "fixed_small", clip_sample: bool = False) -> DDPMScheduler:
@@ -20,3 +74,15 @@ def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start:
     return DDIMScheduler(num_train_timesteps=num_train_timesteps, beta_schedule=beta_schedule, beta_start=beta_start,
                          beta_end=beta_end, prediction_type=prediction_type, clip_sample=False,
                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
+
+
+def use_scheduler(pipe, name: str | None) -> str:
+    """Swap ``pipe.scheduler`` for the scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g.
+    NASDM's trained DDPM or a latent model's DDIM); return the name of the one in use (for manifests).
+
+    Raises:
+        HistosynthError: an unknown name.
+    """
+    if name is not None:
+        pipe.scheduler = sampling_scheduler(name, pipe.scheduler.config)
+    return scheduler_name(pipe.scheduler)

@@ -345,7 +345,7 @@ def _protocol(rows: Sequence[dict], segmenter) -> dict[str, Any]:
         "pq": "TP/FP/FN/IoU summed over images (PQ+, CoNIC mPQ+ per type)",
         "store": first.get("store"), "split": first.get("split"),
         "guidance_scale": first.get("guidance_scale"), "num_inference_steps": first.get("num_inference_steps"),
-        "sampler": first.get("sampler"), "seed": first.get("seed"),
+        "scheduler": first.get("scheduler", first.get("sampler")), "seed": first.get("seed"),
     }
 
 

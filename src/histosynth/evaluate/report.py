@@ -245,7 +245,7 @@ def _sweep_section(rep: _Report, root: Path, data: dict, level: int) -> None:
         rep.add(f"_Not measured (sweep stopped?): {param} = {_fmt(missing)}._", "")
     if (root / "sweep.png").is_file():
         rep.image(root / "sweep.png", f"metrics against {param}")
-    extra = {k: data.get(k) for k in ("model", "masks", "split", "num", "sampler", "seed", "fixed", "date")}
+    extra = {k: data.get(k) for k in ("model", "masks", "split", "num", "scheduler", "sampler", "seed", "fixed", "date")}
     rep.protocol(data, extra)
 
 
@@ -290,7 +290,7 @@ def _samples_section(rep: _Report, root: Path, level: int) -> None:
     rep.heading(f"Samples: `{root}`", level)
     rows = _read_jsonl(root / "samples.jsonl")
     settings: list[tuple[str, Any]] = [("images", len(rows))]
-    for key in ("guidance_scale", "num_inference_steps", "sampler", "seed", "store", "split"):
+    for key in ("guidance_scale", "num_inference_steps", "scheduler", "sampler", "seed", "store", "split"):
         vals = sorted({json.dumps(r.get(key)) for r in rows if key in r})
         if vals:
             settings.append((key, ", ".join(_fmt(json.loads(v)) for v in vals)))

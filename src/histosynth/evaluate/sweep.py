@@ -125,7 +125,7 @@ def guidance_sweep(
     num: int | None = 16,
     steps: int = 250,
     guidance: float = 2.0,
-    sampler: str = "ddpm",
+    scheduler: str | None = None,
     seed: int = 0,
     split: str | None = "test",
     features="effnet-lite0",
@@ -143,7 +143,8 @@ def guidance_sweep(
             are the reference set of FD/KID.
         values: the values of ``param`` ("0,0.5,1" or numbers). ``param="guidance"``: guidance scales g (1 = conditional only),
             each sampled with ``steps`` steps; ``param="steps"``: step counts, each sampled at guidance ``guidance``.
-        num, sampler, seed, batch_size: as ``histosynth sample`` (the same masks and seeds for every value).
+        num, scheduler, seed, batch_size: as ``histosynth sample`` (the same masks and seeds for every value;
+            scheduler None: the model's own).
         features: ``"effnet-lite0"`` (offline), ``"inception"`` or a FeatureExtractor.
         segmenter: optional nuclei segmenter (see :mod:`histosynth.evaluate.controllability`) for mask adherence.
 
@@ -197,7 +198,7 @@ def guidance_sweep(
 
     header = {
         "kind": "sweep", "param": param, "values": values, "model": model_name, "masks": str(masks_store),
-        "split": split, "num": num, "sampler": sampler, "seed": seed,
+        "split": split, "num": num, "scheduler": scheduler, "seed": seed,
         "fixed": {"num_inference_steps": steps} if param == "guidance" else {"guidance_scale": guidance},
         "features": extractor.name, "protocol": json.loads(json.dumps(extractor.protocol)),
         "segmenter": None if segmenter is None else str(getattr(segmenter, "path", None) or type(segmenter).__name__),
@@ -210,14 +211,14 @@ def guidance_sweep(
         g = value if param == "guidance" else guidance
         k = value if param == "steps" else steps
         method.sample(pipe, masks_store, sub, split=split, num=num, guidance_scale=float(g), num_inference_steps=int(k),
-                      sampler=sampler, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=progress)
+                      scheduler=scheduler, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=progress)
         t_sample = time.perf_counter() - t0
         f_gen, logits_gen = extract_features(sub / "images", extractor, device=device, progress=progress,
                                              desc=f"{param}={value}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             row: dict[str, Any] = {param: value, "dir": sub.name, "guidance_scale": float(g),
-                                   "num_inference_steps": int(k), "sampler": sampler, "seed": seed}
+                                   "num_inference_steps": int(k), "scheduler": scheduler, "seed": seed}
             row.update(_distribution(f_real, f_gen, logits_gen, extractor))
         row["nuclei_contrast_generated"], row["nuclei_contrast_real"] = _contrast(sub)
         if segmenter is not None:
@@ -235,7 +236,7 @@ def guidance_sweep(
                                           encoding="utf-8")
         rows.append(row)
         (out / SWEEP_JSON).write_text(json.dumps({**header, "rows": rows}, indent=2) + "\n", encoding="utf-8")
-    title = f"{Path(model_name).name}: {num or 'all'} {split or ''} masks of {Path(masks_store).name}, {sampler}"
+    title = f"{Path(model_name).name}: {num or 'all'} {split or ''} masks of {Path(masks_store).name}, {scheduler or 'its scheduler'}"
     plot_sweep(rows, param, out / SWEEP_PNG, title=title)
     return rows
 

@@ -30,7 +30,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from histosynth.diffusion.latent_sampling import check_ddim_steps, ddim_latents
+from histosynth.diffusion.latent_sampling import check_num_steps, denoise_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_masks
 from histosynth.pipelines.loading import pipeline_directory
@@ -148,7 +148,7 @@ class DISCPipeline(DiffusionPipeline):
         if separated not in SEPARATED:
             raise HistosynthError(f"separated must be one of {', '.join(SEPARATED)}, got {separated!r}")
         masks = self._check_masks(masks)
-        check_ddim_steps(self.scheduler.config, steps)
+        check_num_steps(self.scheduler, steps)
         guided = g_scale != 1.0
         size, channels = self.unet.config.sample_size, self.unet.config.out_channels
         # one z_T per image, from its own generator when given a list
@@ -159,9 +159,9 @@ class DISCPipeline(DiffusionPipeline):
         # 1-2. SD: each image under its whole mask
         if separated == "none":
             tokens, concat = self.conditions(masks, guided)
-            latents = ddim_latents(self.unet, self.scheduler.config, steps, len(masks), g_scale, eta=eta,
-                                   generator=generator, progress_bar=progress_bar, latents=z_t, concat=concat,
-                                   encoder_hidden_states=tokens)
+            latents = denoise_latents(self.unet, self.scheduler, steps, len(masks), g_scale, eta=eta,
+                                      generator=generator, progress_bar=progress_bar, latents=z_t, concat=concat,
+                                      encoder_hidden_states=tokens)
             passes = [steps * (2 if guided else 1)] * len(masks)
         # 1-2. SD-SC: one branch per present label, from the image's z_T, under that label's uniform mask; fused by eq. 2
         else:
@@ -173,10 +173,10 @@ class DISCPipeline(DiffusionPipeline):
             every = (lambda z: fuse(z)[images.to(z.device)]) if separated == "every-step" else None
             # η > 0 draws step noise per branch: a branch uses its image's generator
             branch_generator = [generator[b] for b in images.tolist()] if isinstance(generator, list) else generator
-            branches = ddim_latents(self.unet, self.scheduler.config, steps, len(images), g_scale, eta=eta,
-                                    generator=branch_generator, progress_bar=progress_bar,
-                                    latents=z_t[images.to(z_t.device)],
-                                    concat=concat, after_step=every, encoder_hidden_states=tokens)
+            branches = denoise_latents(self.unet, self.scheduler, steps, len(images), g_scale, eta=eta,
+                                       generator=branch_generator, progress_bar=progress_bar,
+                                       latents=z_t[images.to(z_t.device)],
+                                       concat=concat, after_step=every, encoder_hidden_states=tokens)
             latents = fuse(branches)
             per_image = torch.bincount(images, minlength=len(masks)).tolist()
             passes = [steps * n * (2 if guided else 1) for n in per_image]

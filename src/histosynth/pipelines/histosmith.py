@@ -20,7 +20,7 @@ from diffusers.utils import BaseOutput
 from histosynth.conditions.counts import CountConditioner
 from histosynth.data.nuclei_maps import PostprocessConfig, instances_from_maps
 from histosynth.data.store import nuclei_per_type
-from histosynth.diffusion.latent_sampling import ddim_latents
+from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel
 from histosynth.pipelines.loading import pipeline_directory
@@ -113,9 +113,9 @@ class HistoSmithPipeline(DiffusionPipeline):
         labels, tokens = _stack(null, cond) if do_guidance else (cond.class_labels, cond.tokens)
 
         # 2. one joint latent per request, denoised by exactly the number of DDIM steps asked
-        latents = ddim_latents(self.unet, self.scheduler.config, steps, len(values), g_scale, eta=eta,
-                               generator=generator, progress_bar=self.progress_bar if progress else None,
-                               encoder_hidden_states=tokens, class_labels=labels)
+        latents = denoise_latents(self.unet, self.scheduler, steps, len(values), g_scale, eta=eta,
+                                  generator=generator, progress_bar=self.progress_bar if progress else None,
+                                  encoder_hidden_states=tokens, class_labels=labels)
 
         # 3. decode both heads, then recover instances from the distance map and the mask
         out = self.vae.decode_heads((latents / self.config.latent_scaling_factor).to(self.vae.dtype))

@@ -1,12 +1,14 @@
 """NASDM sampling pipeline: nuclei masks in, H&E images out.
 
     pipe = NASDMPipeline.from_pretrained("RUN")            # a training run, or its pipeline/ folder
-    images = pipe(conditions, guidance_scale=2.0, num_inference_steps=250, sampler="ddpm").images
+    images = pipe(conditions, guidance_scale=2.0, num_inference_steps=250).images     # DDPM, the paper's sampler
+    pipe.scheduler = sampling_scheduler("dpm-solver++", pipe.scheduler.config)         # any scheduler, by name
 
 Reads top to bottom: build the condition tensor (one channel per type + instance edges), start from
 Gaussian noise, and at each of exactly `num_inference_steps` steps predict ε with and without the
 condition, combine them with classifier-free guidance ε̂ = ε(∅) + g·(ε(y) − ε(∅)) (noise channels only; the
-learned variance comes from the conditional pass), and step the scheduler.
+learned variance comes from the conditional pass), and step the scheduler (the loop of
+histosynth.diffusion.sampling_loop; a learned-variance DDPM steps with [ε, v], any other scheduler with ε).
 
 Guidance: ``guidance_scale`` is diffusers' g, as everywhere in histosynth (g = 1: the conditional model
 alone, one pass per step). NASDM's eq. 7 writes the same combination with s = g − 1: the paper's s = 1
@@ -20,17 +22,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler, DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.nuclei_mask import null_condition_like, nuclei_condition
 from histosynth.diffusion.guidance import guided_model_output
+from histosynth.diffusion.sampling_loop import denoise, uses_learned_variance
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
-
-SAMPLERS = ("ddpm", "ddim")
-
 
 @dataclass
 class NASDMPipelineOutput(BaseOutput):
@@ -65,25 +65,28 @@ class NASDMPipeline(DiffusionPipeline):
         """[(inst_map, type_map), ...] → (B, K+1, H, W) condition tensor."""
         return torch.from_numpy(np.stack([nuclei_condition(np.asarray(i), np.asarray(t), self.num_classes) for i, t in masks]))
 
-    def _scheduler(self, sampler: str):
-        if sampler == "ddpm":
-            return DDPMScheduler.from_config(self.scheduler.config)
-        if sampler == "ddim":
-            return DDIMScheduler.from_config(self.scheduler.config, clip_sample=True, set_alpha_to_one=True)
-        raise HistosynthError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-
     @torch.no_grad()
     def __call__(
         self,
         masks,
         guidance_scale: float = 2.0,
         num_inference_steps: int = 250,
-        sampler: str = "ddpm",
         eta: float = 0.0,
         generator: torch.Generator | list[torch.Generator] | None = None,
         output_type: str = "np",
         progress: bool = True,
     ) -> NASDMPipelineOutput:
+        """Generate one image per condition with ``self.scheduler`` (the trained DDPM; swap another in by its config,
+        e.g. ``pipe.scheduler = sampling_scheduler("dpm-solver++", pipe.scheduler.config)``).
+
+        Args:
+            masks: a (B, K+1, H, W) condition tensor, or (inst_map, type_map) pairs of int arrays (H, W).
+            guidance_scale: g (NASDM's s = g − 1; 2.0 is the paper's s = 1).
+            num_inference_steps: exactly this many steps run (paper: DDPM 250).
+            eta: DDIM's η (0 with any other scheduler).
+        Raises:
+            HistosynthError: a condition of the wrong shape, a step count the schedule cannot run, η ≠ 0 without DDIM.
+        """
         # 1. conditions: either ready tensors (B, K+1, H, W) or (inst_map, type_map) pairs
         cond = masks if isinstance(masks, torch.Tensor) else self.conditions_from_masks(masks)
         if cond.ndim != 4 or cond.shape[1] != self.unet.config.cond_channels:
@@ -94,31 +97,22 @@ class NASDMPipeline(DiffusionPipeline):
         cond = cond.to(device=device, dtype=dtype)
         do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
         model_cond = torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond  # [y, ∅]
-
-        # 2. exactly the number of steps asked
-        total_t = self.scheduler.config.num_train_timesteps
-        if not 1 <= num_inference_steps <= total_t:
-            raise HistosynthError(f"num_inference_steps must be within 1..{total_t}, got {num_inference_steps}")
-        scheduler = self._scheduler(sampler)
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        if len(scheduler.timesteps) != num_inference_steps:  # never silently run another number of steps
-            raise RuntimeError(f"scheduler made {len(scheduler.timesteps)} steps, asked {num_inference_steps}")
-
-        # 3. denoise from pure noise
         in_ch = self.unet.config.in_channels
-        x = randn_tensor((cond.shape[0], in_ch, *cond.shape[2:]), generator=generator, device=device, dtype=dtype)
-        steps_run = 0
-        for t in self.progress_bar(scheduler.timesteps) if progress else scheduler.timesteps:
+        with_variance = uses_learned_variance(self.scheduler)  # DDPM steps with [ε, v]; the others with ε
+
+        def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if do_guidance else x
             out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond)
             if do_guidance:
                 out_c, out_u = out.chunk(2)
                 out = guided_model_output(out_u, out_c, guidance_scale, in_ch)
-            if sampler == "ddim" and out.shape[1] == 2 * in_ch:  # DDIM uses the mean only
-                out = out[:, :in_ch]
-            kwargs = {"eta": eta} if sampler == "ddim" else {}
-            x = scheduler.step(out, t, x, generator=generator, **kwargs).prev_sample
-            steps_run += 1
+            return out if with_variance else out[:, :in_ch]
+
+        # 2.-3. from pure noise, exactly the number of steps asked
+        noise = randn_tensor((cond.shape[0], in_ch, *cond.shape[2:]), generator=generator, device=device, dtype=dtype)
+        x = denoise(predict, self.scheduler, num_inference_steps, noise, eta=eta, generator=generator,
+                    progress_bar=self.progress_bar if progress else None)
+        steps_run = num_inference_steps
 
         # 4. images
         x = x.clamp(-1, 1)

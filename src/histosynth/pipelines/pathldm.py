@@ -37,7 +37,7 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
-from histosynth.diffusion.latent_sampling import ddim_latents
+from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.diffusion.schedulers import ldm_ddim_scheduler  # noqa: F401  (re-exported: LDM's sampler of this pipeline)
 from histosynth.errors import HistosynthError
 from histosynth.pipelines.loading import pipeline_directory
@@ -122,9 +122,9 @@ class PathLDMPipeline(DiffusionPipeline):
         context = torch.cat([null, cond]) if do_guidance else cond
 
         # 2.-3. Gaussian latents denoised by exactly the number of DDIM steps asked (batched [∅; y] guidance)
-        latents = ddim_latents(self.unet, self.scheduler.config, num_inference_steps, len(prompts), guidance_scale,
-                               eta=eta, generator=generator, progress_bar=self.progress_bar if progress else None,
-                               encoder_hidden_states=context)
+        latents = denoise_latents(self.unet, self.scheduler, num_inference_steps, len(prompts), guidance_scale,
+                                  eta=eta, generator=generator, progress_bar=self.progress_bar if progress else None,
+                                  encoder_hidden_states=context)
         steps_run = num_inference_steps
 
         # 4. decode with the frozen autoencoder (VQ: quantize, then decode)

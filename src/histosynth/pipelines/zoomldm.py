@@ -29,7 +29,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.data.patches import format_magnification, parse_magnification
-from histosynth.diffusion.latent_sampling import ddim_latents
+from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.models.zoom_summariser import EmbeddingSummariser
@@ -162,8 +162,8 @@ class ZoomLDMPipeline(DiffusionPipeline):
         tokens = torch.cat([self.summariser.null_condition(len(cond)).to(cond.dtype), cond]) if do_guidance else cond
 
         # 2. exactly the number of DDIM steps asked, with classifier-free guidance
-        latents = ddim_latents(self.unet, self.scheduler.config, steps, len(cond), g_scale, eta=eta, generator=generator,
-                               progress_bar=self.progress_bar if progress else None, encoder_hidden_states=tokens)
+        latents = denoise_latents(self.unet, self.scheduler, steps, len(cond), g_scale, eta=eta, generator=generator,
+                                  progress_bar=self.progress_bar if progress else None, encoder_hidden_states=tokens)
 
         # 3. decode with the frozen first stage
         decoded = self.vae.decode((latents / self.config.latent_scaling_factor).to(self.vae.dtype)).sample

@@ -47,6 +47,9 @@ class EngineConfig:
     log_every: int = 50
     seed: int = 0
     num_workers: int = 2  # DataLoader workers
+    # recompute activations in the backward pass (diffusers' enable_gradient_checkpointing): less memory (the
+    # paper-size UNets on a 24 GiB GPU), about a third more compute per step; same gradients
+    gradient_checkpointing: bool = False
 
     def problems(self, where: str = "train.") -> list[str]:
         out = [f"{where}{name} must be at least 1, got {getattr(self, name)}"
@@ -57,6 +60,11 @@ class EngineConfig:
         if self.max_grad_norm < 0 or self.weight_decay < 0 or self.num_workers < 0:
             out.append(f"{where}max_grad_norm, weight_decay and num_workers must not be negative")
         return out
+
+
+# the sampling schedulers a recipe or `sample --scheduler` may name (histosynth.diffusion.schedulers.SCHEDULERS)
+SchedulerName = Literal["ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++", "unipc", "deis", "euler", "euler-ancestral",
+                        "lms"]
 
 
 @dataclass

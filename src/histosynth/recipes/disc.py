@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histosynth.recipes.base import Recipe, register_recipe_type
+from histosynth.recipes.base import Recipe, SchedulerName, register_recipe_type
 from histosynth.recipes.pathldm import (
     AutoencoderConfig,
     LatentDiffusionConfig,
@@ -41,7 +41,8 @@ class DISCSamplingConfig:
 
     num_inference_steps: int = 200
     guidance_scale: float = 1.75
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM's η (0 for the other schedulers)
+    scheduler: SchedulerName = "ddim"
     # separated conditions (SD-SC, Sec. 2.3): none (SD: the whole mask), final (each present label's uniform mask
     # denoised from one shared noise, fused by the mask at the end, eq. 2: the paper's) or every-step (fused after
     # every DDIM step, each branch continuing from the fused latent)

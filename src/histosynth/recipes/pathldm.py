@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from histosynth.recipes.base import EngineConfig, ForwardProcessConfig, Recipe, register_recipe_type
+from histosynth.recipes.base import EngineConfig, ForwardProcessConfig, Recipe, SchedulerName, register_recipe_type
 
 #: PathLDM's class baseline (Sec. 4.2), in class-index order (as conditions.captions.PATHLDM_CLASSES).
 PATHLDM_CLASS_NAMES = ("low tumor; low til", "low tumor; high til", "high tumor; low til", "high tumor; high til")
@@ -83,7 +83,8 @@ class SamplingConfig:
 
     num_inference_steps: int = 50
     guidance_scale: float = 1.75  # diffusers / LDM convention: uncond + g·(cond − uncond); NASDM's s = g − 1
-    eta: float = 0.0
+    eta: float = 0.0  # DDIM's η (0 for the other schedulers)
+    scheduler: SchedulerName = "ddim"  # any one-evaluation-per-step diffusers scheduler on the trained schedule
 
 
 @dataclass(kw_only=True)

@@ -4,7 +4,7 @@ nuclei masks; ``prompts``: a prompts file; ``counts``: nuclei counts per type an
 from histosynth.sampling.counts import sample_counts
 from histosynth.sampling.masks import choose_patches, sample_store
 from histosynth.sampling.prompts import image_seed, sample_prompts
-from histosynth.sampling.writer import MANIFEST, SampleWriter, prepare_output_dir
+from histosynth.sampling.writer import MANIFEST, SampleWriter, prepare_output_dir, run_settings
 
-__all__ = ["MANIFEST", "SampleWriter", "choose_patches", "image_seed", "prepare_output_dir", "sample_counts", "sample_prompts",
-           "sample_store"]
+__all__ = ["MANIFEST", "SampleWriter", "choose_patches", "image_seed", "prepare_output_dir", "run_settings", "sample_counts",
+           "sample_prompts", "sample_store"]

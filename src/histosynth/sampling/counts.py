@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from histosynth.data.formats.writers import write_class_names, write_folder_item, write_hovernet_item
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.schedulers import scheduler_name, use_scheduler
 from histosynth.errors import DataError, HistosynthError
-from histosynth.sampling.writer import SampleWriter
+from histosynth.sampling.writer import SampleWriter, run_settings
 from histosynth.viz import counts_panel, label_overlay
 
 DEFAULT_NUM = 16
@@ -143,18 +143,18 @@ def build_requests(pipe, source: dict, num: int | None, seed: int, split: str | 
 
 
 def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "train", num: int | None = None,
-                  guidance_scale: float | None = None, num_inference_steps: int | None = None, sampler: str | None = None,
+                  guidance_scale: float | None = None, num_inference_steps: int | None = None, scheduler: str | None = None,
                   seed: int = 0, batch_size: int = 16, overwrite: bool = False, progress: bool = True,
                   grid_rows: int = 8) -> Path:
     """Generate one labelled image per request into ``out`` (layout in the module docstring)."""
-    if sampler not in (None, "ddim"):
-        raise HistosynthError(f"--sampler: a HistoSmith model samples with ddim, not {sampler}")
+    arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
+    use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
     table, tissues = build_requests(pipe, source, num, seed, split)
     names = pipe.class_names
-    with SampleWriter(out, overwrite, grid_rows=grid_rows) as writer:
+    with SampleWriter(out, overwrite, grid_rows=grid_rows, settings=run_settings(pipe, arguments)) as writer:
         write_class_names(writer.root / FOLDER, names)
         write_class_names(writer.root / HOVERNET, names)
-        for start in tqdm(range(0, len(table), batch_size), desc="sample", unit="batch", disable=not progress):
+        for start in writer.batches(range(0, len(table), batch_size), progress=progress):
             batch_seed = seed * 1_000_003 + start
             g = torch.Generator(device=pipe.device).manual_seed(batch_seed)
             result = pipe(table[start:start + batch_size], tissues[start:start + batch_size],
@@ -171,7 +171,7 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
                        "realised": {n: int(v) for n, v in zip(names, realised)},
                        "inst_map": f"{FOLDER}/{name}_inst.png", "type_map": f"{FOLDER}/{name}_type.png",
                        "magnification": pipe.config.magnification, "seed": seed, "batch_seed": batch_seed,
-                       "num_inference_steps": result.num_steps_run,
+                       "num_inference_steps": result.num_steps_run, "scheduler": scheduler_name(pipe.scheduler),
                        "guidance_scale": guidance_scale if guidance_scale is not None
                        else (pipe.config.sampling or {}).get("guidance_scale")}
                 grid = None

@@ -7,15 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from histosynth.conditions.nuclei_mask import nuclei_condition
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError
-from histosynth.sampling.writer import SampleWriter
+from histosynth.sampling.writer import SampleWriter, run_settings
 from histosynth.viz import colour_mask
 
-DEFAULT_NUM, DEFAULT_GUIDANCE, DEFAULT_STEPS, DEFAULT_SAMPLER = 16, 2.0, 250, "ddpm"  # NASDM: s = 1 is g = 2
+DEFAULT_NUM, DEFAULT_GUIDANCE, DEFAULT_STEPS = 16, 2.0, 250  # NASDM: s = 1 is g = 2; DDPM, the trained scheduler
 
 
 def choose_patches(store: PatchStore, split: str | None, num: int | None, seed: int) -> list[int]:
@@ -38,7 +38,7 @@ def sample_store(
     num: int | None = DEFAULT_NUM,
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
-    sampler: str | None = None,
+    scheduler: str | None = None,
     seed: int = 0,
     batch_size: int = 16,
     overwrite: bool = False,
@@ -47,26 +47,29 @@ def sample_store(
 ) -> Path:
     """Writes OUT/images/N.png (generated), OUT/masks/N.png (the condition, coloured), OUT/labels/N_{inst,type}.png
     (the label maps given), OUT/real/N.png (the real patch of that mask), OUT/samples.jsonl and OUT/grid.png
-    (rows: mask | generated | real). ``guidance_scale`` is g (default 2.0 = NASDM's s = 1), steps default 250 (DDPM)."""
+    (rows: mask | generated | real). ``guidance_scale`` is g (default 2.0 = NASDM's s = 1), steps default 250;
+    ``scheduler``: a name of histosynth.diffusion.schedulers.SCHEDULERS swapped into ``pipe`` (default its trained DDPM)."""
+    arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     out, store = Path(out), PatchStore(store_path)
     g_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-    steps, sampler = num_inference_steps or DEFAULT_STEPS, sampler or DEFAULT_SAMPLER
+    steps = num_inference_steps or DEFAULT_STEPS
     if not store.has_labels:
         raise DataError("this store has no nuclei masks to condition on (it was made by `prepare slides`)", store_path)
     if list(store.class_names) != list(pipe.config.class_names):
         raise DataError(
             f"the store's classes {list(store.class_names)} differ from the model's {list(pipe.config.class_names)}", store_path
         )
+    scheduler = use_scheduler(pipe, scheduler)
     chosen = choose_patches(store, split, num, seed)
     k = len(store.class_names)
-    with SampleWriter(out, overwrite, grid_rows=grid_rows) as writer:
-        for start in tqdm(range(0, len(chosen), batch_size), desc="sample", unit="batch", disable=not progress):
+    with SampleWriter(out, overwrite, grid_rows=grid_rows, settings=run_settings(pipe, arguments)) as writer:
+        for start in writer.batches(range(0, len(chosen), batch_size), progress=progress):
             idx = chosen[start : start + batch_size]
             items = [store[i] for i in idx]
             cond = torch.from_numpy(np.stack([nuclei_condition(it["inst_map"], it["type_map"], k) for it in items]))
             # one generator per batch, seeded from (seed, first sample number): re-runnable per batch
             g = torch.Generator(device=pipe.device).manual_seed(seed * 1_000_003 + start)
-            result = pipe(cond, guidance_scale=g_scale, num_inference_steps=steps, sampler=sampler, generator=g,
+            result = pipe(cond, guidance_scale=g_scale, num_inference_steps=steps, generator=g,
                           progress=False)
             for it, image, store_index in zip(items, result.images, idx):
                 name = f"{writer.count:05d}"
@@ -80,7 +83,7 @@ def sample_store(
                     "type_map": f"labels/{name}_type.png", "real": f"real/{name}.png", "store": str(store_path),
                     "store_index": int(store_index), "source": it.get("source"), "y": it.get("y"), "x": it.get("x"),
                     "split": it.get("split"), "seed": seed, "batch_seed": seed * 1_000_003 + start,
-                    "guidance_scale": g_scale, "num_inference_steps": result.num_steps_run, "sampler": sampler,
+                    "guidance_scale": g_scale, "num_inference_steps": result.num_steps_run, "scheduler": scheduler,
                 }
                 writer.add(image, row, files=files, grid=[mask_rgb, image, real])
     return out

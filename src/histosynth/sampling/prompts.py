@@ -16,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from histosynth.conditions.patch_captions import read_prompts
-from histosynth.errors import HistosynthError
-from histosynth.sampling.writer import SampleWriter
+from histosynth.diffusion.schedulers import use_scheduler
+from histosynth.sampling.writer import SampleWriter, run_settings
 
 
 def image_seed(seed: int, n: int) -> int:
@@ -35,7 +34,7 @@ def sample_prompts(
     num: int | None = None,
     guidance_scale: float | None = None,
     num_inference_steps: int | None = None,
-    sampler: str | None = None,
+    scheduler: str | None = None,
     eta: float | None = None,
     seed: int = 0,
     batch_size: int = 8,
@@ -44,26 +43,27 @@ def sample_prompts(
     grid_size: tuple[int, int] = (4, 8),
     split: str | None = None,
 ) -> Path:
-    """Writes OUT/images/N.png, OUT/samples.jsonl (prompt, class, seed, sampler settings per image) and OUT/grid.png.
+    """Writes OUT/images/N.png, OUT/samples.jsonl (prompt, class, seed, scheduler settings per image) and OUT/grid.png.
     Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 50 steps, g 1.75, η 0). ``split`` is
     accepted for the common sampling signature and unused (a prompts file has no split).
 
     Raises:
-        HistosynthError: a sampler other than DDIM; DataError: an entry the model cannot take (names the line).
+        HistosynthError: an unknown scheduler; DataError: an entry the model cannot take (names the line).
     """
-    if sampler not in (None, "ddim"):
-        raise HistosynthError(f"this model samples with DDIM (--sampler ddim), not {sampler}")
+    arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     defaults = pipe.config.get("sampling") or {}
     guidance_scale = defaults.get("guidance_scale", 1.75) if guidance_scale is None else guidance_scale
     num_inference_steps = num_inference_steps or defaults.get("num_inference_steps", 50)
     eta = defaults.get("eta", 0.0) if eta is None else eta
+    scheduler = use_scheduler(pipe, scheduler or defaults.get("scheduler"))
     out, prompts_file = Path(out), Path(prompts_file)
     entries = read_prompts(prompts_file)
     model_prompts = [pipe.conditioner.prompt_for_row(e, prompts_file) for e in entries]
     order = list(range(len(entries))) if num is None else np.random.default_rng(seed).integers(0, len(entries), size=num).tolist()
     rows_max, cols = grid_size
-    with SampleWriter(out, overwrite, grid_rows=rows_max, grid_columns=cols) as writer:
-        for start in tqdm(range(0, len(order), batch_size), desc="sample", unit="batch", disable=not progress):
+    with SampleWriter(out, overwrite, grid_rows=rows_max, grid_columns=cols,
+                      settings=run_settings(pipe, arguments)) as writer:
+        for start in writer.batches(range(0, len(order), batch_size), progress=progress):
             chunk = order[start:start + batch_size]
             seeds = [image_seed(seed, writer.count + j) for j in range(len(chunk))]
             generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -72,7 +72,7 @@ def sample_prompts(
             for i, image, s in zip(chunk, result.images, seeds):
                 row = {"prompt": entries[i]["prompt"], "prompts_file": str(prompts_file), "line": entries[i]["line"],
                        "seed": s, "base_seed": seed, "guidance_scale": guidance_scale,
-                       "num_inference_steps": result.num_steps_run, "sampler": "ddim", "eta": eta,
+                       "num_inference_steps": result.num_steps_run, "scheduler": scheduler, "eta": eta,
                        **pipe.conditioner.manifest_fields(model_prompts[i])}
                 writer.add(image, row)
     return out

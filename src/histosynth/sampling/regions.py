@@ -24,15 +24,15 @@ import json
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from histosynth.data.io import read_label_png
 from histosynth.data.regions import read_classes
 from histosynth.data.store import STORE_JSON, PatchStore, region_fractions
+from histosynth.diffusion.schedulers import scheduler_name, use_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.sampling.masks import choose_patches
 from histosynth.sampling.prompts import image_seed
-from histosynth.sampling.writer import SampleWriter
+from histosynth.sampling.writer import SampleWriter, run_settings
 from histosynth.viz import colour_mask
 
 DEFAULT_NUM = 16
@@ -40,7 +40,7 @@ DEFAULT_NUM = 16
 
 def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "test", num: int | None = None,
                    guidance_scale: float | None = None, num_inference_steps: int | None = None,
-                   sampler: str | None = None, seed: int = 0, batch_size: int = 8, overwrite: bool = False,
+                   scheduler: str | None = None, seed: int = 0, batch_size: int = 8, overwrite: bool = False,
                    progress: bool = True) -> Path:
     """Write one tile per chosen mask (see the module docstring). ``num``: masks of a store (default 16), or sets of a
     tile-set folder (default all). Unset settings: the recipe's (DDIM 200, g 1.75).
@@ -48,17 +48,17 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
     Raises:
         DataError: naming the store: not a region store, other region labels or patch size than the model's, no
             patches in the split.
-        HistosynthError: a sampler other than DDIM, an unknown ``separated``.
+        HistosynthError: an unknown scheduler or ``separated``.
     """
-    if sampler not in (None, "ddim"):
-        raise HistosynthError(f"this model samples with DDIM (--sampler ddim), not {sampler}")
+    settings = run_settings(pipe, locals())  # the run's settings (a rerun continues a run with the same)
+    use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
     if source.get("store") is None:
         raise HistosynthError("a DISC model samples tiles on region masks: give --regions STORE")
     store_path = Path(source["store"])
     if not (store_path / STORE_JSON).is_file() and (store_path / "sets.jsonl").is_file():
         return _sample_tile_sets(pipe, store_path, source.get("separated"), out, num=num, guidance_scale=guidance_scale,
                                  num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
-                                 overwrite=overwrite, progress=progress)
+                                 overwrite=overwrite, progress=progress, settings=settings)
     store = PatchStore(store_path)
     if not store.has_regions:
         raise DataError("--regions: not a region store (no region masks): make one with `histosynth prepare regions`",
@@ -71,9 +71,9 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
                         f"{pipe.mask_encoder.config.mask_size} px tiles", store_path)
     chosen = choose_patches(store, split, DEFAULT_NUM if num is None else num, seed)
     names = list(store.class_names)
-    with SampleWriter(out, overwrite, grid_columns=3, grid_rows=8) as writer:
+    with SampleWriter(out, overwrite, grid_columns=3, grid_rows=8, settings=settings) as writer:
         (writer.root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-        for start in tqdm(range(0, len(chosen), batch_size), desc="sample", unit="batch", disable=not progress):
+        for start in writer.batches(range(0, len(chosen), batch_size), progress=progress):
             idx = chosen[start:start + batch_size]
             items = [store[i] for i in idx]
             masks = np.stack([it["region_map"] for it in items])
@@ -87,14 +87,14 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
                 row = {"mask": f"masks/{name}.png", "real": f"real/{name}.png", "store": str(store_path),
                        "index": int(i), "source": it.get("source"), "seed": s, "base_seed": seed,
                        "separated": result.separated, "num_inference_steps": result.num_steps_run,
-                       "unet_passes": int(passes), "regions": region_fractions(mask, names)}
+                       "scheduler": scheduler_name(pipe.scheduler), "unet_passes": int(passes), "regions": region_fractions(mask, names)}
                 files = {f"masks/{name}.png": mask.astype(np.uint8), f"real/{name}.png": real}
                 writer.add(image, row, files=files, grid=[colour_mask(mask), image, real])
     return Path(out)
 
 
 def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale, num_inference_steps, seed,
-                      batch_size, overwrite, progress) -> Path:
+                      batch_size, overwrite, progress, settings) -> Path:
     """Every tile of the first ``num`` sets of a tile-set folder (all when None), written with its mask; OUT/sets.jsonl
     repeats the input's rows with each tile's generated ``image`` (the MIL bags of DISC Sec. 2.4)."""
     names = list(read_classes(folder / "classes.txt"))
@@ -112,9 +112,9 @@ def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale
     if not jobs:
         raise DataError("--regions: no tiles in the tile sets", sets_file)
     size = pipe.mask_encoder.config.mask_size
-    with SampleWriter(out, overwrite, grid_columns=2, grid_rows=8) as writer:
+    with SampleWriter(out, overwrite, grid_columns=2, grid_rows=8, settings=settings) as writer:
         (writer.root / "classes.txt").write_text("".join(f"{n}\n" for n in names), encoding="utf-8")
-        for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", disable=not progress):
+        for start in writer.batches(range(0, len(jobs), batch_size), progress=progress):
             chunk = jobs[start:start + batch_size]
             masks = np.stack([_tile_mask(paths[start + j], size) for j in range(len(chunk))])
             seeds = [image_seed(seed, writer.count + j) for j in range(len(chunk))]
@@ -123,12 +123,13 @@ def _sample_tile_sets(pipe, folder: Path, separated, out, *, num, guidance_scale
                           progress=False)
             for (r, t), image, mask, s, passes in zip(chunk, result.images, masks, seeds, result.unet_passes):
                 name = f"{writer.count:05d}"
-                rows[r]["tiles"][t].update(image=f"images/{name}.png", mask=f"masks/{name}.png")
                 row = {"mask": f"masks/{name}.png", "set": rows[r].get("set", r), "tile": t, "seed": s,
                        "base_seed": seed, "separated": result.separated, "num_inference_steps": result.num_steps_run,
-                       "unet_passes": int(passes), "regions": region_fractions(mask, names)}
+                       "scheduler": scheduler_name(pipe.scheduler), "unet_passes": int(passes), "regions": region_fractions(mask, names)}
                 writer.add(image, row, files={f"masks/{name}.png": mask.astype(np.uint8)},
                            grid=[colour_mask(mask), image])
+        for n, (r, t) in enumerate(jobs):  # every tile's names, whichever process or run made it
+            rows[r]["tiles"][t].update(image=f"images/{n:05d}.png", mask=f"masks/{n:05d}.png")
         (writer.root / "sets.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     return Path(out)
 

@@ -20,14 +20,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from histosynth.conditions.slide_embeddings import SlideEmbeddings
 from histosynth.data.patches import format_magnification
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.sampling.prompts import image_seed
-from histosynth.sampling.writer import SampleWriter
+from histosynth.sampling.writer import SampleWriter, run_settings
 
 DEFAULT_NUM = 16
 GRID_PER_LEVEL = 4
@@ -75,13 +75,13 @@ def reference_patches(pipe, store_path: Path, levels: list[str] | None, num: int
 
 
 def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, guidance_scale: float | None = None,
-                num_inference_steps: int | None = None, sampler: str | None = None, seed: int = 0, batch_size: int = 8,
+                num_inference_steps: int | None = None, scheduler: str | None = None, seed: int = 0, batch_size: int = 8,
                 overwrite: bool = False, progress: bool = True, split: str | None = None) -> Path:
     """Write ``num`` images per magnification (see the module docstring). Unset settings: the recipe's (DDIM 50,
     g 1.75). Raises HistosynthError / DataError naming the option or file: an unknown level, a reference store
     without the model's embeddings, no reference and no condition sampler."""
-    if sampler not in (None, "ddim"):
-        raise HistosynthError(f"this model samples with DDIM (--sampler ddim), not {sampler}")
+    arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
+    scheduler = use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
     num = DEFAULT_NUM if num is None else num
     levels = parse_levels(source.get("magnification"), pipe.magnifications)
     reference = source.get("reference")
@@ -101,9 +101,14 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
     # grid.png: one row per level, its first GRID_PER_LEVEL images (each beside its reference)
     shown = min(num, GRID_PER_LEVEL)
     per_image = 1 if reference is None else 2
-    in_grid: dict[str, int] = {}
-    with SampleWriter(out, overwrite, grid_rows=len({m for m, _ in jobs}), grid_columns=shown * per_image) as writer:
-        for start in tqdm(range(0, len(jobs), batch_size), desc="sample", unit="batch", disable=not progress):
+    seen: dict[str, int] = {}
+    in_grid = []  # per job: among the first `shown` of its level
+    for m, _ in jobs:
+        seen[m] = seen.get(m, 0) + 1
+        in_grid.append(seen[m] <= shown)
+    with SampleWriter(out, overwrite, grid_rows=len({m for m, _ in jobs}), grid_columns=shown * per_image,
+                      settings=run_settings(pipe, arguments)) as writer:
+        for start in writer.batches(range(0, len(jobs), batch_size), progress=progress):
             chunk = jobs[start:start + batch_size]
             seeds = [image_seed(seed, writer.count + j) for j in range(len(chunk))]
             generators = [torch.Generator().manual_seed(s) for s in seeds]
@@ -115,7 +120,7 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
                 result = pipe(grids=[np.asarray(embeddings.grid(rows[i]), dtype=np.float32) for _, i in chunk], **kwargs)
             for (m, i), image, s in zip(chunk, result.images, seeds):
                 row = {"magnification": m, "condition": result.condition_source, "seed": s, "base_seed": seed,
-                       "num_inference_steps": result.num_steps_run, "sampler": "ddim"}
+                       "num_inference_steps": result.num_steps_run, "scheduler": scheduler}
                 files, panels = None, None
                 if i is not None:
                     real = np.asarray(store[i]["image"])
@@ -124,6 +129,5 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
                                         "tile_y": ref.get("tile_y"), "tile_x": ref.get("tile_x")}
                     files = {f"reference/{writer.count:05d}.png": real}
                     panels = [real, image]
-                in_grid[m] = in_grid.get(m, 0) + 1
-                writer.add(image, row, files=files, grid=panels, in_grid=in_grid[m] <= shown)
+                writer.add(image, row, files=files, grid=panels, in_grid=in_grid[writer.count])
     return Path(out)

@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.errors import DiskFullError, TrainingError, is_disk_full, tree_bytes
+from histosynth.errors import DiskFullError, HistosynthError, TrainingError, is_disk_full, tree_bytes
 from histosynth.training.data_order import StreamBatchSampler, step_generator
 from histosynth.training.run_dir import LOSS_PNG, LOSSES, prepare_run_dir, truncate_losses
 from histosynth.training.task import TrainingTask
@@ -63,6 +63,33 @@ class Engine:
         return self.accelerator.unwrap_model(self.model)
 
 
+def adamw(groups, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters) where torch has it for these parameters' devices and dtypes
+    (CUDA; CPU since torch 2.4), else torch's default (foreach) implementation."""
+    groups = list(groups)
+    try:
+        return torch.optim.AdamW(groups, fused=True, **kwargs)
+    except (RuntimeError, TypeError, ValueError):
+        return torch.optim.AdamW(groups, **kwargs)
+
+
+def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
+    """Turn on diffusers' gradient checkpointing in every network of ``model`` that supports it (``train.
+    gradient_checkpointing``).
+
+    Raises:
+        HistosynthError: none of the task's networks supports it.
+    """
+    from diffusers import ModelMixin
+
+    networks = [m for m in model.modules() if isinstance(m, ModelMixin) and m._supports_gradient_checkpointing]
+    if not networks:
+        raise HistosynthError(f"train.gradient_checkpointing: {type(model).__name__} has no network that supports "
+                              "gradient checkpointing")
+    for network in networks:
+        network.enable_gradient_checkpointing()
+
+
 def fit(task: TrainingTask, out: str | Path, *, max_steps: int | None = None, resume: bool = False,
         overwrite: bool = False, progress: bool = True, cpu: bool = False) -> TrainResult:
     """Train ``task`` into run directory ``out`` up to ``max_steps`` (default: the recipe's) optimisation steps.
@@ -84,8 +111,10 @@ def fit(task: TrainingTask, out: str | Path, *, max_steps: int | None = None, re
     task.setup(accelerator, run, resuming)
     set_seed(cfg.seed)  # the initial weights (a resumed run overwrites them from the checkpoint)
     model = task.build_model(accelerator, run, resuming)
-    optimizer = torch.optim.AdamW(task.parameter_groups(model), lr=task.learning_rate(),
-                                  betas=(cfg.adam_beta1, cfg.adam_beta2), weight_decay=cfg.weight_decay)
+    if cfg.gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    optimizer = adamw(task.parameter_groups(model), lr=task.learning_rate(), betas=(cfg.adam_beta1, cfg.adam_beta2),
+                      weight_decay=cfg.weight_decay)
     lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, task.lr_factor)
     engine, step = _build_engine(accelerator, model, optimizer, lr_scheduler, run=run, resume_from=resume_from, cfg=cfg)
 

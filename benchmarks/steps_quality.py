@@ -1,0 +1,144 @@
+"""Quality vs sampling steps per scheduler (issue 13, item 1): offline FD and, for a mask-conditioned model (NASDM),
+mask adherence (nuclei contrast: grey level outside − inside the conditioned nuclei, generated vs real).
+
+    python benchmarks/steps_quality.py --model runs/steps/quickstart/run --masks runs/steps/quickstart/store \
+        --schedulers ddpm,ddim,dpm-solver++,unipc --steps 5,10,20,50,100,250 --reference ddpm:250 --out runs/steps/nasdm
+    python benchmarks/steps_quality.py --model runs/steps/pathldm/run --prompts runs/steps/pathldm/train-captions.jsonl \
+        --real runs/steps/pathldm/consep-64 --schedulers ddim,dpm-solver++,unipc --steps 5,10,20,50,100 \
+        --reference ddim:50 --out runs/steps/pathldm-steps
+
+Every point samples the same conditions with the same seed (paired: the same masks or prompts, the same starting
+noise), so differences between points are the scheduler's and the step count's. The noise of the measure is the
+spread of the reference sampler (the paper's) over ``--noise-seeds`` other seeds; a point "matches" the reference
+when its FD is within reference mean + 2 sd (and, with masks, its contrast within mean − 2 sd). Writes OUT/results.json,
+OUT/steps_quality.png and a markdown table on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from machine_info import machine
+
+
+def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, steps, seed, num, batch, split,
+             has_masks) -> dict:
+    from histosynth.evaluate.fid import evaluate_distribution
+    from histosynth.evaluate.sweep import _contrast
+
+    t0 = time.perf_counter()
+    if not (sub / "samples.jsonl").is_file():
+        method.sample(pipe, source, sub, num=num, num_inference_steps=steps, scheduler=scheduler, seed=seed,
+                      batch_size=batch, progress=False, **({"split": split} if has_masks else {}))
+    seconds = time.perf_counter() - t0
+    fd = evaluate_distribution(None if stats.is_file() else real, sub, "effnet-lite0", split=split, metrics=["fid"],
+                               progress=False, real_stats=stats if stats.is_file() else None,
+                               save_stats=None if stats.is_file() else stats)
+    row = {"scheduler": scheduler, "steps": steps, "seed": seed, "fd": fd["fid"], "n": fd["n_generated"],
+           "seconds_sampling": round(seconds, 1)}
+    if has_masks:
+        row["contrast"], row["contrast_real"] = _contrast(sub)
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", required=True, type=Path)
+    ap.add_argument("--masks", type=Path, help="NASDM: the store whose test masks condition (and are the real set)")
+    ap.add_argument("--prompts", type=Path, help="PathLDM: a prompts/captions file (drawn --num times by the seed)")
+    ap.add_argument("--real", type=Path, help="the real store (default --masks); its --split is the FD reference")
+    ap.add_argument("--split", default="test")
+    ap.add_argument("--schedulers", default="ddim,dpm-solver++,unipc")
+    ap.add_argument("--steps", default="5,10,20,50,100,250")
+    ap.add_argument("--reference", required=True, help="the paper's sampler as SCHEDULER:STEPS (e.g. ddpm:250)")
+    ap.add_argument("--noise-seeds", default="1,2", help="other seeds of the reference sampler: the measure's noise")
+    ap.add_argument("--num", type=int, default=64)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--out", required=True, type=Path)
+    args = ap.parse_args()
+
+    import torch
+
+    from histosynth.methods import load_pipeline
+
+    print("machine:", machine())
+    print("command:", " ".join(sys.argv))
+    args.out.mkdir(parents=True, exist_ok=True)
+    method, pipe = load_pipeline(args.model, "cpu")
+    has_masks = args.masks is not None
+    source = args.masks if has_masks else args.prompts
+    real = args.real or args.masks
+    stats = args.out / "real-stats.npz"
+    ref_name, ref_steps = args.reference.split(":")
+    ref_steps = int(ref_steps)
+    todo = [(s, int(k), 0) for s in args.schedulers.split(",") for k in args.steps.split(",")]
+    todo += [(ref_name, ref_steps, 0)] + [(ref_name, ref_steps, int(x)) for x in args.noise_seeds.split(",") if x]
+    rows, results = [], args.out / "results.json"
+    done = {(r["scheduler"], r["steps"], r["seed"]): r for r in json.loads(results.read_text())["rows"]} \
+        if results.is_file() else {}
+    for scheduler, steps, seed in dict.fromkeys(todo):
+        row = done.get((scheduler, steps, seed)) or _measure(
+            method, pipe, source, args.out / f"{scheduler}-{steps}-seed{seed}", real, stats, scheduler=scheduler,
+            steps=steps, seed=seed, num=args.num, batch=args.batch, split=args.split, has_masks=has_masks)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+        results.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "command": " ".join(sys.argv),
+                                       "rows": rows}, indent=2) + "\n")
+
+    ref = [r for r in rows if r["scheduler"] == ref_name and r["steps"] == ref_steps]
+    fd_ref = np.array([r["fd"] for r in ref])
+    fd_limit = fd_ref.mean() + 2 * fd_ref.std(ddof=1)
+    c_ref = np.array([r["contrast"] for r in ref]) if has_masks else None
+    c_limit = c_ref.mean() - 2 * c_ref.std(ddof=1) if has_masks else None
+    print(f"\nreference {ref_name} {ref_steps} over seeds {[r['seed'] for r in ref]}: FD {fd_ref.mean():.1f} ± "
+          f"{fd_ref.std(ddof=1):.1f} (match: FD ≤ {fd_limit:.1f})" + (
+              f"; contrast {c_ref.mean():.3f} ± {c_ref.std(ddof=1):.3f} (match: ≥ {c_limit:.3f})" if has_masks else ""))
+    steps_list = [int(k) for k in args.steps.split(",")]
+    head = "| scheduler | " + " | ".join(f"{k}" for k in steps_list) + " | smallest matching |"
+    print(head + "\n|" + "---|" * (len(steps_list) + 2))
+    for s in args.schedulers.split(","):
+        cells, first = [], None
+        for k in steps_list:
+            r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
+            ok = r["fd"] <= fd_limit and (not has_masks or r["contrast"] >= c_limit)
+            first = first or (k if ok else None)
+            cells.append(f"{r['fd']:.1f}" + (f" / {r['contrast']:.3f}" if has_masks else "") + (" ✓" if ok else ""))
+        print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
+    _plot(rows, args, steps_list, fd_ref, c_ref, has_masks)
+
+
+def _plot(rows, args, steps_list, fd_ref, c_ref, has_masks) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = 2 if has_masks else 1
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
+    for ax, key, ref, label in zip(axes[0], ("fd", "contrast"), (fd_ref, c_ref),
+                                   ("FD (EfficientNet-Lite0) ↓", "nuclei contrast (mask adherence) ↑")):
+        for s in args.schedulers.split(","):
+            pts = [(k, r[key]) for k in steps_list for r in rows if r["scheduler"] == s and r["steps"] == k
+                   and r["seed"] == 0]
+            ax.plot(*zip(*pts), marker="o", label=s)
+        m, sd = ref.mean(), ref.std(ddof=1)
+        ax.axhspan(m - 2 * sd, m + 2 * sd, color="grey", alpha=0.2, label=f"{args.reference} ± 2 sd (seeds)")
+        if key == "contrast" and rows[0].get("contrast_real") is not None:
+            ax.axhline(rows[0]["contrast_real"], color="k", ls=":", label="real patches")
+        ax.set_xscale("log")
+        ax.set_xlabel("steps (UNet passes ×2 with guidance)")
+        ax.set_ylabel(label)
+        ax.legend(fontsize=7)
+    fig.suptitle(f"{args.model}: {args.num} images per point, same conditions and seed", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(args.out / "steps_quality.png", dpi=120)
+
+
+if __name__ == "__main__":
+    main()

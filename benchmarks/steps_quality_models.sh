@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The two tiny models of the quality-vs-steps benchmark (benchmarks/steps_quality.py), on a CPU:
+#  * NASDM: the quickstart's (nasdm-tiny-cpu on the bundled HGSC region, 32 px at 10x) -> OUT/quickstart/run
+#  * PathLDM: pathldm-tiny-cpu at 64 px / 20x on CoNSeP with label captions, on a VQ-f4 tiny first stage
+#    (AE: an autoencoder folder, e.g. the DISC benchmark's runs/disc-consep/ae/autoencoder, trained on 64 px CoNSeP
+#    at 20x; or trained here from the store when AE is unset) -> OUT/pathldm/run
+#   bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
+set -euo pipefail
+SRC=${1:-../shared/data/consep}
+OUT=${2:-runs/steps}
+LDM_STEPS=${3:-1500}
+mkdir -p "$OUT/pathldm"
+export TQDM_DISABLE=1
+stage() {  # stage NAME COMMAND...: run, then print wall seconds and peak memory
+  local name=$1; shift
+  /usr/bin/time -f "$name: %e s wall, peak RSS %M KiB" -o "$OUT/$name.time" "$@" > "$OUT/$name.log" 2>&1
+  cat "$OUT/$name.time"
+}
+[ -d "$OUT/quickstart/run" ] || stage quickstart histosynth quickstart --out "$OUT/quickstart" --overwrite
+S="$OUT/pathldm/consep-64"
+[ -f "$S/store.json" ] || stage prepare histosynth prepare nuclei --format consep "$SRC" --out "$S" --patch 64 \
+  --magnification 20x --overwrite
+[ -f "$S/captions.jsonl" ] || stage captions histosynth captions build --from-labels "$S" --out "$S/captions.jsonl"
+[ -f "$OUT/pathldm/train-captions.jsonl" ] || histosynth captions build --from-labels "$S" --split train \
+  --out "$OUT/pathldm/train-captions.jsonl"
+AE=${AE:-}
+if [ -z "$AE" ]; then
+  [ -d "$OUT/pathldm/ae/autoencoder" ] || stage autoencoder histosynth train autoencoder --recipe vq-f4-tiny-cpu \
+    --data "$S" --out "$OUT/pathldm/ae"
+  AE=$OUT/pathldm/ae/autoencoder
+fi
+RECIPES=$(python -c 'import histosynth.recipes as r; print(r.RECIPE_DIR)')
+sed -e "s#path: runs/vq-f4-tiny/autoencoder#path: $AE#" -e "s#^patch_size: 256#patch_size: 64#" \
+  -e "s#^magnification: 40x#magnification: 20x#" -e "s#^  steps: 400#  steps: $LDM_STEPS#" \
+  -e "s#^  batch_size: 4#  batch_size: 16#" -e "s#^name: pathldm-tiny-cpu#name: pathldm-tiny-cpu-64#" \
+  "$RECIPES/pathldm-tiny-cpu.yaml" > "$OUT/pathldm/recipe.yaml"
+[ -d "$OUT/pathldm/run/pipeline" ] || stage pathldm histosynth train --recipe "$OUT/pathldm/recipe.yaml" --data "$S" \
+  --out "$OUT/pathldm/run"

@@ -1,0 +1,47 @@
+"""How many CPU threads torch uses: the cores actually free, not all of them.
+
+On a shared CPU, torch's default (one thread per core) oversubscribes: two torch processes with two threads each on
+two cores ran ten times slower than with one each (docs/benchmarks.md). So the commands that compute (train, sample,
+quickstart) start by counting the cores this process may use (its affinity) minus those busy with other work (the
+larger of the 1-minute load average and the processes running right now, this one excluded), shared among the
+processes of one ``accelerate launch``, at least one, and say so in one line. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+
+def running_others() -> int:
+    """Processes running right now besides this one ("running/total" of /proc/loadavg; 0 where there is none)."""
+    try:
+        with open("/proc/loadavg") as f:
+            return max(0, int(f.read().split()[3].split("/")[0]) - 1)
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+def free_cores() -> tuple[int, int, float]:
+    """(free cores ≥ 1 for this process, usable cores, busy cores) of this process's CPU affinity; processes started
+    together by ``accelerate launch`` (LOCAL_WORLD_SIZE) share the free cores."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    busy = max(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, float(running_others()))
+    local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
+    return max(1, min(cores, round(cores - busy)) // local_processes), cores, busy
+
+
+def configure_cpu_threads(echo=None) -> int:
+    """Set torch's intra-op threads to the free cores (unless ``OMP_NUM_THREADS`` is set) and say so through
+    ``echo(line)`` (default: stderr). Returns the thread count in use. Call before heavy work starts."""
+    import torch
+
+    if os.environ.get("OMP_NUM_THREADS"):
+        threads, line = torch.get_num_threads(), f"torch CPU threads: {torch.get_num_threads()} (OMP_NUM_THREADS)"
+    else:
+        threads, cores, busy = free_cores()
+        torch.set_num_threads(threads)
+        line = (f"torch CPU threads: {threads} of {cores} cores ({busy:.1f} busy with other work; set "
+                f"OMP_NUM_THREADS to choose)")
+    (echo or (lambda s: print(s, file=sys.stderr)))(line)
+    return threads

@@ -1,0 +1,45 @@
+"""The torch thread count is the free cores: busy cores (load or running processes) and accelerate's local processes
+share the CPU; OMP_NUM_THREADS set by the user is left alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from histosynth import cpu_threads
+
+
+@pytest.fixture
+def two_cores(monkeypatch):
+    monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    before = torch.get_num_threads()
+    yield monkeypatch
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("load,running,local,expected", [
+    (0.1, 0, None, 2),   # idle: both cores
+    (1.0, 0, None, 1),   # another job on one core (load average)
+    (0.0, 1, None, 1),   # another process started just now (not yet in the load average)
+    (2.5, 3, None, 1),   # all busy: still one
+    (0.0, 0, "2", 1),    # two processes of one accelerate launch share the two cores
+])
+def test_threads_are_the_free_cores(two_cores, load, running, local, expected):
+    two_cores.setattr(cpu_threads.os, "getloadavg", lambda: (load, load, load))
+    two_cores.setattr(cpu_threads, "running_others", lambda: running)
+    if local:
+        two_cores.setenv("LOCAL_WORLD_SIZE", local)
+    lines = []
+    assert cpu_threads.configure_cpu_threads(lines.append) == expected == torch.get_num_threads()
+    assert lines == [f"torch CPU threads: {expected} of 2 cores ({max(load, running):.1f} busy with other work; set "
+                     "OMP_NUM_THREADS to choose)"]
+
+
+def test_omp_num_threads_wins(two_cores):
+    two_cores.setenv("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    two_cores.setattr(cpu_threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
+    lines = []
+    assert cpu_threads.configure_cpu_threads(lines.append) == 1 and lines == ["torch CPU threads: 1 (OMP_NUM_THREADS)"]
