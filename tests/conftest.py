@@ -45,6 +45,18 @@ def hgsc_store(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(autouse=True)
+def torch_threads_restored():
+    """Commands run in-process (CliRunner) set torch's thread count for the work they start (cpu_threads); put it
+    back so that no later test trains with another count, and so other numerics, than it would alone."""
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    if torch.get_num_threads() != before:
+        torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """Tiny models run faster on one thread, and far faster on a shared, oversubscribed CPU

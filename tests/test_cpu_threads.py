@@ -19,22 +19,32 @@ def two_cores(monkeypatch):
     torch.set_num_threads(before)
 
 
-@pytest.mark.parametrize("load,running,local,expected", [
-    (0.1, 0, None, 2),   # idle: both cores
-    (1.0, 0, None, 1),   # another job on one core (load average)
-    (0.0, 1, None, 1),   # another process started just now (not yet in the load average)
-    (2.5, 3, None, 1),   # all busy: still one
-    (0.0, 0, "2", 1),    # two processes of one accelerate launch share the two cores
+@pytest.mark.parametrize("looks,local,expected", [
+    ([0, 0, 0, 0, 0], None, 2),   # idle: both cores
+    ([1, 1, 0, 1, 1], None, 1),   # another job on one core
+    ([0, 3, 0, 0, 2], None, 2),   # short blips (a shell, a cron job) are not jobs
+    ([3, 3, 3, 3, 3], None, 1),   # all busy: still one
+    ([0, 0, 0, 0, 0], "2", 1),    # two processes of one accelerate launch share the two cores
 ])
-def test_threads_are_the_free_cores(two_cores, load, running, local, expected):
-    two_cores.setattr(cpu_threads.os, "getloadavg", lambda: (load, load, load))
-    two_cores.setattr(cpu_threads, "running_others", lambda: running)
+def test_threads_are_the_free_cores(two_cores, looks, local, expected):
+    seen = iter(looks)
+    two_cores.setattr(cpu_threads, "running_others", lambda: next(seen))
+    two_cores.setattr(cpu_threads.os, "getloadavg", lambda: (2.0, 2.0, 2.0))  # our own past work: ignored
     if local:
         two_cores.setenv("LOCAL_WORLD_SIZE", local)
     lines = []
     assert cpu_threads.configure_cpu_threads(lines.append) == expected == torch.get_num_threads()
-    assert lines == [f"torch CPU threads: {expected} of 2 cores ({max(load, running):.1f} busy with other work; set "
+    busy = sorted(looks)[2]
+    assert lines == [f"torch CPU threads: {expected} of 2 cores ({busy:.1f} busy with other work; set "
                      "OMP_NUM_THREADS to choose)"]
+
+
+def test_running_others_excludes_this_process(monkeypatch, tmp_path):
+    loadavg = tmp_path / "loadavg"
+    loadavg.write_text("1.93 1.10 0.61 3/412 12345\n")
+    real_open = open
+    monkeypatch.setattr("builtins.open", lambda f, *a, **k: real_open(loadavg if f == "/proc/loadavg" else f, *a, **k))
+    assert cpu_threads.running_others() == 2
 
 
 def test_omp_num_threads_wins(two_cores):

@@ -3,14 +3,17 @@
 On a shared CPU, torch's default (one thread per core) oversubscribes: two torch processes with two threads each on
 two cores ran ten times slower than with one each (docs/benchmarks.md). So the commands that compute (train, sample,
 quickstart) start by counting the cores this process may use (its affinity) minus those busy with other work (the
-larger of the 1-minute load average and the processes running right now, this one excluded), shared among the
-processes of one ``accelerate launch``, at least one, and say so in one line. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
+tasks running right now besides this one, the median of a few looks 20 ms apart), shared among the processes of one
+``accelerate launch``, at least one, and say so in one line. Not the load average: it counts this process's own
+recent work (the previous command of a script, the test run itself) as another job and halved the threads. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
 """
 
 from __future__ import annotations
 
 import os
+import statistics
 import sys
+import time
 
 
 def running_others() -> int:
@@ -26,9 +29,18 @@ def free_cores() -> tuple[int, int, float]:
     """(free cores ≥ 1 for this process, usable cores, busy cores) of this process's CPU affinity; processes started
     together by ``accelerate launch`` (LOCAL_WORLD_SIZE) share the free cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = max(os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0, float(running_others()))
+    busy = float(statistics.median(_looks(running_others, 5, 0.02)))
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(cores, round(cores - busy)) // local_processes), cores, busy
+
+
+def _looks(read, n: int, pause_s: float) -> list[int]:
+    values = []
+    for i in range(n):
+        values.append(read())
+        if i < n - 1:
+            time.sleep(pause_s)
+    return values
 
 
 def configure_cpu_threads(echo=None) -> int:
