@@ -2,7 +2,7 @@
 reference code (CompVis latent-diffusion's openaimodel.UNetModel, cin256-v2 configuration with a 512-d context),
 alternating in one process (issue 13, item 5).
 
-    pip install einops   # the reference code needs it (not histosynth)
+    pip install einops omegaconf   # the reference code needs them (not histosynth)
     git clone https://github.com/CompVis/latent-diffusion /tmp/ldm-ref
     python benchmarks/unet_speed.py --reference /tmp/ldm-ref --variants fp32,channels-last,compile
 
@@ -10,6 +10,10 @@ Batch 2 of 64×64×3 latents, a 154×512 context (PathLDM's), fp32 unless a vari
 ``--repeats`` timings after one warm-up each; every variant of ours and the reference take turns in each repeat.
 Variants of ours: fp32 (as trained), channels-last (model and input in torch.channels_last), compile
 (torch.compile, inductor), bf16 (autocast: only where the CPU has native bf16, else emulated and slower).
+
+Also printed: the FLOPs of one forward (torch.utils.flop_counter; a multiply-add is 2 FLOPs) and the rate of this
+machine's fp32 matrix products (a 4096² matmul, the best the CPU's BLAS does), so each time reads as a fraction of what
+the cores can do: a time that would need more than that rate is out of reach without computing less.
 """
 
 from __future__ import annotations
@@ -70,6 +74,29 @@ def timings(call, params, batch: int, variant: str, backward: bool) -> float:
     return seconds
 
 
+def forward_flops(call, batch: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        call(torch.randn(batch, 3, 64, 64), torch.randint(0, 1000, (batch,)), torch.randn(batch, 154, 512))
+    return counter.get_total_flops()
+
+
+def matmul_rate(size: int = 4096, repeats: int = 5) -> float:
+    """fp32 FLOP/s of the best of ``repeats`` size² matrix products (the machine's attainable peak for dense work)."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = min(_timed(lambda: a @ b) for _ in range(repeats))
+    return 2 * size**3 / best
+
+
+def _timed(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", help="a checkout of CompVis/latent-diffusion (omit: ours only)")
@@ -92,10 +119,20 @@ def main() -> None:
         for name, ((unet, call), variant) in models.items():
             for phase, backward in (("forward", False), ("forward+backward", True)):
                 results[name][phase].append(timings(call, list(unet.parameters()), args.batch, variant, backward))
-    print(f"\n| model (batch {args.batch}, 64×64×3, 154×512 context) | forward s | forward + backward s |")
-    print("|---|---|---|")
+    peak = matmul_rate()
+    flops = {name: forward_flops(call, args.batch) for name, ((_, call), variant) in models.items() if variant != "compile"}
+    print(f"\nfp32 matmul (4096²): {peak / 1e9:.0f} GFLOP/s")
+    print(f"\n| model (batch {args.batch}, 64×64×3, 154×512 context) | forward GFLOP | forward s | GFLOP/s "
+          "| of matmul rate | forward + backward s |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {statistics.median(r['forward']):.2f} | {statistics.median(r['forward+backward']):.2f} |")
+        fwd = statistics.median(r["forward"])
+        f = flops.get(name, next(iter(flops.values())))
+        print(f"| {name} | {f / 1e9:.1f} | {fwd:.2f} | {f / fwd / 1e9:.0f} | {f / fwd / peak:.0%} "
+              f"| {statistics.median(r['forward+backward']):.2f} |")
+    fastest = next(iter(flops.values())) / peak
+    print(f"\nat the matmul rate, our forward's FLOPs take at least {fastest:.2f} s (forward + backward ≈ 3×: "
+          f"{3 * fastest:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -471,3 +471,85 @@ def test_sample_cli_writes_prompts_and_seeds_and_never_overwrites(store, vq_dir,
     assert bad.exit_code == 2 and "'heun' is not one of" in bad.output and "dpm-solver++" in bad.output
     masks = CliRunner().invoke(main, ["sample", "--model", str(tmp_path / "run"), "--masks", str(store), "--out", str(tmp_path / "m")])
     assert masks.exit_code == 2 and "--prompts" in masks.output
+
+
+def test_bf16_autocast_runs_the_unet_in_bf16_and_keeps_the_images():
+    """`sample --precision bf16`: the UNet's products run in bf16 (its output dtype), the scheduler's sample stays
+    float32, and the images are those of float32 up to bf16 rounding (mean |Δ| < 0.03 on [0, 1]), not garbage."""
+    from histosynth.pipelines.runtime import active_precision, precision
+
+    pipe = _class_pipeline()
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kw: (lambda out: seen.append((x.dtype, out.sample.dtype)) or out)(
+        forward(x, t, **kw))
+
+    def images():
+        return pipe([0, 3], num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0),
+                    progress=False).images
+
+    full = images()
+    assert seen[-1] == (torch.float32, torch.float32) and active_precision("cpu") == "fp32"
+    with precision("cpu", "bf16"):
+        assert active_precision("cpu") == "bf16"
+        low = images()
+    assert seen[-1] == (torch.float32, torch.bfloat16) and low.dtype == torch.float32
+    assert torch.isfinite(low).all() and 0 < (low - full).abs().mean() < 0.03
+    with pytest.raises(ValueError, match="precision must be one of"):
+        precision("cpu", "int8")
+
+
+def test_compiled_denoiser_gives_the_eager_images():
+    """`sample --compile`: pipe.unet becomes torch.compile's module (once), and the images are the eager ones."""
+    from histosynth.pipelines.runtime import compile_denoiser
+
+    pipe = _class_pipeline()
+
+    def images():
+        return pipe([1, 2], num_inference_steps=3, output_type="pt", generator=torch.Generator().manual_seed(5),
+                    progress=False).images
+
+    eager = images()
+    compiled_unet = compile_denoiser(pipe).unet
+    assert isinstance(compiled_unet, torch._dynamo.eval_frame.OptimizedModule)
+    assert compile_denoiser(pipe).unet is compiled_unet
+    torch.testing.assert_close(images(), eager, rtol=1e-4, atol=1e-4)
+
+
+def test_deep_cache_runs_the_deep_blocks_every_nth_step_and_starts_each_batch_afresh():
+    """DeepCache (`sample --deep-cache N`): interval 1 is the model itself; with N = 3 over 7 steps the deep blocks run
+    at steps 1, 4, 7 (3 of 7 UNet calls), the images stay near the uncached ones, a second call (the next batch)
+    starts with a full step (its images are those of a fresh run), and the UNet is restored afterwards."""
+    from histosynth.pipelines.runtime import active_deep_cache, deep_cache
+
+    pipe = _class_pipeline()
+    deep_calls = []
+    block = pipe.unet.up_blocks[0]
+    block_forward = block.forward
+    block.forward = lambda *a, **k: deep_calls.append(1) or block_forward(*a, **k)
+
+    def images(labels=(0, 3), seed=0):
+        return pipe(list(labels), num_inference_steps=7, output_type="pt", generator=torch.Generator().manual_seed(seed),
+                    progress=False).images
+
+    plain = images()
+    assert len(deep_calls) == 7
+    with deep_cache(pipe.unet, 1):
+        torch.testing.assert_close(images(), plain, rtol=0, atol=0)
+    deep_calls.clear()
+    with deep_cache(pipe.unet, 3) as cache:
+        assert active_deep_cache(pipe.unet) == 3
+        cached = images()
+        assert len(deep_calls) == 3 and cache.full_calls == 3
+        other = images((1, 2), seed=9)  # the next batch: its first step is full again
+        assert len(deep_calls) == 6
+    deep_calls.clear()
+    with deep_cache(pipe.unet, 3):
+        torch.testing.assert_close(images((1, 2), seed=9), other)  # = a fresh run: nothing kept from the batch before
+    assert 0 < (cached - plain).abs().mean() < 0.1
+    assert active_deep_cache(pipe.unet) == 1 and "forward" not in pipe.unet.__dict__
+    deep_calls.clear()
+    torch.testing.assert_close(images(), plain)
+    assert len(deep_calls) == 7
+    with pytest.raises(ValueError, match="interval must be at least 1"):
+        deep_cache(pipe.unet, 0)

@@ -242,3 +242,40 @@ def test_pathldm_prompts_over_two_processes_are_the_images_of_one(tmp_path, monk
     rows = [json.loads(x) for x in (tmp_path / "two" / "samples.jsonl").read_text().splitlines()]
     assert [r["seed"] for r in rows] == [3 * 1_000_003 + n for n in range(7)]
     assert _files(tmp_path / "two") == _files(tmp_path / "one")
+
+
+def test_precision_and_deep_cache_are_recorded_and_part_of_the_settings(nasdm_run, hgsc_store, one_process, tmp_path,
+                                                                        monkeypatch):
+    """`--precision bf16 --deep-cache 2` on NASDM's SemanticUNet: every row says so, the images differ from float32's
+    but not wildly; a killed plain run is not continued by a DeepCache rerun; --compile with --deep-cache is refused."""
+    out = tmp_path / "fast"
+    r = CliRunner().invoke(main, _args(nasdm_run, hgsc_store, out, "--precision", "bf16", "--deep-cache", "2"))
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    plain = [json.loads(line) for line in (one_process / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 7 and all(r["precision"] == "bf16" and r["deep_cache"] == 2 for r in rows)
+    assert not any("precision" in r or "deep_cache" in r for r in plain)
+    from PIL import Image
+
+    a = np.stack([np.asarray(Image.open(out / r["image"]), np.float32) for r in rows])
+    b = np.stack([np.asarray(Image.open(one_process / r["image"]), np.float32) for r in plain])
+    assert 0 < np.abs(a - b).mean() < 40
+
+    from histosynth.pipelines.nasdm import NASDMPipeline
+
+    calls, real_call = [], NASDMPipeline.__call__
+
+    def crash_on_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_call(self, *a, **k)
+
+    monkeypatch.setattr(NASDMPipeline, "__call__", crash_on_second)
+    r = CliRunner().invoke(main, _args(nasdm_run, hgsc_store, tmp_path / "cut"))  # plain, one batch finished
+    assert isinstance(r.exception, RuntimeError)
+    monkeypatch.setattr(NASDMPipeline, "__call__", real_call)
+    r = CliRunner().invoke(main, _args(nasdm_run, hgsc_store, tmp_path / "cut", "--deep-cache", "2"))
+    assert r.exit_code == 2 and "other settings (deep_cache)" in r.output, r.output
+    r = CliRunner().invoke(main, _args(nasdm_run, hgsc_store, tmp_path / "c", "--compile", "--deep-cache", "2"))
+    assert r.exit_code != 0 and "use one" in r.output, r.output

@@ -3,6 +3,7 @@ HistoSmith on counts, ZoomLDM at magnifications, DISC on region masks)."""
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import click
@@ -52,12 +53,20 @@ __all__ = ["sample"]
                    "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith, ZoomLDM "
                    "and DISC the recipe's: 1.75, 2.0, 1.75, 1.75).")
 @click.option("--steps", type=int, default=None,
-              help="Denoising steps, exactly this many are run (default NASDM 250, PathLDM, HistoSmith and ZoomLDM "
+              help="Denoising steps, exactly this many are run (default NASDM 50 (paper 250), PathLDM, HistoSmith and ZoomLDM "
                    "the recipe's: 50; DISC the recipe's: 200, tiny 50).")
 @click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
               help="Sampling scheduler, any model: swapped in on the model's trained noise schedule (one UNet pass per "
                    "step, two with guidance). Default: the model's own (NASDM: ddpm; the latent models: their "
                    "recipe's, ddim). dpm-solver++ is DPM-Solver++(2M); see docs/benchmarks.md for quality vs steps.")
+@click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
+              help="Autocast the models to bf16/fp16 (a GPU's tensor cores; weights stay fp32). Recorded in the "
+                   "manifest. On a CPU without native bf16 it is slower, not faster.")
+@click.option("--compile", "compile_unet", is_flag=True,
+              help="torch.compile the denoiser (the first batch pays the compilation; worth it for long runs).")
+@click.option("--deep-cache", "deep_cache_interval", type=click.IntRange(min=1), default=1, show_default=True,
+              help="DeepCache: run the whole UNet every N-th step only, reusing its deep features in between "
+                   "(1 = off; quality cost in docs/benchmarks.md). Recorded in the manifest.")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--batch-size", default=16, show_default=True)
 @click.option("--device", default=None, help="torch device (default: cuda if available).")
@@ -65,7 +74,8 @@ __all__ = ["sample"]
 @click.option("--overwrite", is_flag=True)
 @user_errors
 def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, regions,
-           separated, split, num, guidance, steps, scheduler, seed, batch_size, device, out, overwrite):
+           separated, split, num, guidance, steps, scheduler, precision, compile_unet, deep_cache_interval, seed, batch_size,
+           device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
     ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones), DISC on
@@ -78,6 +88,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
     from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.methods import load_pipeline, method_of_model
+    from histosynth.pipelines.runtime import compile_denoiser, deep_cache, precision as run_precision
     from histosynth.sampling.writer import process_state
 
     state = process_state()  # under `accelerate launch`: this process's share of the batches, on its device
@@ -99,12 +110,18 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
                               f"(and no {other})", model)
     if device == "cpu":
         configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
+    if compile_unet and deep_cache_interval > 1:
+        raise HistosynthError("--compile and --deep-cache change the UNet's forward each in their own way: use one")
     _, pipe = load_pipeline(model, device)
+    if compile_unet:
+        compile_denoiser(pipe)
     settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "scheduler": scheduler}
     settings = {k: v for k, v in settings.items() if v is not None}
     if split is not None:
         settings["split"] = None if split == "all" else split
-    method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
+    cache = deep_cache(pipe.unet, deep_cache_interval) if deep_cache_interval > 1 else contextlib.nullcontext()
+    with run_precision(device, precision), cache:
+        method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
     if state.is_main_process:
         click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
 

@@ -43,4 +43,5 @@ def train(what, recipe, data, out, max_steps, resume, overwrite):
                               f" (method {loaded.method!r}), not {'an autoencoder' if what == 'autoencoder' else 'a diffusion model'}")
     task = method.task(loaded, data)
     result = fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
-    click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s")
+    click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s, "
+               f"{result.data_wait_fraction:.0%} of the time waiting for data")

@@ -123,7 +123,7 @@ def guidance_sweep(
     param: str = "guidance",
     *,
     num: int | None = 16,
-    steps: int = 250,
+    steps: int = 50,
     guidance: float = 2.0,
     scheduler: str | None = None,
     seed: int = 0,

@@ -34,6 +34,7 @@ from PIL import Image
 
 from histosynth.atomic import atomic_folder
 from histosynth.errors import DiskFullError, HistosynthError, OutputExistsError, is_disk_full, tree_bytes
+from histosynth.pipelines.runtime import active_deep_cache, active_precision
 from histosynth.viz import save_grid
 
 MANIFEST = "samples.jsonl"
@@ -81,8 +82,12 @@ def process_state():
 
 def run_settings(pipe, arguments: dict) -> dict:
     """The settings a resumed run must share with the run it continues: a sampler's arguments (``locals()`` as its
-    first statement; not ``pipe``, ``out``, ``overwrite``, ``progress``) and the model (:func:`model_identity`)."""
-    return {"model": model_identity(pipe), **{k: _plain(v) for k, v in arguments.items() if k not in _NOT_SETTINGS}}
+    first statement; not ``pipe``, ``out``, ``overwrite``, ``progress``), the model (:func:`model_identity`), the
+    precision and the DeepCache interval in force (``sample --precision``, ``--deep-cache``:
+    :mod:`histosynth.pipelines.runtime`)."""
+    return {"model": model_identity(pipe), "precision": active_precision(pipe.device),
+            "deep_cache": active_deep_cache(pipe.unet) if hasattr(pipe, "unet") else 1,
+            **{k: _plain(v) for k, v in arguments.items() if k not in _NOT_SETTINGS}}
 
 
 def model_identity(pipe) -> dict:
@@ -262,6 +267,11 @@ class SampleWriter:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
         line = {"name": name, "image": f"images/{name}.png", **row}
+        if self.resumable:  # the row says when it was not made by the plain float32 model
+            if self.settings.get("precision", "fp32") != "fp32":
+                line["precision"] = self.settings["precision"]
+            if self.settings.get("deep_cache", 1) != 1:
+                line["deep_cache"] = self.settings["deep_cache"]
         panels = grid if grid is not None else [image]
         if self.resumable:
             self._rows.append(line)

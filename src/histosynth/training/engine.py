@@ -44,6 +44,7 @@ class TrainResult:
     step: int
     last_loss: float
     images_per_second: float
+    data_wait_fraction: float = 0.0  # of the wall time, spent waiting for the next batch (> a few % = loader-bound)
 
 
 @dataclass
@@ -174,16 +175,20 @@ def _optimise(engine: Engine, loss: torch.Tensor) -> None:
     optimizer.zero_grad(set_to_none=True)
 
 
-def _one_step(engine: Engine, task: TrainingTask, batches, step: int) -> tuple[dict[str, float], int]:
-    """One optimisation step over its micro-batches: the mean of each logged term over them (and processes)."""
+def _one_step(engine: Engine, task: TrainingTask, batches, step: int) -> tuple[dict[str, float], int, float]:
+    """One optimisation step over its micro-batches: the mean of each logged term over them (and processes), the
+    images seen, and the seconds spent waiting for batches (the loader starving the step)."""
     acc, cfg = engine.accelerator, engine.cfg
     ga, nproc, rank = cfg.gradient_accumulation_steps, acc.num_processes, acc.process_index
     sums: dict[str, float] = {}
-    seen = 0
+    seen, waited = 0, 0.0
     for a in range(ga):
         g = step_generator(cfg.seed, (step * ga + a) * nproc + rank)
         with acc.accumulate(engine.model):
-            loss, terms, n = task.micro_loss(engine.model, next(batches), g, step)
+            start = time.perf_counter()
+            batch = next(batches)
+            waited += time.perf_counter() - start
+            loss, terms, n = task.micro_loss(engine.model, batch, g, step)
             _check_finite(loss, terms, step, engine.run)
             _optimise(engine, loss)
         logged = torch.stack([loss.detach().float(), *(torch.as_tensor(v).detach().float().to(loss.device)
@@ -194,7 +199,7 @@ def _one_step(engine: Engine, task: TrainingTask, batches, step: int) -> tuple[d
             sums[key] = sums.get(key, 0.0) + value / ga
         seen += n * nproc
     engine.ema.step(engine.unwrapped.parameters())
-    return sums, seen
+    return sums, seen, waited
 
 
 def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total: int, progress: bool) -> TrainResult:
@@ -203,27 +208,30 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
     acc, cfg, run = engine.accelerator, engine.cfg, engine.run
     bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_local_main_process), desc="train", unit="step")
     log = open(run / LOSSES, "a") if acc.is_main_process else None
-    t0, seen, loss_value = time.perf_counter(), 0, float("nan")
+    t0, seen, waited, loss_value = time.perf_counter(), 0, 0.0, float("nan")
     try:
         while step < total:
             stage = task.stage_of(step)
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged before the scheduler moves it)
-            sums, n = _one_step(engine, task, batches, step)
-            step, seen, loss_value = step + 1, seen + n, sums["loss"]
+            sums, n, wait = _one_step(engine, task, batches, step)
+            step, seen, waited, loss_value = step + 1, seen + n, waited + wait, sums["loss"]
             if log is not None:
                 row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
                 _log_row(log, engine, json.dumps({**row, "stage": stage} if stage is not None else row))
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
+                elapsed = time.perf_counter() - t0
                 bar.set_postfix(loss=f"{loss_value:.4f}", **({"stage": stage} if stage else {}),
-                                img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+                                img_s=f"{seen / elapsed:.1f}", data=f"{waited / elapsed:.0%}")
             if step % cfg.checkpoint_every == 0 or step == total:
                 save_checkpoint(engine, task, step)
     finally:
         bar.close()
         if log is not None:
             log.close()
-    return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / max(time.perf_counter() - t0, 1e-9))
+    elapsed = max(time.perf_counter() - t0, 1e-9)
+    return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / elapsed,
+                       data_wait_fraction=waited / elapsed)
 
 
 def _log_row(log, engine: Engine, line: str) -> None:
