@@ -89,7 +89,7 @@ def main() -> None:
     for scheduler, steps, seed, interval in dict.fromkeys(todo):
         row = done.get((scheduler, steps, seed, interval))
         if row is None:
-            from histosynth.pipelines.runtime import deep_cache
+            from histosynth.diffusion.runtime import deep_cache
 
             cache = deep_cache(pipe.unet, interval) if interval > 1 else contextlib.nullcontext()
             with cache:

@@ -12,6 +12,7 @@ from histosynth import cpu_threads
 @pytest.fixture
 def two_cores(monkeypatch):
     monkeypatch.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: {0, 1})
+    monkeypatch.setattr(cpu_threads.os, "cpu_count", lambda: 2)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     before = torch.get_num_threads()
@@ -53,3 +54,10 @@ def test_omp_num_threads_wins(two_cores):
     two_cores.setattr(cpu_threads.os, "getloadavg", lambda: (0.0, 0.0, 0.0))
     lines = []
     assert cpu_threads.configure_cpu_threads(lines.append) == 1 and lines == ["torch CPU threads: 1 (OMP_NUM_THREADS)"]
+
+
+def test_a_process_limited_to_some_cores_of_a_busy_host_takes_its_cores(two_cores):
+    """In a container (cpuset) on a 64-core host, the host's 30 running tasks run elsewhere: both of ours are free."""
+    two_cores.setattr(cpu_threads.os, "cpu_count", lambda: 64)
+    two_cores.setattr(cpu_threads, "running_others", lambda: 30)
+    assert cpu_threads.configure_cpu_threads(lambda line: None) == 2

@@ -175,5 +175,6 @@ def test_the_engine_reports_the_time_it_waits_for_data(hgsc_store, tmp_path):
 
     fast = fit(ToyTask(recipe, hgsc_store, progress=False), tmp_path / "fast", progress=False)
     slow = fit(SlowToyTask(recipe, hgsc_store, progress=False), tmp_path / "slow", progress=False)
-    assert slow.data_wait_fraction > 0.5 and fast.data_wait_fraction < slow.data_wait_fraction - 0.3
+    assert slow.data_wait_seconds >= 6 * 0.2 and fast.data_wait_seconds < 0.5  # 6 batches of 2 items of 100 ms
+    assert slow.data_wait_fraction > 0.3 and fast.data_wait_fraction < slow.data_wait_fraction - 0.2
     assert slow.images_per_second < fast.images_per_second

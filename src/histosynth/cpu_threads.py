@@ -4,7 +4,8 @@ On a shared CPU, torch's default (one thread per core) oversubscribes: two torch
 two cores ran ten times slower than with one each (docs/benchmarks.md). So the commands that compute (train, sample,
 quickstart) start by counting the cores this process may use (its affinity) minus those busy with other work (the
 tasks running right now besides this one, the median of a few looks 20 ms apart), shared among the processes of one
-``accelerate launch``, at least one, and say so in one line. Not the load average: it counts this process's own
+``accelerate launch``, at least one, and say so in one line. When this process may use only some of the host's cores
+(a container's cpuset, taskset), the host-wide count says nothing about those cores and they are all taken. Not the load average: it counts this process's own
 recent work (the previous command of a script, the test run itself) as another job and halved the threads. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
 """
 
@@ -29,7 +30,10 @@ def free_cores() -> tuple[int, int, float]:
     """(free cores ≥ 1 for this process, usable cores, busy cores) of this process's CPU affinity; processes started
     together by ``accelerate launch`` (LOCAL_WORLD_SIZE) share the free cores."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    busy = float(statistics.median(_looks(running_others, 5, 0.02)))
+    # the running count is the whole host's: it says how busy our cores are only when they are all the host's cores
+    # (in a container or under taskset limited to some cores, the others' work is elsewhere: take ours as free)
+    host = os.cpu_count() or cores
+    busy = float(statistics.median(_looks(running_others, 5, 0.02))) if cores >= host else 0.0
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(cores, round(cores - busy)) // local_processes), cores, busy
 

@@ -60,7 +60,8 @@ __all__ = ["sample"]
                    "step, two with guidance). Default: the model's own (NASDM: ddpm; the latent models: their "
                    "recipe's, ddim). dpm-solver++ is DPM-Solver++(2M); see docs/benchmarks.md for quality vs steps.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Autocast the models to bf16/fp16 (a GPU's tensor cores; weights stay fp32). Recorded in the "
+              help="Autocast the denoiser (UNet) to bf16/fp16 (a GPU's tensor cores; weights, decoding and the scheduler "
+                   "stay fp32). Recorded in the "
                    "manifest. On a CPU without native bf16 it is slower, not faster.")
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile the denoiser (the first batch pays the compilation; worth it for long runs).")
@@ -88,7 +89,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
     from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.methods import load_pipeline, method_of_model
-    from histosynth.pipelines.runtime import compile_denoiser, deep_cache, precision as run_precision
+    from histosynth.diffusion.runtime import compile_denoiser, deep_cache, precision as run_precision
     from histosynth.sampling.writer import process_state
 
     state = process_state()  # under `accelerate launch`: this process's share of the batches, on its device
@@ -120,7 +121,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     if split is not None:
         settings["split"] = None if split == "all" else split
     cache = deep_cache(pipe.unet, deep_cache_interval) if deep_cache_interval > 1 else contextlib.nullcontext()
-    with run_precision(device, precision), cache:
+    with run_precision(precision), cache:
         method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
     if state.is_main_process:
         click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))

@@ -38,7 +38,7 @@ def denoise_latents(unet, scheduler: SchedulerMixin, num_inference_steps: int, b
         x_in = torch.cat([x, x]) if do_guidance else x
         if concat is not None:
             x_in = torch.cat([x_in, concat], dim=1)
-        eps = unet(x_in, t, **conditions).sample
+        eps = unet(x_in, t, **conditions).sample.to(x.dtype)  # guidance in the sample's dtype (not autocast's)
         return classifier_free_guidance(*eps.chunk(2), guidance_scale) if do_guidance else eps
 
     return denoise(predict, scheduler, num_inference_steps, latents, eta=eta, generator=generator,

@@ -14,6 +14,7 @@ from collections.abc import Callable
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
+from histosynth.diffusion.runtime import denoiser_autocast
 from histosynth.diffusion.schedulers import scheduler_name
 from histosynth.errors import HistosynthError
 
@@ -91,7 +92,10 @@ def denoise(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sched
     extra = step_kwargs(scheduler, eta, generator)
     x = noise * scheduler.init_noise_sigma
     for t in progress_bar(scheduler.timesteps) if progress_bar is not None else scheduler.timesteps:
-        x = scheduler.step(predict(scheduler.scale_model_input(x, t), t), t, x, **extra).prev_sample
+        with denoiser_autocast(x.device):  # `with precision("bf16")` (runtime): the UNet only
+            out = predict(scheduler.scale_model_input(x, t), t)
+        # the step in the sample's dtype: several schedulers cast their result to the model output's dtype
+        x = scheduler.step(out.to(x.dtype), t, x, **extra).prev_sample
         if after_step is not None:
             x = after_step(x)
     return x

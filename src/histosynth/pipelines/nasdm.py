@@ -102,7 +102,7 @@ class NASDMPipeline(DiffusionPipeline):
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             x_in = torch.cat([x, x]) if do_guidance else x
-            out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond)
+            out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond).to(x.dtype)  # guidance in the sample's dtype
             if do_guidance:
                 out_c, out_u = out.chunk(2)
                 out = guided_model_output(out_u, out_c, guidance_scale, in_ch)

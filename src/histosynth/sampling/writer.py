@@ -34,7 +34,7 @@ from PIL import Image
 
 from histosynth.atomic import atomic_folder
 from histosynth.errors import DiskFullError, HistosynthError, OutputExistsError, is_disk_full, tree_bytes
-from histosynth.pipelines.runtime import active_deep_cache, active_precision
+from histosynth.diffusion.runtime import active_deep_cache, active_precision
 from histosynth.viz import save_grid
 
 MANIFEST = "samples.jsonl"
@@ -84,9 +84,11 @@ def run_settings(pipe, arguments: dict) -> dict:
     """The settings a resumed run must share with the run it continues: a sampler's arguments (``locals()`` as its
     first statement; not ``pipe``, ``out``, ``overwrite``, ``progress``), the model (:func:`model_identity`), the
     precision and the DeepCache interval in force (``sample --precision``, ``--deep-cache``:
-    :mod:`histosynth.pipelines.runtime`)."""
-    return {"model": model_identity(pipe), "precision": active_precision(pipe.device),
-            "deep_cache": active_deep_cache(pipe.unet) if hasattr(pipe, "unet") else 1,
+    :mod:`histosynth.diffusion.runtime`)."""
+    speed = {"precision": active_precision(), "deep_cache": active_deep_cache(getattr(pipe, "unet", None))}
+    # only when not the plain model's, so a partial run written before these settings existed still continues
+    speed = {k: v for k, v in speed.items() if v != {"precision": "fp32", "deep_cache": 1}[k]}
+    return {"model": model_identity(pipe), **speed,
             **{k: _plain(v) for k, v in arguments.items() if k not in _NOT_SETTINGS}}
 
 

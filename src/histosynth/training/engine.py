@@ -45,6 +45,7 @@ class TrainResult:
     last_loss: float
     images_per_second: float
     data_wait_fraction: float = 0.0  # of the wall time, spent waiting for the next batch (> a few % = loader-bound)
+    data_wait_seconds: float = 0.0
 
 
 @dataclass
@@ -231,7 +232,7 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
             log.close()
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / elapsed,
-                       data_wait_fraction=waited / elapsed)
+                       data_wait_fraction=waited / elapsed, data_wait_seconds=waited)
 
 
 def _log_row(log, engine: Engine, line: str) -> None:

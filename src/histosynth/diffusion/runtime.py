@@ -1,13 +1,13 @@
-"""How a pipeline runs, for every method alike: numeric precision and a compiled denoiser (issue 13, item 2).
+"""How the denoiser runs, for every method alike: precision, compilation and DeepCache (issue 13, item 2).
 
-* ``precision("cuda", "bf16")``: a context in which the matrix products and convolutions run under torch autocast
-  (weights stay float32; the scheduler's arithmetic stays float32, as the model output is promoted when it meets the
-  float32 sample). ``"fp32"`` is no autocast at all. On a CPU without native bf16 (AVX2 only) bf16 is emulated and
-  slower: it exists there for checking, not for speed (docs/benchmarks.md).
+* ``with precision("bf16"): ...``: every denoiser (UNet) call of :func:`~histosynth.diffusion.sampling_loop.denoise`
+  in the block runs under torch autocast on its device (:func:`denoiser_autocast`); its output is cast back to the
+  sample's float32 before guidance and the scheduler's step, and everything else (the VAE's decoding, conditioners,
+  ZoomLDM's condition sampler) stays float32, where fp16 would overflow. ``"fp32"`` is no autocast. On a CPU without
+  native bf16 (AVX2 only) bf16 is emulated and slower: it exists there for checking, not for speed.
+* ``active_precision()``: the precision in force (recorded by the sample writer in a run's settings and rows).
 * ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); the first batch pays the
   compilation, later ones run the compiled graph. The images are those of the eager model up to float rounding.
-* ``active_precision(device)``: the precision in force now (``"bf16"``, ``"fp16"`` or ``"fp32"``), which the sample
-  writer records in a run's settings and manifest.
 * ``deep_cache(unet, interval)``: DeepCache (Ma et al., CVPR 2024, Sec. 3.2-3.3, uniform 1:N strategy with the skip
   branch at the shallowest level): the whole UNet runs every ``interval``-th step; in between only its first down
   block and last up block run and the deeper blocks' outputs are those of the last full step. Works on any UNet
@@ -18,47 +18,48 @@
 from __future__ import annotations
 
 import contextlib
+import contextvars
 
 import torch
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_NAMES = {torch.bfloat16: "bf16", torch.float16: "fp16"}
+_PRECISION = contextvars.ContextVar("histosynth_precision", default="fp32")
 
 
-def _device_type(device) -> str:
-    return torch.device(device).type
-
-
-def precision(device, name: str = "fp32") -> contextlib.AbstractContextManager:
-    """A context running the work on ``device`` (``torch.device`` or its string) at precision ``name``.
+@contextlib.contextmanager
+def precision(name: str = "fp32"):
+    """A block whose denoiser calls run at precision ``name`` (``"fp32"``, ``"bf16"`` or ``"fp16"``).
 
     Raises:
         ValueError: ``name`` is not one of ``PRECISIONS``.
     """
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
-    dtype = PRECISIONS[name]
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(_device_type(device), dtype=dtype)
+    token = _PRECISION.set(name)
+    try:
+        yield
+    finally:
+        _PRECISION.reset(token)
 
 
-def active_precision(device) -> str:
-    """``"bf16"`` / ``"fp16"`` inside :func:`precision`'s autocast for this device's type, else ``"fp32"``."""
-    kind = _device_type(device)
-    if not torch.is_autocast_enabled(kind):
-        return "fp32"
-    return _NAMES.get(torch.get_autocast_dtype(kind), str(torch.get_autocast_dtype(kind)))
+def active_precision() -> str:
+    """The precision of the enclosing :func:`precision` block (``"fp32"`` outside any)."""
+    return _PRECISION.get()
 
 
-def compile_denoiser(pipe, *, mode: str | None = None, dynamic: bool | None = None):
-    """Replace ``pipe.unet`` by ``torch.compile(pipe.unet, mode=mode, dynamic=dynamic)`` and return ``pipe``.
+def denoiser_autocast(device) -> contextlib.AbstractContextManager:
+    """torch autocast on ``device``'s type at the active precision, or nothing at fp32."""
+    dtype = PRECISIONS[_PRECISION.get()]
+    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
 
-    ``mode``: torch.compile's (None = "default"; "max-autotune" on a GPU for long runs). A pipeline whose denoiser is
-    already compiled is left as it is.
+
+def compile_denoiser(pipe, *, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor"):
+    """Replace ``pipe.unet`` by ``torch.compile(pipe.unet, mode=mode, dynamic=dynamic, backend=backend)``; return
+    ``pipe``. ``mode``: torch.compile's (None = "default"; "max-autotune" on a GPU for long runs). A pipeline whose
+    denoiser is already compiled is left as it is.
     """
     if not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
-        pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=dynamic)
+        pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=dynamic, backend=backend)
     return pipe
 
 
@@ -71,8 +72,12 @@ class deep_cache:  # noqa: N801 (a context manager, used as a function)
     model itself. The UNet is restored on exit. ``unet.deep_cache_interval`` says the interval in force (the sample
     writer records it).
 
+    The step decision reads the timestep, so it assumes what every pipeline here does: one UNet call per step (guidance
+    batched), timesteps decreasing within a trajectory.
+
     Raises:
-        ValueError: interval < 1, or a UNet without ``down_blocks`` / ``up_blocks`` of at least two levels.
+        ValueError: interval < 1, a UNet without ``down_blocks`` / ``up_blocks`` of at least two levels, a compiled
+            UNet (torch.compile traced the forward this replaces), or one already under ``deep_cache``.
     """
 
     def __init__(self, unet, interval: int):
@@ -81,10 +86,13 @@ class deep_cache:  # noqa: N801 (a context manager, used as a function)
         if len(getattr(unet, "down_blocks", ())) < 2 or len(getattr(unet, "up_blocks", ())) < 2:
             raise ValueError(f"DeepCache needs a UNet with down_blocks and up_blocks of two levels or more, got "
                              f"{type(unet).__name__}")
-        self.unet, self.interval = getattr(unet, "_orig_mod", unet), interval
-        deep = [*unet.down_blocks[1:], *([unet.mid_block] if getattr(unet, "mid_block", None) else []),
-                *unet.up_blocks[:-1]]
-        self.deep = [getattr(b, "_orig_mod", b) for b in deep]
+        if isinstance(unet, torch._dynamo.eval_frame.OptimizedModule):
+            raise ValueError("DeepCache cannot patch a torch.compile'd UNet: use one or the other")
+        if hasattr(unet, "deep_cache_interval"):
+            raise ValueError("this UNet is already under deep_cache")
+        self.unet, self.interval = unet, interval
+        self.deep = [*unet.down_blocks[1:], *([unet.mid_block] if getattr(unet, "mid_block", None) else []),
+                     *unet.up_blocks[:-1]]
         self.full_calls = 0  # how many steps ran the whole UNet (for tests and benchmarks)
 
     def __enter__(self):
@@ -128,4 +136,4 @@ class deep_cache:  # noqa: N801 (a context manager, used as a function)
 
 def active_deep_cache(unet) -> int:
     """The DeepCache interval in force on ``unet`` (1 = none)."""
-    return int(getattr(getattr(unet, "_orig_mod", unet), "deep_cache_interval", 1))
+    return int(getattr(unet, "deep_cache_interval", 1))
