@@ -7,12 +7,7 @@ set -euo pipefail
 CONSEP=${1:-../shared/data/consep}
 OUT=${2:-runs/histosmith-consep}
 mkdir -p "$OUT"
-export TQDM_DISABLE=1
-stage() {  # stage NAME COMMAND...: run, then print wall seconds and peak memory
-  local name=$1; shift
-  /usr/bin/time -f "$name: %e s wall, peak RSS %M KiB" -o "$OUT/$name.time" "$@" > "$OUT/$name.log" 2>&1
-  cat "$OUT/$name.time"
-}
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: logged, timed, peak memory
 sed "s#path: runs/histosmith-vq-tiny#path: $OUT/ae#" "$(python -c 'import histosynth.recipes as r; print(r.RECIPE_DIR)')/histosmith-tiny-cpu.yaml" > "$OUT/histosmith-tiny-cpu.yaml"
 python -c "import sys; sys.path.insert(0, 'benchmarks'); from machine_info import machine; print('machine:', machine())"
 stage prepare histosynth prepare nuclei "$CONSEP" --format consep --out "$OUT/consep-256" --patch 256 --magnification 40x --overwrite

@@ -10,12 +10,7 @@ SRC=${1:-../shared/data/consep}
 OUT=${2:-runs/steps}
 LDM_STEPS=${3:-1500}
 mkdir -p "$OUT/pathldm"
-export TQDM_DISABLE=1
-stage() {  # stage NAME COMMAND...: run, then print wall seconds and peak memory
-  local name=$1; shift
-  /usr/bin/time -f "$name: %e s wall, peak RSS %M KiB" -o "$OUT/$name.time" "$@" > "$OUT/$name.log" 2>&1
-  cat "$OUT/$name.time"
-}
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: logged, timed, peak memory
 [ -d "$OUT/quickstart/run" ] || stage quickstart histosynth quickstart --out "$OUT/quickstart" --overwrite
 S="$OUT/pathldm/consep-64"
 [ -f "$S/store.json" ] || stage prepare histosynth prepare nuclei --format consep "$SRC" --out "$S" --patch 64 \

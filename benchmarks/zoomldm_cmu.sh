@@ -11,12 +11,7 @@ OUT=${2:-runs/zoomldm-cmu}
 STEPS=${3:-300}
 LEVELS=20x,10x,5x,2.5x
 mkdir -p "$OUT"
-export TQDM_DISABLE=1
-stage() {  # stage NAME COMMAND...: run, then print wall seconds and peak memory
-  local name=$1; shift
-  /usr/bin/time -f "$name: %e s wall, peak RSS %M KiB" -o "$OUT/$name.time" "$@" > "$OUT/$name.log" 2>&1
-  cat "$OUT/$name.time"
-}
+source "$(dirname "$0")/stage.sh"  # stage NAME COMMAND...: logged, timed, peak memory
 RECIPES=$(python -c 'import histosynth.recipes as r; print(r.RECIPE_DIR)')
 sed -e "s#path: runs/vq-f4-tiny/autoencoder#path: $OUT/ae/autoencoder#" -e "s#steps: 300#steps: $STEPS#" \
   "$RECIPES/zoomldm-tiny-cpu.yaml" > "$OUT/zoomldm.yaml"

@@ -61,8 +61,7 @@ __all__ = ["sample"]
                    "recipe's, ddim). dpm-solver++ is DPM-Solver++(2M); see docs/benchmarks.md for quality vs steps.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
               help="Autocast the denoiser (UNet) to bf16/fp16 (a GPU's tensor cores; weights, decoding and the scheduler "
-                   "stay fp32). Recorded in the "
-                   "manifest. On a CPU without native bf16 it is slower, not faster.")
+                   "stay fp32). Recorded in the manifest. On a CPU without native bf16 it is slower, not faster.")
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile the denoiser (the first batch pays the compilation; worth it for long runs).")
 @click.option("--deep-cache", "deep_cache_interval", type=click.IntRange(min=1), default=1, show_default=True,

@@ -8,9 +8,9 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.diffusion.guidance import classifier_free_guidance
-from histosynth.diffusion.sampling_loop import check_num_steps, denoise
+from histosynth.diffusion.sampling_loop import denoise
 
-__all__ = ["check_num_steps", "denoise_latents"]
+__all__ = ["denoise_latents"]
 
 
 def denoise_latents(unet, scheduler: SchedulerMixin, num_inference_steps: int, batch: int, guidance_scale: float, *,

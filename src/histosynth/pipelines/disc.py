@@ -30,7 +30,8 @@ from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from histosynth.diffusion.latent_sampling import check_num_steps, denoise_latents
+from histosynth.diffusion.latent_sampling import denoise_latents
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.errors import HistosynthError
 from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_masks
 from histosynth.pipelines.loading import pipeline_directory

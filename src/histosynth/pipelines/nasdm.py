@@ -32,6 +32,7 @@ from histosynth.diffusion.sampling_loop import denoise, uses_learned_variance
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
 
+
 @dataclass
 class NASDMPipelineOutput(BaseOutput):
     images: np.ndarray | torch.Tensor  # (B, H, W, 3) uint8 for "np", (B, 3, H, W) in [-1, 1] for "pt"

@@ -33,8 +33,8 @@ import numpy as np
 from PIL import Image
 
 from histosynth.atomic import atomic_folder
-from histosynth.errors import DiskFullError, HistosynthError, OutputExistsError, is_disk_full, tree_bytes
 from histosynth.diffusion.runtime import active_deep_cache, active_precision
+from histosynth.errors import DiskFullError, HistosynthError, OutputExistsError, is_disk_full, tree_bytes
 from histosynth.viz import save_grid
 
 MANIFEST = "samples.jsonl"
@@ -85,9 +85,10 @@ def run_settings(pipe, arguments: dict) -> dict:
     first statement; not ``pipe``, ``out``, ``overwrite``, ``progress``), the model (:func:`model_identity`), the
     precision and the DeepCache interval in force (``sample --precision``, ``--deep-cache``:
     :mod:`histosynth.diffusion.runtime`)."""
-    speed = {"precision": active_precision(), "deep_cache": active_deep_cache(getattr(pipe, "unet", None))}
-    # only when not the plain model's, so a partial run written before these settings existed still continues
-    speed = {k: v for k, v in speed.items() if v != {"precision": "fp32", "deep_cache": 1}[k]}
+    # each only when not the plain model's, so a partial run written before these settings existed still continues
+    precision, interval = active_precision(), active_deep_cache(getattr(pipe, "unet", None))
+    speed = {**({"precision": precision} if precision != "fp32" else {}),
+             **({"deep_cache": interval} if interval != 1 else {})}
     return {"model": model_identity(pipe), **speed,
             **{k: _plain(v) for k, v in arguments.items() if k not in _NOT_SETTINGS}}
 
@@ -269,11 +270,8 @@ class SampleWriter:
             path.parent.mkdir(exist_ok=True)
             Image.fromarray(array).save(path)
         line = {"name": name, "image": f"images/{name}.png", **row}
-        if self.resumable:  # the row says when it was not made by the plain float32 model
-            if self.settings.get("precision", "fp32") != "fp32":
-                line["precision"] = self.settings["precision"]
-            if self.settings.get("deep_cache", 1) != 1:
-                line["deep_cache"] = self.settings["deep_cache"]
+        if self.resumable:  # the row says when it was not made by the plain float32 model (run_settings)
+            line.update({k: self.settings[k] for k in ("precision", "deep_cache") if k in self.settings})
         panels = grid if grid is not None else [image]
         if self.resumable:
             self._rows.append(line)
