@@ -128,8 +128,8 @@ def test_augment_trains_both_arms_on_the_asked_ratio(small_store, tmp_path):
     assert res.exit_code == 0, res.output
     result = json.loads((out / "augment.json").read_text())
     assert result["synthetic_pairs"] == 12 and result["real_train_patches"] == 24
-    real_info = json.loads((out / "real" / "segmenter.json").read_text())
-    mixed_info = json.loads((out / "real+synthetic" / "segmenter.json").read_text())
+    real_info = json.loads((out / "real" / "segmenter" / "segmenter.json").read_text())
+    mixed_info = json.loads((out / "real+synthetic" / "segmenter" / "segmenter.json").read_text())
     assert real_info["extra_train_items"] == 0 and mixed_info["extra_train_items"] == 12
     assert real_info["train"] == mixed_info["train"]  # the only difference between the arms is the pool
     for arm in ("real", "real+synthetic"):

@@ -152,7 +152,7 @@ def test_brief_training_on_real_consep_beats_the_otsu_baseline(consep_store, tra
     # the run's record: losses fell, settings and classes kept for later readers
     rows = [json.loads(r) for r in (trained / "losses.jsonl").read_text().splitlines()]
     assert len(rows) == 200 and np.mean([r["loss"] for r in rows[-20:]]) < 0.6 * np.mean([r["loss"] for r in rows[:20]])
-    info = json.loads((trained / "segmenter.json").read_text())
+    info = json.loads((trained / "segmenter" / "segmenter.json").read_text())
     assert info["class_names"] == list(store.class_names) and info["encoder_weights"].startswith("imagenet")
     assert (trained / "loss.png").stat().st_size > 0
 
@@ -220,3 +220,43 @@ def test_bad_segmenter_folders(tmp_path, hgsc_store):
     res = CliRunner().invoke(main, ["seg", "train", "--data", str(hgsc_store), "--out", str(tmp_path / "s"),
                                     "--crop", "48"])
     assert res.exit_code == 2 and "multiple of 32" in res.output
+
+
+def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path):
+    """The segmenter trains on the one engine: a run stopped after its first checkpoint and resumed (through the
+    engine's `train` command, from the recipe it saved) logs the same losses and exports the same weights as an
+    uninterrupted one; other settings on resume are refused."""
+    import yaml
+
+    from histosynth.cli import main
+    from histosynth.errors import OutputExistsError
+
+    settings = dict(steps=4, batch_size=2, crop=64, seed=3, imagenet_encoder=False, checkpoint_every=2, log_every=1)
+    train_segmenter(consep_store, tmp_path / "ref", progress=False, **settings)
+    run = tmp_path / "run"
+    train_segmenter(consep_store, run, max_steps=2, progress=False, **settings)
+    with (run / "losses.jsonl").open("a") as log:  # a step logged after the checkpoint, then lost with the process
+        log.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
+    with pytest.raises(OutputExistsError):
+        train_segmenter(consep_store, run, progress=False, **settings)
+    res = CliRunner().invoke(main, ["seg", "train", "--data", str(consep_store), "--out", str(run), "--resume",
+                                    "--steps", "5", "--batch-size", "2", "--crop", "64", "--seed", "3", "--no-imagenet"])
+    assert res.exit_code == 2 and "recipe differs" in res.output
+    recipe = tmp_path / "seg.yaml"
+    recipe.write_text(yaml.safe_dump(yaml.safe_load((run / "recipe.yaml").read_text())["recipe"]))
+    res = CliRunner().invoke(main, ["train", "segmenter", "--recipe", str(recipe), "--data", str(consep_store),
+                                    "--out", str(run), "--resume"])
+    assert res.exit_code == 0, res.output
+
+    def rows(folder):
+        return [json.loads(r) for r in (folder / "losses.jsonl").read_text().splitlines()]
+
+    assert [r["step"] for r in rows(run)] == [1, 2, 3, 4] and rows(run) == rows(tmp_path / "ref")
+    weights = "segmenter/diffusion_pytorch_model.safetensors"
+    assert (run / weights).read_bytes() == (tmp_path / "ref" / weights).read_bytes()
+    assert load_segmenter(run).class_names == load_segmenter(run / "segmenter").class_names
+    info = json.loads((run / "segmenter" / "segmenter.json").read_text())
+    assert info["train"]["train"]["crop"] == 64 and info["encoder_weights"] == "random"
+    res = CliRunner().invoke(main, ["train", "diffusion", "--recipe", str(recipe), "--data", str(consep_store),
+                                    "--out", str(tmp_path / "x")])
+    assert res.exit_code == 2 and "trains a nuclei segmenter" in res.output

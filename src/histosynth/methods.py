@@ -4,7 +4,7 @@ A :class:`Method` names a method's recipe type, its training task, its pipeline 
 (``sample_input``: which ``histosynth sample`` option carries its conditions, and the function that samples
 them). ``histosynth train`` finds the task by the recipe's ``method:``; ``histosynth sample``,
 ``evaluate sweep`` and :func:`load_pipeline` find the method of a run or pipeline folder by the pipeline class
-its ``model_index.json`` names. A method without a pipeline (the autoencoder) only trains.
+its ``model_index.json`` names. A method without a pipeline (the autoencoders, the nuclei segmenter) only trains.
 Adding a method: ``register_method(Method(...))`` (see docs/architecture.md, "Adding a method").
 """
 
@@ -35,7 +35,7 @@ class Method:
     sample: Callable | None = None
     sample_input: Literal["masks", "prompts", "counts", "magnifications", "regions"] | None = None
     sample_input_help: str = ""  # what the sample input is, for messages
-    trains: Literal["diffusion", "autoencoder"] = "diffusion"  # what `histosynth train WHAT` it answers to
+    trains: Literal["diffusion", "autoencoder", "segmenter"] = "diffusion"  # what `histosynth train WHAT` it answers to
 
     @property
     def label(self) -> str:
@@ -113,6 +113,8 @@ def _register_builtins() -> None:
     from histosynth.sampling.zoom import sample_zoom
     from histosynth.training.zoomldm import ZoomLDMTask
     from histosynth.training.zoomldm_conditions import ZoomConditionsTask
+    from histosynth.recipes.segmenter import SegmenterRecipe
+    from histosynth.training.segmenter import SegmenterTask
     from histosynth.pipelines.disc import DISCPipeline
     from histosynth.recipes.disc import DISCRecipe
     from histosynth.sampling.regions import sample_regions
@@ -132,6 +134,7 @@ def _register_builtins() -> None:
     register_method(Method("autoencoder", AutoencoderRecipe, AutoencoderTask, "autoencoder", trains="autoencoder"))
     register_method(Method("histosmith-autoencoder", JointAutoencoderRecipe, JointAutoencoderTask,
                            "HistoSmith joint autoencoder", trains="autoencoder"))
+    register_method(Method("segmenter", SegmenterRecipe, SegmenterTask, "nuclei segmenter", trains="segmenter"))
 
 
 _register_builtins()

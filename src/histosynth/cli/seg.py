@@ -18,7 +18,7 @@ import numpy as np
 
 from histosynth.atomic import atomic_folder
 from histosynth.cli.common import user_errors
-from histosynth.errors import OutputExistsError
+from histosynth.errors import HistosynthError, OutputExistsError
 
 __all__ = ["seg", "predict_to_folder"]
 
@@ -29,6 +29,11 @@ def _device(device: str | None) -> str:
     return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
+#: recipe fields and the `seg train` options that set them
+_TRAIN_OPTIONS = {"recipe 'segmenter': ": "", "train.steps": "--steps", "train.batch_size": "--batch-size",
+                  "train.learning_rate": "--lr", "train.crop": "--crop"}
+
+
 @click.group()
 def seg():
     """Train, apply and score the nuclei instance + type segmenter."""
@@ -36,23 +41,36 @@ def seg():
 
 @seg.command("train")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="A labelled patch store (its train split).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder for the trained segmenter.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Run directory; the trained segmenter is OUT/segmenter (`--model OUT` reads it).")
 @click.option("--steps", default=1500, show_default=True, help="Optimisation steps.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine decay).")
 @click.option("--crop", default=128, show_default=True, help="Random crop size (multiple of 32, <= patch size).")
 @click.option("--seed", default=0, show_default=True)
 @click.option("--no-imagenet", is_flag=True, help="Start the encoder from random weights, not ImageNet EfficientNet-Lite0.")
-@click.option("--device", default=None, help="torch device (default: cuda if available).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@click.option("--device", default=None, help="cpu, or cuda (default: cuda if available).")
+@click.option("--resume", is_flag=True, help="Continue the run in OUT from its latest checkpoint (same options).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run in OUT.")
 @user_errors
-def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device, overwrite):
-    """Train a segmenter on the train split of DATA and write it to OUT (model, segmenter.json, loss.png)."""
-    from histosynth.evaluate.segmenter import train_segmenter
+def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device, resume, overwrite):
+    """Train a segmenter on the train split of DATA into run directory OUT (checkpoints, losses, loss.png, segmenter/).
 
-    train_segmenter(data, out, steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed, overwrite=overwrite,
-                    device=_device(device), imagenet_encoder=not no_imagenet)
-    click.echo(f"wrote {out} (config.json, diffusion_pytorch_model.safetensors, segmenter.json, losses.jsonl, loss.png)")
+    The same as `histosynth train segmenter --recipe segmenter` with these options in the recipe.
+    """
+    from histosynth.evaluate.segmenter import segmenter_recipe, train_segmenter
+
+    try:
+        recipe = segmenter_recipe(steps=steps, batch_size=batch_size, lr=lr, crop=crop, seed=seed,
+                                  imagenet_encoder=not no_imagenet)
+    except HistosynthError as exc:  # say it with the options the user typed
+        message = exc.message
+        for field, option in _TRAIN_OPTIONS.items():
+            message = message.replace(field, option)
+        raise HistosynthError(message) from None
+    train_segmenter(data, out, recipe=recipe, resume=resume, overwrite=overwrite, device=_device(device))
+    click.echo(f"wrote {out}/segmenter (config.json, diffusion_pytorch_model.safetensors, segmenter.json); "
+               f"losses in {out}/losses.jsonl and {out}/loss.png")
 
 
 @seg.command("evaluate")

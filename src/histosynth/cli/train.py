@@ -14,9 +14,11 @@ from histosynth.errors import HistosynthError
 
 __all__ = ["train"]
 
+_WHAT = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder", "segmenter": "a nuclei segmenter"}
+
 
 @click.command()
-@click.argument("what", required=False, type=click.Choice(["diffusion", "autoencoder"]))
+@click.argument("what", required=False, type=click.Choice(["diffusion", "autoencoder", "segmenter"]))
 @click.option("--recipe", required=True, help="Built-in recipe name (nasdm-tiny-cpu, vq-f4, ...) or a YAML path.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store made by `prepare`.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
@@ -25,7 +27,7 @@ __all__ = ["train"]
 @click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
 @user_errors
 def train(what, recipe, data, out, max_steps, resume, overwrite):
-    """Train what RECIPE describes (WHAT, optional: diffusion | autoencoder, checked against the recipe).
+    """Train what RECIPE describes (WHAT, optional: diffusion | autoencoder | segmenter, checked against the recipe).
 
     Multi-GPU / multi-node: `accelerate launch -m histosynth.cli train ...`.
     """
@@ -37,10 +39,8 @@ def train(what, recipe, data, out, max_steps, resume, overwrite):
     loaded = load_recipe(recipe)
     configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
     method = get_method(loaded.method)
-    is_autoencoder = method.trains == "autoencoder"
-    if what is not None and (what == "autoencoder") != is_autoencoder:
-        raise HistosynthError(f"recipe {recipe!r} trains {'an autoencoder' if is_autoencoder else 'a diffusion model'}"
-                              f" (method {loaded.method!r}), not {'an autoencoder' if what == 'autoencoder' else 'a diffusion model'}")
+    if what is not None and what != method.trains:
+        raise HistosynthError(f"recipe {recipe!r} trains {_WHAT[method.trains]} (method {loaded.method!r}), not {_WHAT[what]}")
     task = method.task(loaded, data)
     result = fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite)
     click.echo(f"trained {result.run} to step {result.step}: last loss {result.last_loss:.4f}, {result.images_per_second:.1f} images/s, "

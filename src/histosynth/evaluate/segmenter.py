@@ -23,7 +23,8 @@ Pieces, in the order data flows through them:
 * :func:`evaluate_segmenter` — Dice, AJI (means over images, HoVer-Net's DICE1 and AJI), PQ+ and mPQ+
   (TP/FP/FN/IoU summed over all images before PQ, CoNIC's convention) and PQ per type.
 
-Training (:func:`train_segmenter`) is in :mod:`histosynth.evaluate.segmenter_training` (re-exported here).
+Training (:func:`train_segmenter`) is a task on the one training engine, in :mod:`histosynth.training.segmenter`
+(re-exported here): ``seg train --out RUN`` makes a run directory whose ``segmenter/`` folder is the model.
 """
 
 from __future__ import annotations
@@ -44,15 +45,14 @@ from histosynth.data.nuclei_maps import (
     instances_from_maps,
 )
 from histosynth.errors import DataError
+from histosynth.training.segmenter import SEGMENTER, SEGMENTER_JSON, segmenter_recipe, soft_dice_loss, train_segmenter
 
 __all__ = [
     "PostprocessConfig", "Segmenter", "distance_targets", "instances_from_maps", "postprocess", "train_segmenter",
-    "load_segmenter", "evaluate_segmenter", "score_segmentation", "otsu_baseline", "SEGMENTER_JSON",
+    "load_segmenter", "evaluate_segmenter", "score_segmentation", "otsu_baseline", "SEGMENTER_JSON", "segmenter_recipe",
+    "soft_dice_loss",
 ]
 
-SEGMENTER_JSON = "segmenter.json"  # post-processing settings + how the model was trained
-LOSSES = "losses.jsonl"
-LOSS_PNG = "loss.png"
 MODEL_CONFIG = "config.json"
 
 
@@ -170,7 +170,8 @@ class Segmenter:
 
 
 def load_segmenter(path: str | Path, device: str | torch.device = "cpu", **options) -> Segmenter:
-    """Load a segmenter folder written by :func:`train_segmenter` (or ``NucleiSegmenter.save_pretrained``).
+    """Load a segmenter: the run directory of :func:`train_segmenter` (the --out of ``seg train``), its
+    ``segmenter/`` folder, or any ``NucleiSegmenter.save_pretrained`` folder (with an optional ``segmenter.json``).
 
     ``options`` go to :class:`Segmenter` (tile, overlap, batch_size). Raises DataError naming the folder or
     file when it is missing or is not a nuclei segmenter.
@@ -182,8 +183,13 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu", **optio
         raise DataError("segmenter model folder not found", path)
     if not path.is_dir():
         raise DataError("segmenter model must be a folder (the --out of `seg train`)", path)
+    if (path / SEGMENTER / MODEL_CONFIG).is_file():  # a training run: its export
+        path = path / SEGMENTER
     config_file = path / MODEL_CONFIG
     if not config_file.is_file():
+        if (path / "recipe.yaml").is_file():
+            raise DataError(f"this training run has no {SEGMENTER}/ yet (it writes one at every checkpoint); "
+                            "resume it (seg train --resume)", path)
         raise DataError(f"not a segmenter folder: {MODEL_CONFIG} is missing", path)
     try:
         config = json.loads(config_file.read_text(encoding="utf-8"))
@@ -294,6 +300,3 @@ def otsu_baseline(images, type_id: int, min_area: int = 10) -> tuple[np.ndarray,
         types.append(np.where(inst > 0, type_id, 0).astype(np.int32))
     return np.stack(insts), np.stack(types)
 
-
-# training lives beside this module (it uses the settings above); re-exported for callers of this module
-from histosynth.evaluate.segmenter_training import TrainConfig, soft_dice_loss, train_segmenter  # noqa: E402,F401

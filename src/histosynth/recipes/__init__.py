@@ -1,6 +1,6 @@
 """Typed training recipes: one named field per hyperparameter, loaded from YAML, no `target:` strings.
 
-Each method's recipe lives in its own module (``nasdm``, ``pathldm``, ``autoencoder``, ``histosmith``, ``zoomldm``, ``disc``); the
+Each method's recipe lives in its own module (``nasdm``, ``pathldm``, ``autoencoder``, ``histosmith``, ``zoomldm``, ``disc``, ``segmenter``); the
 loader and the engine's shared fields are in ``base``. See :mod:`histosynth.recipes.base`.
 """
 
@@ -21,7 +21,8 @@ from histosynth.recipes.pathldm import LatentDiffusionRecipe
 from histosynth.recipes.histosmith import HistoSmithRecipe, JointAutoencoderRecipe
 from histosynth.recipes.zoomldm import ZoomConditionsRecipe, ZoomLDMRecipe
 from histosynth.recipes.disc import DISCRecipe
+from histosynth.recipes.segmenter import SegmenterRecipe
 
 __all__ = ["METHOD_ALIASES", "RECIPE_DIR", "RECIPE_TYPES", "AutoencoderRecipe", "DISCRecipe", "EngineConfig", "HistoSmithRecipe", "JointAutoencoderRecipe", "LatentDiffusionRecipe",
-           "NASDMRecipe", "Recipe", "ZoomConditionsRecipe", "ZoomLDMRecipe", "builtin_recipes", "load_recipe", "recipe_from_dict",
+           "NASDMRecipe", "Recipe", "SegmenterRecipe", "ZoomConditionsRecipe", "ZoomLDMRecipe", "builtin_recipes", "load_recipe", "recipe_from_dict",
            "register_recipe_type"]

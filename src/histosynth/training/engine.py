@@ -335,7 +335,9 @@ def ema_copy(model: torch.nn.Module, ema: EMAModel | None) -> torch.nn.Module:
     import copy
 
     if hasattr(model, "from_config"):
-        twin = type(model).from_config(model.config)
+        # without diffusers' list of defaulted arguments, which from_config would reset to their defaults even
+        # when set after __init__ (e.g. NucleiSegmenter.load_imagenet_encoder records config.encoder_weights)
+        twin = type(model).from_config({k: v for k, v in model.config.items() if k != "_use_default_values"})
         twin.load_state_dict(model.state_dict())
     else:
         twin = copy.deepcopy(model)
