@@ -36,7 +36,7 @@ def micro_recipe(**stage_overrides):
 def hgsc_store(tmp_path_factory) -> Path:
     """The bundled real HGSC region as a store of 32 px patches at 10x (64 px crops of the 20x region)."""
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.quickstart import bundled_sample
 
     out = tmp_path_factory.mktemp("stores") / "hgsc-32"
@@ -75,7 +75,7 @@ def hgsc_corner_store(tmp_path_factory) -> Path:
     from dataclasses import replace
 
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.quickstart import bundled_sample
 
     (region,) = read_nuclei("folder", bundled_sample(), magnification="20x")

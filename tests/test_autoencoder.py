@@ -256,7 +256,7 @@ def test_reconstruction_metrics_match_numpy_and_skimage(consep_store):
 def consep_store(shared_data, tmp_path_factory) -> Path:
     """48 real CoNSeP patches of 64 px at 40x: 2 train images (32 patches) and 1 test image (16), own split."""
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     src = shared_data / "consep"
     records = chain(islice(read_nuclei("consep", src / "train"), 2), islice(read_nuclei("consep", src / "test"), 1))

@@ -13,20 +13,17 @@ import pytest
 from click.testing import CliRunner
 
 from histosynth.conditions.captions import (
-    KEY_POINTS_PROMPT,
     LABEL_LEVELS,
     PATHLDM_CLASSES,
-    LLMError,
     build_captions,
     label_caption,
     label_captions_from_store,
     load_summaries,
     nuclei_counts,
     pathldm_caption,
-    read_summary_cache,
-    summarize_reports,
     tumor_til_class,
 )
+from histosynth.conditions.report_summaries import KEY_POINTS_PROMPT, LLMError, read_summary_cache, summarize_reports
 from histosynth.cli.captions import captions
 from histosynth.errors import HistosynthError
 

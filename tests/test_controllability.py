@@ -43,7 +43,7 @@ def region():
 def store16(tmp_path_factory):
     """The bundled region as 16 px patches at 10x; a small hold-out block keeps the real test split small."""
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.quickstart import bundled_sample
 
     out = tmp_path_factory.mktemp("stores") / "hgsc-16"

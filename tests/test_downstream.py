@@ -22,7 +22,7 @@ from histosynth.evaluate.cas import classification_accuracy_score, dominant_type
 def small_store(shared_data, tmp_path_factory):
     """24 real CoNSeP train and 12 test patches in CoNSeP's native layout, then a store at 40x."""
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     root = tmp_path_factory.mktemp("down") / "consep"
     for split, n in (("train", 24), ("test", 12)):

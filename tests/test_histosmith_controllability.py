@@ -46,7 +46,7 @@ def region():
 def store(tmp_path_factory, region):
     """The bundled region as 32 px patches at 10x (64 px at 20x): a train split for the training range and a
     real test split for the segmenter's ceiling."""
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     out = tmp_path_factory.mktemp("stores") / "hgsc-32"
     prepare_nuclei(iter([region]), out, patch=32, overlap=0.0, magnification="10x", holdout=0.075, seed=0,
@@ -344,7 +344,7 @@ class Untouchable(Oracle):
 def test_a_real_store_of_other_classes_is_refused_before_any_work(hs, region, tmp_path):
     import dataclasses
 
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.evaluate.controllability import mask_adherence
 
     root, _, _, lookup = hs

@@ -28,7 +28,8 @@ from histosynth.cli import main
 from histosynth.data.formats import read_nuclei
 from histosynth.data.formats.writers import write_class_names, write_folder_item
 from histosynth.data.patches import choose_whole_regions, extract_patches
-from histosynth.data.store import PatchStore, prepare_nuclei
+from histosynth.data.prepare_labelled import prepare_nuclei
+from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.errors import DataError, DiskFullError, is_disk_full
 from histosynth.quickstart import bundled_sample

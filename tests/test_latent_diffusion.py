@@ -52,7 +52,7 @@ def store(tmp_path_factory) -> Path:
     """16 real 32 px patches at 10x (a 256 px corner of the HGSC region at 20x), all train, + label captions."""
     from histosynth.conditions.captions import label_captions_from_store, write_jsonl
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.quickstart import bundled_sample
 
     (region,) = read_nuclei("folder", bundled_sample(), magnification="20x")

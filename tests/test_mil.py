@@ -164,7 +164,7 @@ COLOURS = np.array([[230, 200, 220], [200, 60, 120], [90, 40, 160]], np.uint8)  
 def mil_fixtures(tmp_path_factory):
     """8 slides of 32 px (4 tiles of 16 px each), two labels per slide, and a folder of 3 generated tile sets."""
     from histosynth.data.record import RegionRecord
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     root = tmp_path_factory.mktemp("mil")
     rng = np.random.default_rng(0)
@@ -276,7 +276,8 @@ def test_regions_cut_from_one_slide_make_one_bag(tmp_path):
     """Records carrying meta["slide"] (PANDA blocks, SICAPv2 patches of one slide) give one bag per slide, not one
     per region: the store keeps the slide in every manifest row."""
     from histosynth.data.record import RegionRecord
-    from histosynth.data.store import PatchStore, prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
+    from histosynth.data.store import PatchStore
     from histosynth.evaluate.mil_bags import region_store_bags
 
     rng = np.random.default_rng(0)

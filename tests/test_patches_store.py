@@ -18,9 +18,9 @@ from histosynth.data.store import (
     PatchStore,
     PatchStoreWriter,
     patch_bytes,
-    prepare_nuclei,
     shard_file,
 )
+from histosynth.data.prepare_labelled import prepare_nuclei
 from histosynth.errors import DataError, OutputExistsError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

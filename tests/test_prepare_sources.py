@@ -19,7 +19,8 @@ from PIL import Image
 from histosynth.cli import main
 from histosynth.data.class_mapping import ClassMapping, parse_class_map
 from histosynth.data.record import NucleiRecord
-from histosynth.data.store import PatchStore, prepare_nuclei
+from histosynth.data.prepare_labelled import prepare_nuclei
+from histosynth.data.store import PatchStore
 from histosynth.errors import DataError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"

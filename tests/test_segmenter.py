@@ -103,7 +103,7 @@ def test_score_segmentation_perfect_and_empty():
 @pytest.fixture(scope="module")
 def consep_store(shared_data, tmp_path_factory):
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     out = tmp_path_factory.mktemp("seg") / "consep-256"
     prepare_nuclei(read_nuclei("consep", shared_data / "consep"), out, patch=256, overlap=0.0, magnification="40x",
@@ -163,7 +163,7 @@ def small_consep_store(shared_data, tmp_path_factory):
     import shutil
 
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     root = tmp_path_factory.mktemp("seg") / "consep4"
     for sub in ("images", "labels"):

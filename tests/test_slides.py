@@ -15,14 +15,12 @@ tiffslide = pytest.importorskip("tiffslide")
 tifffile = pytest.importorskip("tifffile")
 
 from histosynth.data.patches import Patch  # noqa: E402
+from histosynth.data.slide_patches import plan_slide, prepare_slides, tile_slide  # noqa: E402
 from histosynth.data.slides import (  # noqa: E402
     best_level_for,
     open_slide,
-    plan_slide,
-    prepare_slides,
     read_thumbnail,
     slide_magnification,
-    tile_slide,
     tissue_mask,
 )
 from histosynth.data.store import PatchStore, PatchStoreWriter  # noqa: E402

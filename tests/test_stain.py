@@ -26,7 +26,7 @@ from histosynth.data.stain import (
     stain_spread,
     tissue_weight,
 )
-from histosynth.data.store import prepare_nuclei
+from histosynth.data.prepare_labelled import prepare_nuclei
 from histosynth.errors import DataError
 
 HGSC = Path(histosynth.__file__).parent / "assets" / "hgsc" / "hgsc_nest.jpg"

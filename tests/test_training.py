@@ -68,7 +68,7 @@ def test_tiny_model_overfits_a_few_real_patches(tmp_path):
     from dataclasses import replace
 
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.quickstart import bundled_sample
 
     # 4 real 32 px patches: a 64x64 corner of the tumour nest, marked "train" (a dataset-defined split: no hold-out)

@@ -19,7 +19,8 @@ tifffile = pytest.importorskip("tifffile")
 from histosynth.data import zoom_levels  # noqa: E402
 from histosynth.data.patches import Patch  # noqa: E402
 from histosynth.data.plain_image_slide import PlainImageSlide  # noqa: E402
-from histosynth.data.slides import open_slide, plan_slide, prepare_slides, read_thumbnail, tissue_mask  # noqa: E402
+from histosynth.data.slide_patches import plan_slide, prepare_slides  # noqa: E402
+from histosynth.data.slides import open_slide, read_thumbnail, tissue_mask  # noqa: E402
 from histosynth.data.store import PatchStore, PatchStoreWriter  # noqa: E402
 from histosynth.data.zoom_levels import (  # noqa: E402
     ZOOMLDM_MAGNIFICATIONS,

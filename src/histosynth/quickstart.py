@@ -32,7 +32,7 @@ def bundled_sample() -> Path:
 
 def run_quickstart(out: str | Path, *, max_steps: int | None = None, overwrite: bool = False) -> dict:
     from histosynth.data.formats import read_nuclei
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
     from histosynth.training.nasdm import train
     from histosynth.evaluate.adherence import nuclei_contrast
     from histosynth.evaluate.fid import evaluate_distribution

@@ -106,13 +106,14 @@ def summarize_cmd(reports, out, base_url, model, api_key, per_report, max_words,
                   retries, id_column, text_column):
     """Summarise REPORTS (a folder of .txt, a JSON object id -> text, or a CSV/JSON/JSONL table) with
     PathLDM's two prompts (key points, then a short summary)."""
-    from histosynth.conditions import captions as cap
+    from histosynth.conditions.captions import read_reports
+    from histosynth.conditions.report_summaries import read_summary_cache, summarize_reports
 
-    texts = cap.read_reports(reports, id_column=id_column, text_column=text_column)
-    before = sum(n < per_report for k, v in cap.read_summary_cache(out).items() if k in texts for n in v)
-    result = cap.summarize_reports(texts, out, base_url=base_url, model=model, api_key=api_key,
-                                   summaries_per_report=per_report, max_words=max_words, max_tokens=max_tokens,
-                                   temperature=temperature, timeout=timeout, retries=retries, progress=True)
+    texts = read_reports(reports, id_column=id_column, text_column=text_column)
+    before = sum(n < per_report for k, v in read_summary_cache(out).items() if k in texts for n in v)
+    result = summarize_reports(texts, out, base_url=base_url, model=model, api_key=api_key,
+                               summaries_per_report=per_report, max_words=max_words, max_tokens=max_tokens,
+                               temperature=temperature, timeout=timeout, retries=retries, progress=True)
     total = sum(len(v) for v in result.values())
     click.echo(f"{len(result)} reports, {total} summaries ({total - before} new) in {out}")
 

@@ -7,7 +7,7 @@ The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`his
 thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
 ``--sources SOURCES.yaml``, each read by :mod:`histosynth.data.formats`, mapped onto one class list with a tissue
 name; ``--append`` adds to an existing store; optional stain normalisation); ``prepare slides`` into
-:func:`histosynth.data.slides.prepare_slides` (one ``--magnification``) or, with ``--magnifications``,
+:func:`histosynth.data.slide_patches.prepare_slides` (one ``--magnification``) or, with ``--magnifications``,
 :func:`histosynth.data.zoom_levels.prepare_zoom_slides` (ZoomLDM's levels, each patch paired with its base
 region). User errors (corrupt image, size mismatch, unknown class id, a class
 map naming an unknown class, missing or corrupt slide, no resolution metadata, target above the slide's
@@ -248,7 +248,7 @@ def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fract
     from dataclasses import replace
 
     from histosynth.data.regions import density_regions, parse_region_map, read_region_folder, region_labels
-    from histosynth.data.store import prepare_nuclei
+    from histosynth.data.prepare_labelled import prepare_nuclei
 
     given = _given(click.get_current_context())
     foreign = sorted(n for n in given if n in _REGION_OPTION_FORMATS and fmt not in _REGION_OPTION_FORMATS[n])
@@ -375,7 +375,7 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
         click.echo(f"wrote {out}: {len(store)} patches of {store.patch_size} px ({per_level}) "
                    f"from {len(store.meta['slides'])} slides")
         return
-    from histosynth.data.slides import prepare_slides
+    from histosynth.data.slide_patches import prepare_slides
 
     store = prepare_slides(
         list(slides), out, patch=patch, magnification=magnification, overlap=overlap,

@@ -10,7 +10,7 @@ When the block is smaller than one crop (e.g. 500x500 regions at 40x cut into 12
 its tiles are train, and :attr:`RegionPatches.whole_region` says so. The caller then holds out *whole*
 regions instead (:func:`choose_whole_regions`: about the same fraction of those regions' patches, chosen
 by the seed, at least one region when nothing else went to test, never all of them);
-:func:`histosynth.data.store.write_regions` does it, prints a note and records it in store.json's meta
+:func:`histosynth.data.prepare_labelled.write_regions` does it, prints a note and records it in store.json's meta
 (``whole_region_holdout``). Train and test patches then come from different regions, so they never
 overlap either. One such region alone cannot be split: that is an error asking for ``--holdout 0``
 (no test split, on purpose) or more regions. A test split is never empty unless the hold-out is 0.

@@ -1,7 +1,7 @@
 """Base tiles of a whole-slide image: the ``patch`` px tiles of the slide at the base magnification (ZoomLDM Sec. 3).
 
 ZoomLDM pairs every patch, at any magnification, with the 20x region under it, and embeds that region tile by
-tile. A slide's base tile grid is the tiling of :func:`histosynth.data.slides.plan_slide` at the base
+tile. A slide's base tile grid is the tiling of :func:`histosynth.data.slide_patches.plan_slide` at the base
 magnification with no overlap: tile ``(ty, tx)`` covers base pixels ``[ty*patch, (ty+1)*patch) x [tx*patch,
 (tx+1)*patch)`` from the slide's origin, i.e. the level-0 square at ``(tx, ty) * patch * d`` of side ``patch * d``
 (d = level-0 px per base px), read from the best pyramid level and area-averaged to ``patch`` px by
@@ -17,7 +17,8 @@ from collections.abc import Iterable, Iterator
 
 import numpy as np
 
-from histosynth.data.slides import SlidePlan, open_slide, plan_slide
+from histosynth.data.slide_patches import SlidePlan, plan_slide
+from histosynth.data.slides import open_slide
 from histosynth.data.zoom_levels import read_area
 from histosynth.errors import DataError, HistosynthError
 

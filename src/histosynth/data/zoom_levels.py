@@ -72,10 +72,10 @@ import numpy as np
 from PIL import Image
 
 from histosynth.data.patches import Patch, format_magnification, parse_magnification
+from histosynth.data.slide_patches import check_tiling_args
 from histosynth.data.slides import (
     LEVEL_TOLERANCE,
     READ_CHUNK,
-    check_tiling_args,
     read_region,
     to_level0,
     best_level_for,
