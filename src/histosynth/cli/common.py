@@ -20,11 +20,12 @@ SCHEDULER_NAMES = typing.get_args(SchedulerName)  # `--scheduler` choices (histo
 # on the command line only the option is typable
 _KEYWORD_ALONE = re.compile(r" \([a-z_][a-z0-9_]*=(?:True|False)?\)")
 _KEYWORD_LAST = re.compile(r";\s*[a-z_][a-z0-9_]*=\)")
+_KEYWORD_THEN_OPTION = re.compile(r"\b[a-z][a-z0-9]*_[a-z0-9_]+ \((--[a-z0-9-]+)\)")  # "num_inference_steps (--steps)"
 
 
 def cli_message(text: str) -> str:
     """An error message in the command line's words: the Python keyword forms it also names are dropped."""
-    return _KEYWORD_LAST.sub(")", _KEYWORD_ALONE.sub("", text))
+    return _KEYWORD_THEN_OPTION.sub(r"\1", _KEYWORD_LAST.sub(")", _KEYWORD_ALONE.sub("", text)))
 
 
 def user_errors(fn):
