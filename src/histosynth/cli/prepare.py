@@ -1,7 +1,7 @@
-"""`histosynth prepare nuclei | regions | slides`: build a patch store from a labelled dataset, from region masks
+"""`histosynth prepare nuclei | regions | slides | captioned`: build a patch store from a labelled dataset, from region masks
 (DISC: a region folder, the Gleason datasets SICAPv2 / Gleason2019 / PANDA in their native layouts,
 :mod:`histosynth.data.gleason`, or regions derived from nuclei labels, :mod:`histosynth.data.regions`) or from whole
-slides.
+slides, or from a caption-paired image folder (`prepare captioned`, :mod:`histosynth.data.captioned_folder`).
 
 The group :data:`prepare` is attached to the ``histosynth`` command in :mod:`histosynth.cli`. ``prepare nuclei`` is a
 thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SRC --format F``, or several from
@@ -24,7 +24,7 @@ import click
 from histosynth.cli.common import user_errors
 from histosynth.errors import HistosynthError
 
-__all__ = ["MAGNIFICATIONS", "prepare", "prepare_nuclei_cmd", "prepare_regions_cmd", "slides_cmd"]
+__all__ = ["MAGNIFICATIONS", "captioned_cmd", "prepare", "prepare_nuclei_cmd", "prepare_regions_cmd", "slides_cmd"]
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
 FORMATS = ["lizard", "conic", "pannuke", "consep", "folder", "polygons"]
@@ -388,3 +388,40 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
         f"wrote {out}: {len(store)} patches of {store.patch_size} px at {store.magnification} "
         f"({per_slide}{f' and {more} more slides' if more > 0 else ''})"
     )
+
+
+@prepare.command("captioned")
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--captions", "table", required=True, type=click.Path(path_type=Path),
+              help="CSV / TSV / JSON / JSONL table, one row per caption: an id column naming the image, a caption column.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="The image store to create (with captions.jsonl).")
+@click.option("--patch", default=256, show_default=True, type=click.IntRange(min=8),
+              help="Patch size: each image's central square is resized to this (area averaging).")
+@click.option("--magnification", default="20x", show_default=True, help="Magnification of the images (e.g. 20x).")
+@click.option("--id-column", default="id", show_default=True,
+              help="Column naming the image: its path relative to FOLDER, its file name or its stem.")
+@click.option("--caption-column", default="caption", show_default=True)
+@click.option("--label-column", "label_columns", multiple=True,
+              help="Column copied into each caption row (repeat; e.g. class for the class-conditional recipe).")
+@click.option("--group-column", default=None, help="Column whose values are held out together (e.g. slide).")
+@click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help="Fraction of the images (or of the --group-column values) put in the test split.")
+@click.option("--seed", default=0, show_default=True, help="Seed of the hold-out draw.")
+@click.option("--skip-unmatched", is_flag=True, help="Leave out rows naming no image and images without a caption.")
+@click.option("--allow-upsampling", is_flag=True, help="Accept images smaller than --patch (Lanczos upsampling).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@user_errors
+def captioned_cmd(folder, table, out, patch, magnification, id_column, caption_column, label_columns, group_column,
+                  holdout, seed, skip_unmatched, allow_upsampling, overwrite):
+    """A caption-paired image FOLDER (text–image datasets: images + a table of id → caption) into an image store
+    whose captions.jsonl a text-conditioned recipe trains on (`train --recipe pathldm-... --data OUT`)."""
+    from histosynth.data.captioned_folder import CAPTIONS_FILE, prepare_captioned
+
+    store = prepare_captioned(folder, table, out, patch=patch, magnification=magnification, id_column=id_column,
+                              caption_column=caption_column, label_columns=label_columns, group_column=group_column,
+                              holdout=holdout, seed=seed, skip_unmatched=skip_unmatched,
+                              allow_upsampling=allow_upsampling, overwrite=overwrite, command=" ".join(sys.argv))
+    rows = sum(1 for _ in open(store.path / CAPTIONS_FILE, encoding="utf-8"))
+    click.echo(f"wrote {out}: {len(store)} patches of {store.patch_size} px at {store.magnification} "
+               f"({len(store.indices('train'))} train, {len(store.indices('test'))} test) and {rows} captions in "
+               f"{out}/{CAPTIONS_FILE}")

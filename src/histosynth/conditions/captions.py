@@ -23,7 +23,6 @@ your own ``levels``.
 
 from __future__ import annotations
 
-import csv
 import json
 import math
 import os
@@ -34,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth.conditions.report_summaries import read_summary_cache
+from histosynth.data.tables import read_rows
 from histosynth.errors import DataError, HistosynthError
 
 __all__ = [
@@ -250,38 +250,12 @@ def label_captions_from_store(store: str | os.PathLike, *, split: str | None = N
 
 # ------------------------------------------------------------------------------------------ file helpers
 
-def _read_rows(path: Path) -> list[dict]:
-    """Rows of a CSV, a JSON list (or {"rows"/"patches": [...]}) or a JSONL file."""
-    suffix = path.suffix.lower()
-    try:
-        if suffix == ".csv":
-            with open(path, newline="", encoding="utf-8") as f:
-                return [dict(r) for r in csv.DictReader(f)]
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
-        raise DataError(f"unreadable table: {exc}", path) from None
-    try:
-        if suffix == ".jsonl":
-            return [json.loads(line) for line in text.splitlines() if line.strip()]
-        data = json.loads(text)
-    except ValueError as exc:
-        raise DataError(f"invalid JSON: {exc}", path) from None
-    if isinstance(data, dict):
-        for key in ("rows", "patches"):
-            if isinstance(data.get(key), list):
-                data = data[key]
-                break
-    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-        raise DataError("expected a list of objects (one per row)", path)
-    return data
-
-
 def read_patch_table(path: str | os.PathLike) -> list[dict]:
     """Per-patch probabilities: CSV/JSON/JSONL with columns ``patch``, ``slide``, ``tumor_prob``, ``til_prob``."""
     path = Path(path)
     if not path.is_file():
         raise DataError("patch table not found", path)
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if not rows:
         raise DataError("patch table is empty", path)
     missing = [c for c in ("patch", "slide") if c not in rows[0]]
@@ -338,7 +312,7 @@ def read_reports(path: str | os.PathLike, *, id_column: str = "id", text_column:
             raise DataError(f"unreadable reports: {exc}", path) from None
         if isinstance(data, dict) and all(isinstance(v, str) for v in data.values()):
             return {str(k): v for k, v in data.items()}
-    rows = _read_rows(path)
+    rows = read_rows(path)
     if rows and (id_column not in rows[0] or text_column not in rows[0]):
         raise DataError(f"reports need columns {id_column!r} and {text_column!r}; found {sorted(rows[0])}", path)
     out = {}

@@ -188,6 +188,13 @@ class PatchStoreWriter:
             raise
         return self
 
+    def write_side_file(self, name: str, text: str) -> None:
+        """Write ``name`` (a file that belongs with the store, e.g. its ``captions.jsonl``) into the store being
+        built: it appears with the store, atomically, or not at all. Call inside the ``with`` block."""
+        if Path(name).name != name or name in (STORE_JSON, MANIFEST, SHARDS) or self._manifest is None:
+            raise ValueError(f"cannot write side file {name!r} here")
+        (self._partial / name).write_text(text, encoding="utf-8")
+
     def reassign_split(self, first: int, count: int, split: str) -> None:
         """Give the ``count`` patches from index ``first`` on (already added) the split ``split`` instead; the
         manifest and store.json counts say it when the store is committed (whole-region hold-out)."""

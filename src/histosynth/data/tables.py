@@ -1,0 +1,44 @@
+"""Tables users bring (CSV, TSV, JSON, JSONL) as rows of dicts: report tables, patch probabilities, captions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from histosynth.errors import DataError
+
+__all__ = ["read_rows"]
+
+
+def read_rows(path: str | os.PathLike) -> list[dict]:
+    """Rows of a CSV or TSV (header row; values are strings), a JSON list (or ``{"rows"/"patches": [...]}``) or a
+    JSONL file, as dicts.
+
+    Raises:
+        DataError: the file is missing, unreadable or not one of these shapes (naming the file).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError("table not found", path)
+    suffix = path.suffix.lower()
+    try:
+        if suffix in (".csv", ".tsv"):
+            with open(path, newline="", encoding="utf-8-sig") as f:
+                return [dict(r) for r in csv.DictReader(f, delimiter="\t" if suffix == ".tsv" else ",")]
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise DataError(f"unreadable table: {exc}", path) from None
+    try:
+        data = [json.loads(line) for line in text.splitlines() if line.strip()] if suffix == ".jsonl" else json.loads(text)
+    except ValueError as exc:
+        raise DataError(f"invalid JSON: {exc}", path) from None
+    if isinstance(data, dict):
+        for key in ("rows", "patches"):
+            if isinstance(data.get(key), list):
+                data = data[key]
+                break
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise DataError("expected a list of objects (one per row)", path)
+    return data
