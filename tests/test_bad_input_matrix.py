@@ -239,6 +239,15 @@ def no_segmenter_export_yet(tmp, ctx):
             str(tmp / "out")]
 
 
+def captions_unmatched(tmp, ctx):
+    (tmp / "patches").mkdir()
+    for name in ("a", "b"):
+        Image.fromarray(ctx["hgsc"].image[:64, :64]).save(tmp / "patches" / f"{name}.png")
+    (tmp / "captions.csv").write_text("id,caption\na,some tissue\nc,a patch that is not there\n")
+    return ["prepare", "captioned", str(tmp / "patches"), "--captions", str(tmp / "captions.csv"), "--out",
+            str(tmp / "out"), "--patch", "32"]
+
+
 def _no_export(tmp: Path) -> None:
     assert not (tmp / "run" / "segmenter").exists()
 
@@ -264,6 +273,8 @@ CASES = [
     Case("disk-full", disk_full, ("out", "space"), patch=_enospc),
     Case("seg-train-crop", seg_crop, ("--crop", "multiple of 32")),
     Case("run-without-export", no_segmenter_export_yet, ("run", "--resume")),
+    Case("captions-unmatched", captions_unmatched, ("captions.csv", "1 rows name no image", "'c'",
+                                                    "1 images have no caption", "'b.png'", "--skip-unmatched")),
 ]
 
 
