@@ -158,6 +158,24 @@ def slide_72dpi(tmp, ctx):
             "--magnification", "10x"]
 
 
+def slide_ycbcr_under_rgb_tags(tmp, ctx):
+    import tifffile
+
+    canvas = np.full((512, 512, 3), 244, np.uint8)
+    canvas[256:, 256:] = ctx["hgsc"].image[:256, :256]
+    ycbcr = np.asarray(Image.fromarray(canvas).convert("YCbCr"))
+    tifffile.imwrite(tmp / "slide.tif", ycbcr, tile=(256, 256), photometric="rgb", compression="zlib")
+    return ["prepare", "slides", str(tmp / "slide.tif"), "--out", str(tmp / "out"), "--source-magnification", "20x"]
+
+
+def fluorescence_ome(tmp, ctx):
+    import tifffile
+
+    tifffile.imwrite(tmp / "if.ome.tif", np.zeros((2, 512, 512), np.uint16), tile=(256, 256), photometric="minisblack",
+                     ome=True, metadata={"axes": "CYX", "PhysicalSizeX": 0.5})
+    return ["prepare", "slides", str(tmp / "if.ome.tif"), "--out", str(tmp / "out"), "--patch", "128"]
+
+
 def plain_image_without_resolution(tmp, ctx):
     Image.fromarray(ctx["hgsc"].image[:512, :512]).save(tmp / "region.png")
     return ["prepare", "slides", str(tmp / "region.png"), "--out", str(tmp / "out"), "--patch", "128",
@@ -264,6 +282,8 @@ CASES = [
     Case("stain-single-target", stain_single_target, ("target.png", "stain")),
     Case("holdout-holds-nothing", holdout_holds_nothing, ("r.png", "--holdout 0")),
     Case("slide-72dpi", slide_72dpi, ("region.tif", "--source-magnification", "--mpp")),
+    Case("slide-ycbcr-under-rgb-tags", slide_ycbcr_under_rgb_tags, ("slide.tif", "look like YCbCr stored as RGB")),
+    Case("fluorescence-ome", fluorescence_ome, ("if.ome.tif", "expected 8-bit RGB")),
     Case("plain-image-without-resolution", plain_image_without_resolution, ("region.png", "--mpp")),
     Case("checkpoint-without-weights", checkpoint_without_weights, ("model.ckpt", "no first-stage autoencoder weights", "keys start with")),
     Case("sampler-steps-out-of-range", sampler_steps_out_of_range, ("--steps", "5000")),

@@ -29,6 +29,7 @@ the fraction of tissue pixels in its footprint on the thumbnail is >= ``tissue_t
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -37,6 +38,7 @@ from PIL import Image
 
 from histosynth.data.patches import format_magnification, parse_magnification
 from histosynth.data.plain_image_slide import PLAIN_IMAGE_SUFFIXES, PlainImageSlide
+from histosynth.data.tiff_tags import looks_like_ycbcr, ome_mpp, ycbcr_levels, ycbcr_to_rgb
 from histosynth.errors import DataError, HistosynthError
 
 __all__ = [
@@ -54,7 +56,9 @@ __all__ = [
     "to_level0",
 ]
 
-SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff")
+SLIDE_SUFFIXES = (".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".qptiff", ".mrxs", ".vms", ".vmu", ".svslide")
+# formats only OpenSlide reads (a MIRAX slide is an index file beside a folder of data files; Hamamatsu VMS/VMU)
+OPENSLIDE_ONLY_SUFFIXES = (".mrxs", ".vms", ".vmu", ".svslide")
 NOMINAL_MAGNIFICATIONS = (1.25, 2.5, 5.0, 10.0, 20.0, 40.0, 60.0, 80.0, 100.0)
 LEVEL_TOLERANCE = 0.01  # a level within 1 % of the needed downsample is "at the target": no resize
 THUMB_MIN_SIDE, THUMB_MAX_SIDE, THUMB_PIXELS_PER_TILE = 512, 4096, 8
@@ -63,7 +67,9 @@ READ_CHUNK = 512  # level pixels per side of one read while building the thumbna
 
 # ------------------------------------------------------------------------------------------ opening
 def open_slide(path: str | Path, *, mpp: float | None = None):
-    """Open a whole-slide image with tiffslide, else openslide when importable; errors name the file.
+    """Open a whole-slide image with tiffslide, else openslide when importable (the only reader of MIRAX, VMS/VMU
+    and Sakura slides); errors name the file. Tiles that tiffslide returns as YCbCr are converted on every read
+    (:mod:`histosynth.data.tiff_tags`), and the first tile of the slide is checked (:func:`check_first_tile`).
 
     A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one level; ``mpp``, micrometres per
     level-0 pixel, becomes its ``openslide.mpp-x`` property). ``mpp`` is not applied to other slides here:
@@ -81,12 +87,15 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
         import tiffslide
     except ImportError:
         tiffslide = None
-    if tiffslide is not None:
+    if tiffslide is not None and path.suffix.lower() not in OPENSLIDE_ONLY_SUFFIXES:
         backends += 1
         try:
-            return tiffslide.TiffSlide(str(path))
+            slide = tiffslide.TiffSlide(str(path))
         except Exception as exc:  # tifffile raises many types for a corrupt file
             errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
+        else:
+            check_first_tile(slide, path)
+            return slide
     try:
         import openslide
     except (ImportError, OSError):  # OSError: the python package without the C library
@@ -98,7 +107,9 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
         except Exception as exc:
             errors.append(f"openslide: {type(exc).__name__}: {exc}")
     if not backends:
-        raise HistosynthError("reading whole-slide images needs tiffslide (pip install tiffslide) or openslide-python")
+        need = ("openslide (pip install 'histosynth[openslide]')" if path.suffix.lower() in OPENSLIDE_ONLY_SUFFIXES
+                else "tiffslide (pip install tiffslide) or openslide (pip install 'histosynth[openslide]')")
+        raise HistosynthError(f"reading this slide needs {need}", path)
     raise DataError("cannot read as a whole-slide image (corrupt or unsupported file): " + "; ".join(errors), path)
 
 
@@ -131,8 +142,10 @@ def slide_mpp(slide) -> float | None:
 
 
 def recorded_mpp(slide) -> float | None:
-    """The level-0 pixel size the file records (mpp-x, micrometres), plausible or not; None when absent."""
-    return _property(slide, "mpp-x")
+    """The level-0 pixel size the file records (mpp-x, micrometres; an OME-TIFF's PhysicalSizeX), plausible or not;
+    None when absent."""
+    mpp = _property(slide, "mpp-x")
+    return mpp if mpp is not None else ome_mpp(slide)
 
 
 def magnification_from_mpp(mpp: float) -> float:
@@ -248,7 +261,42 @@ def read_region(slide, location: tuple[int, int], level: int, size: tuple[int, i
         region = np.repeat(region, 3, axis=2)
     elif region.shape[2] != 3:
         raise DataError(f"unsupported number of channels {region.shape[2]}; expected RGB", path)
+    if level in _ycbcr_levels(slide):
+        return ycbcr_to_rgb(region)
     return np.ascontiguousarray(region)
+
+
+_YCBCR_LEVELS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # slide -> its levels of YCbCr tiles
+
+
+def _ycbcr_levels(slide) -> frozenset[int]:
+    """Levels whose tiles the backend returns as YCbCr (:mod:`histosynth.data.tiff_tags`), read once per slide."""
+    try:
+        return _YCBCR_LEVELS[slide]
+    except (KeyError, TypeError):  # TypeError: a slide object that takes no weak reference
+        levels = ycbcr_levels(slide)
+        try:
+            _YCBCR_LEVELS[slide] = levels
+        except TypeError:
+            pass
+        return levels
+
+
+def check_first_tile(slide, path: str | Path) -> None:
+    """The colour-space check of every slide: the top-left tile (up to 256 px) of its smallest level, read and
+    converted as every tile is, must not look like YCbCr stored as RGB (:func:`~histosynth.data.tiff_tags.
+    looks_like_ycbcr`). DataError naming the file otherwise."""
+    level = int(slide.level_count) - 1
+    width, height = (int(v) for v in slide.level_dimensions[level])
+    try:
+        tile = read_region(slide, (0, 0), level, (min(256, width), min(256, height)), str(path))
+    except DataError:  # corrupt tile data is reported where that tile is needed (with what was done before it)
+        return
+    if looks_like_ycbcr(tile):
+        raise DataError("its tiles look like YCbCr stored as RGB (the glass of the first tile reads as chroma-neutral "
+                        "YCbCr: R high, G and B near 128) although its TIFF tags do not say YCbCr; re-export the slide "
+                        "with RGB tiles, or install openslide (pip install 'histosynth[openslide]') if the scanner's "
+                        "own reader handles it", path)
 
 
 # ------------------------------------------------------------------------------------------- tissue
