@@ -17,7 +17,6 @@ from PIL import Image
 
 from histosynth.cli import main
 from histosynth.data.captioned_folder import CAPTIONS_FILE, prepare_captioned
-from histosynth.data.store import PatchStore
 from histosynth.errors import DataError, OutputExistsError
 from histosynth.quickstart import bundled_sample
 
