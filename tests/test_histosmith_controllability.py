@@ -436,15 +436,26 @@ def test_bad_requests_are_errors_naming_the_manifest(hs, tmp_path):
 # ---------------------------------------------------------------------------------------- report + CLI
 def test_report_reads_histosmith_results(hs, store, tmp_path):
     from histosynth.evaluate.controllability import count_agreement, mask_adherence
-    from histosynth.evaluate.report import build_report
+    from histosynth.evaluate.report import _fmt, build_report
 
     root, _, _, lookup = hs
-    (tmp_path / "adh.json").write_text(json.dumps(mask_adherence(root, Oracle(lookup)), default=str))
+    adherence = mask_adherence(root, Oracle(lookup))
+    adherence["real_test"] = {"dice": 0.81, "aji": 0.52, "pq": 0.43, "mpq": 0.37, "n_images": 7, "split": "test",
+                              "store": "real-store", "pq_per_type": dict(zip(CLASSES, (0.1, 0.2, 0.3)))}
+    (tmp_path / "adh.json").write_text(json.dumps(adherence, default=str))
     count_agreement(root, ConnectiveAsInflammatory(lookup), tmp_path / "counts", training_range=store)
     report = build_report([tmp_path / "adh.json", tmp_path / "counts"], tmp_path / "rep" / "report.md")
     md = report.read_text()
     assert "Mask adherence" in md and "Requested vs generated" in md and "no reference row" in md
     assert "bland_altman_by_range.png" in md and "bland_altman_labels_connective.png" in md
+    # the segmenter's ceiling, and the counts measured twice and by training range, as tables
+    assert "| 0.81 | 0.52 | 0.43 | 0.37 | 0.1 | 0.2 | 0.3 |" in md and "`real-store`, split test, n=7" in md
+    counts = json.loads((tmp_path / "counts" / "counts.json").read_text())
+    for key in ("per_type_labels", "labels_vs_segmenter"):
+        s = counts[key]["connective"]
+        assert f"| connective | {_fmt(s['pearson_r'])} | {_fmt(s['mean_diff'])} | {_fmt(s['sd'])} |" in md, key
+    s = counts["by_range"]["inside"]["segmenter"]["all nuclei"]
+    assert f"| inside | segmenter | all nuclei | {_fmt(s['pearson_r'])} | {_fmt(s['mean_diff'])} |" in md
 
 
 @pytest.fixture

@@ -200,19 +200,32 @@ def _adherence_section(rep: _Report, path: Path, data: dict, level: int) -> None
                 row += [p.get("pq"), p.get("tp"), p.get("fp"), p.get("fn"), p.get("found")]
             rows.append(row)
         rep.table(header, rows)
+    ceiling = data.get("real_test")
+    if isinstance(ceiling, dict):  # the segmenter's own scores on real test patches: what the rows above are read against
+        keys = ["dice", "aji", "pq", "mpq"]
+        rep.add(f"**The segmenter's ceiling on real patches** (`{ceiling.get('store', '')}`, split "
+                f"{ceiling.get('split')}, n={ceiling.get('n_images')})", "")
+        rep.table(keys + [f"PQ {n}" for n in names], [[ceiling.get(k) for k in keys]
+                                                      + [(ceiling.get("pq_per_type") or {}).get(n) for n in names]])
     rep.protocol(_without_protocol(data), {"n_images": data.get("n_images"), **(data.get("protocol") or {})})
+
+
+_AGREEMENT = ["Pearson r", "mean diff", "SD", "LoA low", "LoA high", "n"]
+
+
+def _agreement_row(s: dict) -> list:
+    return [s.get("pearson_r"), s.get("mean_diff"), s.get("sd"), s.get("loa_low"), s.get("loa_high"), s.get("n")]
 
 
 def _counts_section(rep: _Report, path: Path, data: dict, level: int) -> None:
     rep.heading(f"Requested vs generated nuclei counts: `{path}`", level)
     per, ref = data.get("per_type") or {}, data.get("reference") or {}
-    header = ["type", "Pearson r", "mean diff", "SD", "LoA low", "LoA high", "n", "requested", "found"]
+    header = ["type", *_AGREEMENT, "requested", "found"]
     if ref:
         header += ["real: r", "real: mean diff"]
     rows = []
     for name, s in per.items():
-        row = [name, s.get("pearson_r"), s.get("mean_diff"), s.get("sd"), s.get("loa_low"), s.get("loa_high"),
-               s.get("n"), s.get("requested_total"), s.get("found_total")]
+        row = [name, *_agreement_row(s), s.get("requested_total"), s.get("found_total")]
         if ref:
             r = ref.get(name, {})
             row += [r.get("pearson_r"), r.get("mean_diff")]
@@ -220,6 +233,21 @@ def _counts_section(rep: _Report, path: Path, data: dict, level: int) -> None:
     rep.table(header, rows)
     rep.add("Differences are found − requested per image; limits of agreement mean ± 1.96 SD."
             + (" `real:` the same segmenter on the real patches of the masks." if ref else ""), "")
+    # count-conditioned samples (HistoSmith): realised twice, in the generated labels and by the segmenter
+    for key, title in (("per_type_labels", "Requested vs realised in the generated labels (realised − requested)"),
+                       ("labels_vs_segmenter", "Generated labels vs the segmenter on the generated image "
+                                               "(segmenter − labels)")):
+        if isinstance(data.get(key), dict):
+            rep.add(f"**{title}**", "")
+            rep.table(["type", *_AGREEMENT], [[name, *_agreement_row(s)] for name, s in data[key].items()])
+    by_range = data.get("by_range")
+    if isinstance(by_range, dict):
+        rep.add("**Inside and beyond the training range** (a request is inside for a type when it lies within that "
+                "type's training min..max; 'all nuclei': inside for every type)", "")
+        rows = [[part, measure, name, *_agreement_row(s)]
+                for part, measures in by_range.items() for measure, stats in (measures or {}).items()
+                for name, s in (stats or {}).items()]
+        rep.table(["range", "measured in", "type", *_AGREEMENT], rows)
     for name, p in (data.get("plots") or {}).items():
         png = Path(p)
         if not png.is_file():
