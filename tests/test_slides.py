@@ -110,7 +110,7 @@ def test_10x_patches_match_independent_grid_tissue_and_pixels(tmp_path, region):
         assert row["slide"] == WSI.name and row["source"] == str(WSI) and row["split"] == "train"
         assert row["magnification"] == "10x" and row["source_magnification"] == 20.0
         assert row["mpp"] == pytest.approx(2 * 0.499) and row["resized"] is True
-        assert row["tissue"] == pytest.approx(fractions[(y, x)], abs=1e-4)
+        assert row["tissue_fraction"] == pytest.approx(fractions[(y, x)], abs=1e-4)
         item = store[i]
         assert item["image"].shape == (256, 256, 3) and item["image"].dtype == np.uint8
         assert "inst_map" not in item and "type_map" not in item
@@ -137,9 +137,9 @@ def test_20x_is_not_resized_and_overlap_halves_the_stride(region):
 @needs_wsi
 def test_tissue_threshold_bounds():
     every = list(tile_slide(WSI, 256, "10x", tissue_threshold=0.0))
-    assert len(every) == 20 and {m["tissue"] for _, m in every} >= {0.0}
+    assert len(every) == 20 and {m["tissue_fraction"] for _, m in every} >= {0.0}
     full = [m for _, m in tile_slide(WSI, 256, "10x", tissue_threshold=1.0)]
-    assert all(m["tissue"] == 1.0 for m in full)
+    assert all(m["tissue_fraction"] == 1.0 for m in full)
 
 
 # --- errors ---------------------------------------------------------------------------------------

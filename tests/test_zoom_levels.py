@@ -390,7 +390,7 @@ def test_cli(tmp_path, pyramid):
     assert res.exit_code == 0, res.output
     assert "wrote" in res.output and "20x: 1056, 10x: 256, 5x: 64" in res.output
     store = PatchStore(out)
-    fields = {"source", "y", "x", "crop", "split", "slide", "path", "tissue", "magnification", "zoom", "tile_y",
+    fields = {"source", "y", "x", "crop", "split", "slide", "path", "tissue_fraction", "magnification", "zoom", "tile_y",
               "tile_x", "slide_index"}
     assert all(fields <= set(row) for row in store.records)
     assert {r["magnification"]: r["zoom"] for r in store.records} == {"20x": 0, "10x": 1, "5x": 2}

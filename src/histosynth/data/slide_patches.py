@@ -184,7 +184,7 @@ def tile_slide(
     DataError naming the file); pixels are read lazily as the iterator is consumed. Metadata: ``slide``
     (file name), ``path``, ``level``, ``level_x``, ``level_y``, ``level_crop``, ``level_downsample``,
     level-0 ``x``, ``y``, ``crop``, ``magnification`` (target, '10x'), ``source_magnification`` (level 0),
-    ``mpp`` (micrometres per patch pixel, None when unknown), ``tissue`` (fraction in [0, 1]), ``resized``.
+    ``mpp`` (micrometres per patch pixel, None when unknown), ``tissue_fraction`` (in [0, 1]), ``resized``.
     ``mpp=`` (micrometres per level-0 pixel) overrides the file's resolution, like ``source_magnification``.
     """
     check_tiling_args(patch, overlap, tissue_threshold)
@@ -222,7 +222,7 @@ def iter_plan(
                     "slide": name, "path": plan.path, "level": plan.level, "level_x": lx, "level_y": ly,
                     "level_crop": lc, "level_downsample": ds, "x": x0, "y": y0, "crop": crop0,
                     "magnification": target, "source_magnification": plan.source_magnification,
-                    "mpp": mpp, "tissue": round(fraction, 4), "resized": plan.resized,
+                    "mpp": mpp, "tissue_fraction": round(fraction, 4), "resized": plan.resized,
                 }
     finally:
         slide.close()
@@ -254,7 +254,7 @@ def prepare_slides(
     All patches are in the "train" split (split by slide, e.g. one store per split, as PathLDM does).
     Manifest rows: ``source`` (slide path), level-0 ``y``, ``x``, ``crop``, ``magnification`` and the
     tile metadata of :func:`tile_slide` (slide, level, level_x, level_y, level_crop, level_downsample,
-    source_magnification, mpp, tissue, resized). store.json's meta lists each slide's plan. ``mpp``
+    source_magnification, mpp, tissue_fraction, resized). store.json's meta lists each slide's plan. ``mpp``
     (micrometres per level-0 pixel) overrides the slides' resolution; PNG / JPEG files need it or
     ``source_magnification``. Several magnifications per slide (ZoomLDM):
     :func:`histosynth.data.zoom_levels.prepare_zoom_slides`.

@@ -48,7 +48,7 @@ Store. ``manifest.jsonl`` rows: ``source`` (slide path), level-0 ``y``, ``x``, `
 ``magnification`` (this patch's level, '5x'), ``zoom`` (k), ``tile_y``, ``tile_x`` (base grid),
 ``base_size`` (patch * 2^k, base px per side of the paired region), ``slide_index`` (into
 meta["slides"]), ``slide`` (file name), ``path``, ``level`` and ``level_downsample`` (pyramid level read),
-``source_magnification`` (M0), ``mpp`` (um per patch pixel, None when unknown), ``tissue``, ``resized``.
+``source_magnification`` (M0), ``mpp`` (um per patch pixel, None when unknown), ``tissue_fraction``, ``resized``.
 store.json: ``magnification`` = the levels kept joined by commas and ``magnifications`` = their list (see
 :mod:`histosynth.data.store`); meta: ``kind`` "slides", ``base_magnification``, ``magnifications`` (kept),
 ``requested_magnifications``, ``skipped_levels`` {level: reason}, ``patches_per_level`` {level: n}, and per
@@ -416,7 +416,7 @@ def iter_zoom_patches(
                             "base_size": p * n, "slide_index": slide_index, "slide": name, "path": plan.path,
                             "level": lp.level, "level_downsample": lp.level_downsample,
                             "source_magnification": plan.source_magnification, "mpp": mpp,
-                            "tissue": round(fraction, 4), "resized": lp.resized,
+                            "tissue_fraction": round(fraction, 4), "resized": lp.resized,
                         }
     finally:
         slide.close()

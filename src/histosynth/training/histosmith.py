@@ -42,7 +42,8 @@ def patch_conditions(store: PatchStore, indices: list[int], default_tissue: str)
     names = list(store.class_names)
     rows = [store.records[i] for i in indices]
     counts = np.array([[row["counts"].get(n, 0) for n in names] for row in rows], dtype=np.float64)
-    # a tissue *name* (prepare nuclei --tissue); slide stores use "tissue" for a tissue fraction (a number)
+    # a tissue *name* (prepare nuclei --tissue); slide stores written before 2026-12-04 used "tissue" for the
+    # tissue fraction (a number; now "tissue_fraction"), which is not a name
     return counts, [row["tissue"] if isinstance(row.get("tissue"), str) else default_tissue for row in rows]
 
 
