@@ -9,7 +9,7 @@ from pathlib import Path
 
 from histosynth.errors import DataError
 
-__all__ = ["read_rows"]
+__all__ = ["numbered_json_lines", "read_rows"]
 
 
 def read_rows(path: str | os.PathLike) -> list[dict]:
@@ -42,3 +42,20 @@ def read_rows(path: str | os.PathLike) -> list[dict]:
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
         raise DataError("expected a list of objects (one per row)", path)
     return data
+
+
+def numbered_json_lines(path: str | os.PathLike) -> list[tuple[int, object]]:
+    """(line number, parsed value) of every non-blank line of a JSON-lines file.
+
+    Raises:
+        DataError: a line that is not JSON (naming the file and the line).
+    """
+    out = []
+    for n, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except ValueError as exc:
+            raise DataError(f"line {n} is not JSON: {exc}", path) from None
+    return out

@@ -45,6 +45,7 @@ import numpy as np
 from PIL import Image
 
 from histosynth.data.io import to_rgb_uint8
+from histosynth.data.tables import numbered_json_lines
 from histosynth.errors import DataError, HistosynthError
 from histosynth.evaluate.instance_metrics import (
     PQAccumulator, aggregated_jaccard_index, bland_altman, bland_altman_plot, counts_per_type, dice, pearson_r,
@@ -68,18 +69,11 @@ def read_samples(sample_dir: str | Path) -> list[dict]:
     if not manifest.is_file():
         raise DataError(f"no {MANIFEST}: not a `histosynth sample` output directory", root)
     rows = []
-    with open(manifest, encoding="utf-8") as f:
-        for n, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except ValueError as exc:
-                raise DataError(f"line {n} is not JSON: {exc}", manifest) from None
-            missing = [k for k in ("image", "inst_map", "type_map") if not row.get(k)]
-            if missing:
-                raise DataError(f"line {n} lacks {', '.join(missing)}", manifest)
-            rows.append(row)
+    for n, row in numbered_json_lines(manifest):
+        missing = [k for k in ("image", "inst_map", "type_map") if not (isinstance(row, dict) and row.get(k))]
+        if missing:
+            raise DataError(f"line {n} lacks {', '.join(missing)}", manifest)
+        rows.append(row)
     if not rows:
         raise DataError("no samples listed", manifest)
     return rows

@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.data.tables import numbered_json_lines
 from histosynth.errors import DataError, HistosynthError
 from histosynth.evaluate.mil import Bag
 
@@ -142,13 +143,7 @@ def read_tile_sets(folder: str | Path, label_names: Sequence[str]) -> list[TileS
     indexed = [n.strip() for n in classes_file.read_text(encoding="utf-8").splitlines() if n.strip()] \
         if classes_file.is_file() else list(label_names)
     sets = []
-    for n, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise DataError(f"line {n} is not JSON: {exc}", file) from None
+    for n, row in numbered_json_lines(file):
         tiles = row.get("tiles", row.get("images")) if isinstance(row, dict) else None
         if not isinstance(tiles, list) or not tiles:
             raise DataError(f"line {n}: 'tiles' must be a non-empty list of image paths", file)
