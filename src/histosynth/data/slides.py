@@ -37,6 +37,7 @@ import numpy as np
 from PIL import Image
 
 from histosynth.data.patches import format_magnification, parse_magnification
+from histosynth.data.dicom_slide import DICOM_SUFFIX, DicomSlide, dicom_folder
 from histosynth.data.plain_image_slide import PLAIN_IMAGE_SUFFIXES, PlainImageSlide
 from histosynth.data.tiff_tags import looks_like_ycbcr, ome_mpp, ycbcr_levels, ycbcr_to_rgb
 from histosynth.errors import DataError, HistosynthError
@@ -71,13 +72,17 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
     and Sakura slides); errors name the file. Tiles that tiffslide returns as YCbCr are converted on every read
     (:mod:`histosynth.data.tiff_tags`), and the first tile of the slide is checked (:func:`check_first_tile`).
 
-    A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one level; ``mpp``, micrometres per
+    A DICOM slide (a folder of its .dcm instances, or one of them) opens through wsidicom, else OpenSlide
+    (:mod:`histosynth.data.dicom_slide`). A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one level; ``mpp``, micrometres per
     level-0 pixel, becomes its ``openslide.mpp-x`` property). ``mpp`` is not applied to other slides here:
     :func:`slide_magnification` takes it as an override.
     """
     path = Path(path)
     if not path.exists():
         raise DataError("slide not found", path)
+    dicom = dicom_folder(path)
+    if dicom is not None:
+        return _open_dicom(dicom)
     if not path.is_file():
         raise DataError("not a slide file", path)
     if path.suffix.lower() in PLAIN_IMAGE_SUFFIXES:
@@ -111,6 +116,27 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
                 else "tiffslide (pip install tiffslide) or openslide (pip install 'histosynth[openslide]')")
         raise HistosynthError(f"reading this slide needs {need}", path)
     raise DataError("cannot read as a whole-slide image (corrupt or unsupported file): " + "; ".join(errors), path)
+
+
+def _open_dicom(folder: Path):
+    """A DICOM WSI folder through wsidicom, else OpenSlide 4 (which opens it from one of its files)."""
+    try:
+        import wsidicom  # noqa: F401
+    except ImportError:
+        pass
+    else:
+        return DicomSlide(folder)
+    try:
+        import openslide
+    except (ImportError, OSError):
+        raise HistosynthError("reading DICOM slides needs wsidicom (pip install 'histosynth[dicom]') or openslide "
+                              "(pip install 'histosynth[openslide]')", folder) from None
+    first = min(p for p in folder.iterdir() if p.suffix.lower() == DICOM_SUFFIX)
+    try:
+        return openslide.OpenSlide(str(first))
+    except Exception as exc:
+        raise DataError(f"cannot read as a DICOM whole-slide image: openslide: {type(exc).__name__}: {exc}",
+                        folder) from None
 
 
 def _property(slide, name: str) -> float | None:
@@ -431,17 +457,18 @@ def footprint(size: tuple[int, int], scale: tuple[float, float], x0: float, y0: 
 
 # ------------------------------------------------------------------------------------------- files
 def expand_slides(slides: Iterable[str | Path], plain_images: bool = False) -> list[Path]:
-    """Slide files; a directory stands for the slide files directly inside it (SLIDE_SUFFIXES, sorted),
-    and with ``plain_images`` (given when --mpp or --source-magnification is) its PLAIN_IMAGE_SUFFIXES files too."""
+    """Slide files; a DICOM slide's folder (or one of its .dcm files) is one slide; another directory stands for the
+    slide files and DICOM slide folders directly inside it (SLIDE_SUFFIXES, sorted), and with ``plain_images`` (given when --mpp or --source-magnification is) its PLAIN_IMAGE_SUFFIXES files too."""
     suffixes = SLIDE_SUFFIXES + (PLAIN_IMAGE_SUFFIXES if plain_images else ())
     out: list[Path] = []
     for item in slides:
         item = Path(item)
-        if item.is_dir():
+        if item.is_dir() and dicom_folder(item) is None:
             found = sorted(p for p in item.iterdir() if p.is_file() and p.suffix.lower() in suffixes)
+            found += sorted(p for p in item.iterdir() if p.is_dir() and dicom_folder(p) is not None)
             if not found:
-                raise DataError(f"no slide files ({', '.join(suffixes)}) in this folder", item)
+                raise DataError(f"no slide files ({', '.join(suffixes)}) or DICOM slide folders in this folder", item)
             out.extend(found)
-        else:
+        else:  # a slide file, or a DICOM slide (its folder)
             out.append(item)
     return out
