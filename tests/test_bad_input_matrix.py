@@ -349,3 +349,54 @@ def test_the_docs_table_lists_every_case():
     rows = [line for line in DOC.read_text().splitlines() if line.startswith("| `")]
     documented = {line.split("`")[1] for line in rows}
     assert documented == {c.id for c in CASES}
+
+
+KILL_IN_CHECKPOINT = """
+import os, signal, sys
+from histosynth.training import engine
+
+real = engine.save_file
+
+
+def save_then_die(tensors, path, *args, **kwargs):  # the kill lands inside checkpoint 4, after its EMA file
+    real(tensors, path, *args, **kwargs)
+    if ".tmp-step-0000004" in str(path):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+engine.save_file = save_then_die
+from histosynth.cli import main
+
+main(sys.argv[1:])
+"""
+
+
+def test_sigkill_during_a_checkpoint_then_resume(hgsc_store, tmp_path):
+    """SIGKILL inside a checkpoint's write leaves its hidden temporary folder and no step-4 checkpoint; `train --resume`
+    removes the leftover, continues from step 2 and logs what an uninterrupted run logs."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import micro_recipe
+
+    from histosynth.diffusion import checkpoint as ckpt
+
+    recipe = tmp_path / "micro.yaml"
+    recipe.write_text(yaml.safe_dump(json.loads(json.dumps(micro_recipe().to_dict()))))
+    args = ["train", "--recipe", str(recipe), "--data", str(hgsc_store)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TQDM_DISABLE": "1"}
+    ref = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "ref"), "--max-steps", "6"])
+    assert ref.exit_code == 0, ref.output
+    run = tmp_path / "run"
+    killed = subprocess.run([sys.executable, "-c", KILL_IN_CHECKPOINT, *args, "--out", str(run), "--max-steps", "6"],
+                            env=env, capture_output=True, timeout=300)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr.decode()[-2000:]
+    assert ckpt.temporary_dir(ckpt.checkpoint_dir(run, 4)).is_dir() and ckpt.latest_checkpoint(run).name.endswith("2")
+    resumed = CliRunner().invoke(main, [*args, "--out", str(run), "--resume", "--max-steps", "6"])
+    assert resumed.exit_code == 0, resumed.output
+    assert not list((run / ckpt.CHECKPOINTS).glob(".tmp-*"))
+    rows = [json.loads(r) for r in (run / "losses.jsonl").read_text().splitlines()]
+    assert rows == [json.loads(r) for r in (tmp_path / "ref" / "losses.jsonl").read_text().splitlines()]
