@@ -235,6 +235,11 @@ def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path
     train_segmenter(consep_store, tmp_path / "ref", progress=False, **settings)
     run = tmp_path / "run"
     train_segmenter(consep_store, run, max_steps=2, progress=False, **settings)
+    from histosynth.errors import DataError
+
+    with pytest.raises(DataError, match=r"exported at step 2 of 4: its run stopped early"):
+        load_segmenter(run)  # a half-trained export is not the instrument
+    assert load_segmenter(run, allow_unfinished=True).class_names
     with (run / "losses.jsonl").open("a") as log:  # a step logged after the checkpoint, then lost with the process
         log.write(json.dumps({"step": 3, "loss": 99.0}) + "\n")
     with pytest.raises(OutputExistsError):
@@ -260,3 +265,30 @@ def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path
     res = CliRunner().invoke(main, ["train", "diffusion", "--recipe", str(recipe), "--data", str(consep_store),
                                     "--out", str(tmp_path / "x")])
     assert res.exit_code == 2 and "trains a nuclei segmenter" in res.output
+
+
+def test_segmenter_settings_and_resume_identity(consep_store, tmp_path):
+    from histosynth.errors import DataError, HistosynthError
+    from histosynth.evaluate.segmenter import segmenter_recipe
+
+    assert segmenter_recipe(learning_rate=5e-4).train.learning_rate == 5e-4 == segmenter_recipe(lr=5e-4).train.learning_rate
+    with pytest.raises(TypeError, match="not both"):
+        segmenter_recipe(lr=1e-3, learning_rate=5e-4)
+    with pytest.raises(HistosynthError, match="decoder_channels needs 5 widths"):
+        segmenter_recipe(decoder_channels=(64, 32))
+    # a run trained with extra items does not resume without them (its data order would change silently)
+    from histosynth.data.store import PatchStore
+
+    store = PatchStore(consep_store)
+    extra = [store[i] for i in store.indices("test")[:3]]
+    settings = dict(steps=4, batch_size=2, crop=64, imagenet_encoder=False, checkpoint_every=2, progress=False)
+    train_segmenter(consep_store, tmp_path / "run", max_steps=2, extra_train=extra, **settings)
+    with pytest.raises(HistosynthError, match=r"cannot resume: this run was trained with other extra items .*3 items, now 0"):
+        train_segmenter(consep_store, tmp_path / "run", resume=True, **settings)
+    train_segmenter(consep_store, tmp_path / "run", resume=True, extra_train=extra, **settings)
+    assert json.loads((tmp_path / "run" / "segmenter" / "segmenter.json").read_text())["step"] == 4
+    # another method's run given as a segmenter says so
+    (tmp_path / "nasdm").mkdir()
+    (tmp_path / "nasdm" / "recipe.yaml").write_text("recipe: {method: nasdm}\ndata: x\n")
+    with pytest.raises(DataError, match="a training run of method 'nasdm', not a nuclei segmenter"):
+        load_segmenter(tmp_path / "nasdm")

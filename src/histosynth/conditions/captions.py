@@ -267,7 +267,7 @@ def read_patch_table(path: str | os.PathLike) -> list[dict]:
 
 def load_summaries(path: str | os.PathLike) -> dict[str, list[str]]:
     """Slide summaries: a JSON object slide → summary or list of summaries, or the JSONL cache of
-    :func:`summarize_reports` (rows ``{"id", "n", "summary"}``, ordered by ``n``)."""
+    :func:`~histosynth.conditions.report_summaries.summarize_reports` (rows ``{"id", "n", "summary"}``, ordered by ``n``)."""
     path = Path(path)
     if not path.is_file():
         raise DataError("summaries file not found", path)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import platform
+import shutil
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.atomic import atomic_folder
+from histosynth.diffusion.checkpoint import CHECKPOINTS
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
 __all__ = ["SyntheticPairs", "augmentation_benefit"]
@@ -154,6 +156,7 @@ def augmentation_benefit(
         for arm, more in (("real", None), ("real+synthetic", extra)):
             folder = work / arm
             train_segmenter(store, folder, extra_train=more, **settings)
+            shutil.rmtree(folder / CHECKPOINTS)  # ~60 MiB of optimiser state: augment never resumes an arm
             seg = load_segmenter(folder, device=device)
             results[arm] = evaluate_segmenter(seg, store, test_split, progress=progress)
         names = list(store.class_names)

@@ -45,15 +45,26 @@ from histosynth.data.nuclei_maps import (
     instances_from_maps,
 )
 from histosynth.errors import DataError
-from histosynth.training.segmenter import SEGMENTER, SEGMENTER_JSON, segmenter_recipe, soft_dice_loss, train_segmenter
+from histosynth.models.nuclei_segmenter import SEGMENTER, SEGMENTER_JSON
 
-__all__ = [
+__all__ = [  # noqa: F822 (train_segmenter, segmenter_recipe, soft_dice_loss: the module __getattr__ below)
     "PostprocessConfig", "Segmenter", "distance_targets", "instances_from_maps", "postprocess", "train_segmenter",
     "load_segmenter", "evaluate_segmenter", "score_segmentation", "otsu_baseline", "SEGMENTER_JSON", "segmenter_recipe",
     "soft_dice_loss",
 ]
 
 MODEL_CONFIG = "config.json"
+_TRAINING = ("segmenter_recipe", "soft_dice_loss", "train_segmenter")  # re-exported, imported on first use
+
+
+def __getattr__(name: str):
+    """The training names, from :mod:`histosynth.training.segmenter` when first asked for: measuring with a
+    segmenter does not import the training engine (accelerate, the recipes)."""
+    if name in _TRAINING:
+        from histosynth.training import segmenter as training
+
+        return getattr(training, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ------------------------------------------------------------------------------------ post-processing
@@ -169,12 +180,17 @@ class Segmenter:
         return np.stack(insts), np.stack(types)
 
 
-def load_segmenter(path: str | Path, device: str | torch.device = "cpu", **options) -> Segmenter:
+def load_segmenter(path: str | Path, device: str | torch.device = "cpu", *, allow_unfinished: bool = False,
+                   **options) -> Segmenter:
     """Load a segmenter: the run directory of :func:`train_segmenter` (the --out of ``seg train``), its
     ``segmenter/`` folder, or any ``NucleiSegmenter.save_pretrained`` folder (with an optional ``segmenter.json``).
 
-    ``options`` go to :class:`Segmenter` (tile, overlap, batch_size). Raises DataError naming the folder or
-    file when it is missing or is not a nuclei segmenter.
+    A run exports at every checkpoint; an export from before its last step (a run killed or stopped early) is
+    refused unless ``allow_unfinished``. ``options`` go to :class:`Segmenter` (tile, overlap, batch_size).
+
+    Raises:
+        DataError: the folder or file is missing, is not a nuclei segmenter, or is an unfinished run's export
+            (naming it).
     """
     from histosynth.models.nuclei_segmenter import NucleiSegmenter
 
@@ -188,6 +204,10 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu", **optio
     config_file = path / MODEL_CONFIG
     if not config_file.is_file():
         if (path / "recipe.yaml").is_file():
+            method = _run_method(path)
+            if method != "segmenter":
+                raise DataError(f"a training run of method {method!r}, not a nuclei segmenter (give the --out of "
+                                "`seg train`)", path)
             raise DataError(f"this training run has no {SEGMENTER}/ yet (it writes one at every checkpoint); "
                             "resume it (seg train --resume)", path)
         raise DataError(f"not a segmenter folder: {MODEL_CONFIG} is missing", path)
@@ -209,7 +229,20 @@ def load_segmenter(path: str | Path, device: str | torch.device = "cpu", **optio
             post = PostprocessConfig(**info.get("postprocess", {}))
         except (OSError, ValueError, TypeError) as exc:
             raise DataError(f"unreadable segmenter settings: {exc}", info_file) from None
+        step, total = info.get("step"), info.get("total_steps")
+        if step is not None and total is not None and step < total and not allow_unfinished:
+            raise DataError(f"this segmenter was exported at step {step} of {total}: its run stopped early; finish "
+                            "it (seg train --resume with the same options) before measuring with it", path)
     return Segmenter(model, post, device=device, path=path, **options)
+
+
+def _run_method(run: Path) -> str | None:
+    try:
+        import yaml
+
+        return (yaml.safe_load((run / "recipe.yaml").read_text()) or {}).get("recipe", {}).get("method")
+    except Exception:  # an unreadable recipe.yaml: say what we can
+        return None
 
 
 # ------------------------------------------------------------------------------------------- scoring

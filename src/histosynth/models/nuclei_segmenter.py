@@ -48,6 +48,8 @@ from torch import nn
 __all__ = ["NucleiSegmenter", "NucleiSegmenterOutput", "ConvBlock"]
 
 IMAGENET_LITE0 = "tf_efficientnet_lite0"
+SEGMENTER = "segmenter"  # a training run's export: RUN/segmenter (the model + SEGMENTER_JSON)
+SEGMENTER_JSON = "segmenter.json"  # beside the model: post-processing settings, how and how far it was trained
 
 
 @dataclass

@@ -41,6 +41,7 @@ class SegmenterTrainConfig(EngineConfig):
     ema_decay: float | None = None  # the instrument is read at its last weights
     max_grad_norm: float = 0.0  # no clipping (the rate above was tuned without it)
     checkpoint_every: int = 500
+    keep_checkpoints: int = 1  # ~60 MiB each (weights, AdamW state); the export is what is used
     num_workers: int = 0  # items are memory-mapped reads; the crops and targets are made in the step
     crop: int = 128  # random crop side in px: a multiple of 32 (the encoder's stride), at most the patch size
     color_jitter: float = 0.08  # per-channel gain 1 ± j and offset ± 128·j
@@ -64,8 +65,9 @@ class SegmenterRecipe(Recipe):
             problems.append(f"train.crop must be a positive multiple of 32, got {t.crop}")
         if t.warmup_steps < 0 or t.color_jitter < 0 or self.loss.distance_weight < 0 or self.loss.dice_weight < 0:
             problems.append("train.warmup_steps, train.color_jitter and the loss weights must not be negative")
-        if not self.model.decoder_channels or self.model.stem_channels < 1:
-            problems.append("model.decoder_channels must not be empty and model.stem_channels must be at least 1")
+        if len(self.model.decoder_channels) != 5 or self.model.stem_channels < 1:
+            problems.append(f"model.decoder_channels needs 5 widths (strides 16, 8, 4, 2, 1), got "
+                            f"{list(self.model.decoder_channels)}, and model.stem_channels must be at least 1")
         return problems
 
 

@@ -12,6 +12,7 @@ so a resumed run repeats an uninterrupted one. Export: ``RUN/segmenter`` (what
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import platform
@@ -29,13 +30,12 @@ from histosynth.data.nuclei_maps import distance_targets
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.errors import DataError, HistosynthError
-from histosynth.models.nuclei_segmenter import NucleiSegmenter
+from histosynth.models.nuclei_segmenter import SEGMENTER, SEGMENTER_JSON, NucleiSegmenter
 from histosynth.recipes.segmenter import SegmenterRecipe
 from histosynth.training.engine import ema_copy, fit
 from histosynth.training.task import TrainingTask
 
-SEGMENTER = "segmenter"  # RUN/segmenter: the trained segmenter (model + segmenter.json)
-SEGMENTER_JSON = "segmenter.json"  # post-processing settings + how the model was trained
+EXTRA_TRAIN = "extra_train.json"  # RUN/: how many extra items the run trains with, and their fingerprint
 IGNORE = -100  # type target of a nucleus pixel without a type (left out of the type losses)
 
 
@@ -52,6 +52,15 @@ class TrainItems(Dataset):
     def __getitem__(self, i: int) -> dict:
         item = self.store[self.pool[i]] if i < len(self.pool) else self.extra[i - len(self.pool)]
         return {"image": item["image"], "inst_map": item["inst_map"], "type_map": item["type_map"]}
+
+
+def _fingerprint(items: Sequence) -> str:
+    """sha256 over every extra item's image and maps: a resumed run must see the same pool."""
+    digest = hashlib.sha256()
+    for item in items:
+        for key in ("image", "inst_map", "type_map"):
+            digest.update(np.ascontiguousarray(item[key]).tobytes())
+    return digest.hexdigest()
 
 
 def keep_items(items: list) -> list:
@@ -130,6 +139,13 @@ class SegmenterTask(TrainingTask):
 
     def setup(self, accelerator, run, resuming):
         self.device, self.autocast = accelerator.device, accelerator.autocast
+        identity = {"items": len(self.items.extra), "sha256": _fingerprint(self.items.extra)}
+        path = run / EXTRA_TRAIN
+        if resuming and path.is_file() and json.loads(path.read_text()) != identity:
+            raise HistosynthError(f"cannot resume: this run was trained with other extra items ({path.name}: "
+                                  f"{json.loads(path.read_text())['items']} items, now {identity['items']})", run)
+        if accelerator.is_main_process and not resuming:
+            path.write_text(json.dumps(identity))
 
     def build_model(self, accelerator, run, resuming):
         m = self.recipe.model
@@ -174,9 +190,14 @@ class SegmenterTask(TrainingTask):
 
     def export(self, model, ema, run):
         """``RUN/segmenter``: the model (diffusers layout) and ``segmenter.json`` (post-processing settings, the
-        recipe, the store and its classes, where the encoder started)."""
+        recipe, the store and its classes, where the encoder started, and ``step`` of ``total_steps``: the engine
+        exports at every checkpoint, and an export from before the end is not the instrument)."""
         twin = ema_copy(model, ema).eval()
+        last = ckpt.latest_checkpoint(run)  # export follows the checkpoint it exports
+        step = ckpt.read_trainer_state(last)["step"] if last is not None else 0
         info = {
+            "step": step,
+            "total_steps": self.total_steps,  # load_segmenter refuses an export from before the end
             "postprocess": asdict(self.recipe.postprocess),
             "train": self.recipe.to_dict(),
             "store": str(self.store.path),
@@ -186,7 +207,7 @@ class SegmenterTask(TrainingTask):
             "extra_train_items": len(self.items.extra),
             "class_names": list(self.store.class_names),
             "encoder_weights": twin.config.encoder_weights,
-            "finished": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": f"{platform.machine()} {platform.processor() or ''} torch {torch.__version__} "
                        f"threads {torch.get_num_threads()}".strip(),
         }
@@ -198,9 +219,10 @@ class SegmenterTask(TrainingTask):
         ckpt.write_atomically(run / SEGMENTER, write)
 
 
-def segmenter_recipe(*, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3, seed: int = 0, crop: int = 128,
+def segmenter_recipe(*, steps: int = 1500, batch_size: int = 8, lr: float | None = None, seed: int = 0, crop: int = 128,
                      **options) -> SegmenterRecipe:
-    """The built-in segmenter recipe with these settings. ``options``: any other field of its ``train``, ``model``,
+    """The built-in segmenter recipe with these settings (``lr``: ``train.learning_rate``, default 1e-3). ``options``:
+    any other field of its ``train``, ``model``,
     ``loss`` or ``postprocess`` section by its name (e.g. ``warmup_steps``, ``imagenet_encoder``, ``dice_weight``,
     ``min_area``), or ``postprocess_config`` (a whole :class:`PostprocessConfig`).
 
@@ -214,7 +236,11 @@ def segmenter_recipe(*, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3
     post = options.pop("postprocess_config", None)
     if post is not None:
         raw["postprocess"] = asdict(post)
-    options.update(steps=steps, batch_size=batch_size, learning_rate=lr, seed=seed, crop=crop)
+    if lr is not None and "learning_rate" in options:
+        raise TypeError("give lr or learning_rate, not both")
+    if lr is not None:
+        options["learning_rate"] = lr
+    options.update(steps=steps, batch_size=batch_size, seed=seed, crop=crop)
     for key, value in options.items():
         section = next((s for s in ("train", "model", "loss", "postprocess") if key in raw[s]), None)
         if section is None:
@@ -224,7 +250,7 @@ def segmenter_recipe(*, steps: int = 1500, batch_size: int = 8, lr: float = 1e-3
 
 
 def train_segmenter(store_path, out: str | Path, *, max_steps: int | None = None, resume: bool = False, overwrite: bool = False,
-                    progress: bool = True, device: str | torch.device = "cpu", extra_train: Sequence | None = None,
+                    progress: bool = True, device: str | torch.device | None = None, extra_train: Sequence | None = None,
                     recipe: SegmenterRecipe | None = None, **settings) -> Path:
     """Train a nuclei segmenter on the train split of a labelled patch store into run directory ``out``.
 
@@ -232,8 +258,9 @@ def train_segmenter(store_path, out: str | Path, *, max_steps: int | None = None
     ``segmenter/`` folder holds the model and ``segmenter.json``; :func:`~histosynth.evaluate.segmenter.load_segmenter`
     reads ``out`` or ``out/segmenter``. ``settings``: :func:`segmenter_recipe`'s (steps, batch_size, lr, seed, crop,
     any recipe field), or ``recipe`` itself. ``max_steps``: stop there (a later ``resume`` goes on to
-    ``steps``). ``device``: ``"cpu"`` forces the CPU; anything else lets accelerate
-    choose (the GPU when there is one). ``extra_train``: more labelled items (see :class:`TrainItems`).
+    ``steps``). ``device``: ``"cpu"`` forces the CPU; None or anything else lets
+    accelerate choose (the GPU when there is one; accelerate keeps one device per process, so a process that trained
+    on the GPU cannot then force the CPU). ``extra_train``: more labelled items (see :class:`TrainItems`).
 
     Raises:
         OutputExistsError: ``out`` holds files and neither ``resume`` nor ``overwrite`` is set.
@@ -246,5 +273,5 @@ def train_segmenter(store_path, out: str | Path, *, max_steps: int | None = None
     elif settings:
         raise TypeError("pass either a recipe or its settings, not both")
     task = SegmenterTask(recipe, store_path, progress=progress, extra_train=extra_train)
-    fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite, progress=progress, cpu=torch.device(device).type == "cpu")
+    fit(task, out, max_steps=max_steps, resume=resume, overwrite=overwrite, progress=progress, cpu=device is not None and torch.device(device).type == "cpu")
     return Path(out)
