@@ -276,7 +276,7 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     assert Image.open(out / "grid.png").size[1] > Image.open(out / "grid.png").size[0] / 4 * 2  # one row per level
     r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--reference", str(zoom_store), "--steps", "1000",
                              "--out", str(tmp_path / "too-many")])  # LDM's DDIM: 1000 steps would start at t = 1000
-    assert r.exit_code == 2 and "--steps) must be within 1..999" in r.output and not (tmp_path / "too-many").exists()
+    assert r.exit_code == 2 and "--steps must be within 1..999" in r.output and not (tmp_path / "too-many").exists()
     r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--magnification", "5x", "--out", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no condition sampler" in r.output
     r = runner.invoke(main, ["sample", "--model", str(zoom_run), "--magnification", "40x", "--reference",
