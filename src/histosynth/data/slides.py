@@ -73,8 +73,8 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
     (:mod:`histosynth.data.tiff_tags`), and the first tile of the slide is checked (:func:`check_first_tile`).
 
     A DICOM slide (a folder of its .dcm instances, or one of them) opens through wsidicom, else OpenSlide
-    (:mod:`histosynth.data.dicom_slide`). A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one level; ``mpp``, micrometres per
-    level-0 pixel, becomes its ``openslide.mpp-x`` property). ``mpp`` is not applied to other slides here:
+    (:mod:`histosynth.data.dicom_slide`). A .png / .jpg / .jpeg file opens as a :class:`PlainImageSlide` (one
+    level; ``mpp``, micrometres per level-0 pixel, becomes its ``openslide.mpp-x`` property). ``mpp`` is not applied to other slides here:
     :func:`slide_magnification` takes it as an override.
     """
     path = Path(path)
@@ -99,7 +99,11 @@ def open_slide(path: str | Path, *, mpp: float | None = None):
         except Exception as exc:  # tifffile raises many types for a corrupt file
             errors.append(f"tiffslide: {type(exc).__name__}: {exc}")
         else:
-            check_first_tile(slide, path)
+            try:
+                check_first_tile(slide, path)
+            except DataError:
+                slide.close()
+                raise
             return slide
     try:
         import openslide
