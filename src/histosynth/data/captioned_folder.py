@@ -181,30 +181,23 @@ def prepare_captioned(
     meta = {"kind": "captioned", "folder": str(folder), "table": str(table), "holdout": holdout, "seed": seed,
             "group_column": group_column, "label_columns": list(label_columns), **left_out,
             "command": command if command is None or isinstance(command, str) else list(command)}
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        bar = tqdm(total=len(by_image), unit="image", desc="prepare captioned", file=sys.stderr)
     captions: list[str] = []
-    try:
-        with PatchStoreWriter(out, (), patch, magnification, meta, overwrite, labels=False) as writer:
-            for path, image_rows in by_image.items():
-                image = load_image(path)
-                square, y, x, side = central_square(image, patch, allow_upsampling, path)
-                rel = path.relative_to(folder).as_posix()
-                split = "test" if group[path] in held else "train"
-                index = len(writer)
-                writer.add(Patch(square, None, None, split, y, x, side, str(path),
-                                 {"file": rel, "height": int(image.shape[0]), "width": int(image.shape[1])}))
-                for row in image_rows:
-                    caption = {"index": index, "source": str(path), "y": y, "x": x, "file": rel,
-                               "caption": row[caption_column].strip(), **{c: row[c] for c in label_columns}}
-                    captions.append(json.dumps(caption))
-                if bar is not None:
-                    bar.update(1)
-            writer.write_side_file(CAPTIONS_FILE, "".join(line + "\n" for line in captions))
-    finally:
-        if bar is not None:
-            bar.close()
+    with (tqdm(total=len(by_image), unit="image", desc="prepare captioned", file=sys.stderr, disable=not progress) as bar,
+          PatchStoreWriter(out, (), patch, magnification, meta, overwrite, labels=False) as writer):
+        for path, image_rows in by_image.items():
+            image = load_image(path)
+            square, y, x, side = central_square(image, patch, allow_upsampling, path)
+            rel = path.relative_to(folder).as_posix()
+            split = "test" if group[path] in held else "train"
+            index = len(writer)
+            writer.add(Patch(square, None, None, split, y, x, side, str(path),
+                             {"file": rel, "height": int(image.shape[0]), "width": int(image.shape[1])}))
+            for row in image_rows:
+                caption = {"index": index, "source": str(path), "y": y, "x": x, "file": rel,
+                           "caption": row[caption_column].strip(), **{c: row[c] for c in label_columns}}
+                captions.append(json.dumps(caption))
+            bar.update(1)
+        writer.write_side_file(CAPTIONS_FILE, "".join(line + "\n" for line in captions))
     return PatchStore(out)

@@ -54,13 +54,16 @@ class TrainItems(Dataset):
         return {"image": item["image"], "inst_map": item["inst_map"], "type_map": item["type_map"]}
 
 
-def _fingerprint(items: Sequence) -> str:
-    """sha256 over every extra item's image and maps: a resumed run must see the same pool."""
-    digest = hashlib.sha256()
+def _extra_identity(items: Sequence) -> tuple[dict, int | None]:
+    """({items, sha256 over every item's image and maps}, the smallest side of their images or None), in one read
+    of the items: a resumed run must see the same pool, and every crop must fit."""
+    digest, smallest = hashlib.sha256(), None
     for item in items:
+        side = min(np.shape(item["image"])[:2])
+        smallest = side if smallest is None else min(smallest, side)
         for key in ("image", "inst_map", "type_map"):
             digest.update(np.ascontiguousarray(item[key]).tobytes())
-    return digest.hexdigest()
+    return {"items": len(items), "sha256": digest.hexdigest()}, smallest
 
 
 def keep_items(items: list) -> list:
@@ -133,13 +136,14 @@ class SegmenterTask(TrainingTask):
             raise DataError("the store has no train patches to train a segmenter on", self.store.path)
         self.items = TrainItems(self.store, pool, extra_train)
         crop = recipe.train.crop
-        smallest = min([self.store.patch_size] + [min(it["image"].shape[:2]) for it in self.items.extra])
+        self.extra_identity, extra_smallest = _extra_identity(self.items.extra)
+        smallest = min(self.store.patch_size, extra_smallest or self.store.patch_size)
         if crop > smallest:
             raise HistosynthError(f"crop {crop} is larger than the smallest training image ({smallest} px)", self.store.path)
 
     def setup(self, accelerator, run, resuming):
         self.device, self.autocast = accelerator.device, accelerator.autocast
-        identity = {"items": len(self.items.extra), "sha256": _fingerprint(self.items.extra)}
+        identity = self.extra_identity
         path = run / EXTRA_TRAIN
         if resuming and path.is_file() and json.loads(path.read_text()) != identity:
             raise HistosynthError(f"cannot resume: this run was trained with other extra items ({path.name}: "
