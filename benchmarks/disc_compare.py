@@ -30,7 +30,8 @@ def main() -> None:
     args = ap.parse_args()
     from histosynth.evaluate.fid import evaluate_distribution
     from histosynth.evaluate.region_adherence import region_adherence
-    from histosynth.evaluate.region_classifier import load_region_classifier, run_region_classifier
+    from histosynth.evaluate.region_classifier import load_region_classifier
+    from histosynth.evaluate.region_classifier_sweep import run_region_classifier
 
     out, store = args.out, args.out / "store"
     clf_dir = out / "region-classifier"

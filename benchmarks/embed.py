@@ -36,7 +36,7 @@ def build_store(root: Path, slides: int) -> Path:
 
     from histosynth.data.patches import Patch
     from histosynth.data.slide_tiles import plan_base_tiles
-    from histosynth.data.store import PatchStoreWriter
+    from histosynth.data.store_writer import PatchStoreWriter
 
     entries, patches = [], []
     for i in range(slides):
@@ -79,7 +79,7 @@ def measure_encoder(encoder_id: str, batch: int, reps: int, device: str) -> dict
 def measure_embed(encoder_id: str, batch: int, slides: int, device: str) -> dict:
     import numpy as np
 
-    from histosynth.conditions.slide_embeddings import embed_store
+    from histosynth.conditions.embed_store import embed_store
     from histosynth.models.ssl_encoder import load_tile_encoder
 
     enc = load_tile_encoder(encoder_id, device)

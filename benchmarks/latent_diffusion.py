@@ -34,7 +34,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
 
     from histosynth.training.autoencoder import make_model as make_autoencoder
     from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
-    from histosynth.training.pathldm import make_unet
+    from histosynth.training.latent import make_unet
     from histosynth.pipelines.pathldm import classifier_free_guidance
     from histosynth.recipes import load_recipe
 

@@ -34,7 +34,7 @@ REFERENCE_PARAMS = dict(image_size=64, in_channels=3, out_channels=3, model_chan
 
 def ours(variant: str):
     from histosynth.recipes import load_recipe
-    from histosynth.training.pathldm import make_unet
+    from histosynth.training.latent import make_unet
 
     torch.manual_seed(0)
     unet = make_unet(load_recipe("pathldm-256"), 3, 64)

@@ -13,7 +13,7 @@ from histosynth.recipes import load_recipe
 def _networks():
     from histosynth.models import SemanticUNet
     from histosynth.models.condition_sampler import ConditionTransformer
-    from histosynth.training.pathldm import make_unet
+    from histosynth.training.latent import make_unet
 
     yield "semantic", SemanticUNet(sample_size=16, in_channels=3, cond_channels=4, block_out_channels=(16, 32),
                                    layers_per_block=1, attention_resolutions=(8,), num_head_channels=16,

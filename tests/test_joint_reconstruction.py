@@ -190,7 +190,7 @@ def test_cli_writes_the_labels_section_and_the_four_column_grid(store, trained_r
 def test_wrong_store_is_a_one_line_error_naming_the_store(store, tmp_path, untrained_model):
     from histosynth.cli import main
     from histosynth.data.patches import Patch
-    from histosynth.data.store import PatchStoreWriter
+    from histosynth.data.store_writer import PatchStoreWriter
     from histosynth.evaluate.reconstruction import evaluate_reconstruction
 
     other = untrained_model(("stroma", "lymphocyte", "tumour"))

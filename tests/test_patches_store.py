@@ -14,13 +14,9 @@ from PIL import Image
 from histosynth.data.patches import extract_patches, holdout_block, relabel_contiguous, tile_origins
 from histosynth.data.record import NucleiRecord
 from histosynth.data.stain import MacenkoNormalizer, VahadaneNormalizer, make_stain_normalizer
-from histosynth.data.store import (
-    PatchStore,
-    PatchStoreWriter,
-    patch_bytes,
-    shard_file,
-)
 from histosynth.data.prepare_labelled import prepare_nuclei
+from histosynth.data.store import PatchStore, shard_file
+from histosynth.data.store_writer import PatchStoreWriter, patch_bytes
 from histosynth.errors import DataError, OutputExistsError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

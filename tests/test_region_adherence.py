@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from histosynth.data.patches import Patch
-from histosynth.data.store import PatchStoreWriter
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.errors import HistosynthError, OutputExistsError
 from histosynth.evaluate.region_adherence import region_adherence
 from histosynth.evaluate.region_classifier import (

@@ -21,9 +21,11 @@ from click.testing import CliRunner
 from torch import nn
 
 from histosynth.cli import main
-from histosynth.conditions.slide_embeddings import EmbeddingsExistError, SlideEmbeddings, embed_store
+from histosynth.conditions.embed_store import EmbeddingsExistError, embed_store
+from histosynth.conditions.slide_embeddings import SlideEmbeddings
 from histosynth.data.patches import Patch
-from histosynth.data.store import PatchStore, PatchStoreWriter
+from histosynth.data.store import PatchStore
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.errors import DataError
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -183,7 +185,7 @@ sys.path.insert(0, sys.argv[1])
 import torch
 torch.set_num_threads(1)
 from counting_encoder import Counting
-from histosynth.conditions.slide_embeddings import embed_store
+from histosynth.conditions.embed_store import embed_store
 embed_store(sys.argv[2], Counting(sys.argv[3], float(sys.argv[4])), name=sys.argv[5], batch_size=4, progress=False)
 '''
 

@@ -23,7 +23,8 @@ from histosynth.data.slides import (  # noqa: E402
     slide_magnification,
     tissue_mask,
 )
-from histosynth.data.store import PatchStore, PatchStoreWriter  # noqa: E402
+from histosynth.data.store import PatchStore  # noqa: E402
+from histosynth.data.store_writer import PatchStoreWriter  # noqa: E402
 from histosynth.errors import DataError, OutputExistsError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

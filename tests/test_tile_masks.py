@@ -10,17 +10,11 @@ import pytest
 
 from histosynth.data.io import read_label_png
 from histosynth.data.patches import Patch
-from histosynth.data.store import PatchStore, PatchStoreWriter
+from histosynth.data.store import PatchStore
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
-from histosynth.sampling.tile_masks import (
-    ShapeBank,
-    assign_labels,
-    frequency_relabel,
-    sample_tile_masks,
-    sample_tile_sets,
-    shape_bank,
-    write_tile_sets,
-)
+from histosynth.sampling.shape_bank import ShapeBank, frequency_relabel, shape_bank
+from histosynth.sampling.tile_masks import assign_labels, sample_tile_masks, sample_tile_sets, write_tile_sets
 
 GRADES = ("non-cancer", "GG3", "GG4", "GG5")
 P = 8

@@ -21,14 +21,15 @@ from histosynth.data.patches import Patch  # noqa: E402
 from histosynth.data.plain_image_slide import PlainImageSlide  # noqa: E402
 from histosynth.data.slide_patches import plan_slide, prepare_slides  # noqa: E402
 from histosynth.data.slides import open_slide, read_thumbnail, tissue_mask  # noqa: E402
-from histosynth.data.store import PatchStore, PatchStoreWriter  # noqa: E402
+from histosynth.data.store import PatchStore  # noqa: E402
+from histosynth.data.store_writer import PatchStoreWriter  # noqa: E402
 from histosynth.data.zoom_levels import (  # noqa: E402
     ZOOMLDM_MAGNIFICATIONS,
     parse_magnifications,
     plan_zoom_levels,
-    prepare_zoom_slides,
     read_area,
 )
+from histosynth.data.zoom_store import prepare_zoom_slides  # noqa: E402
 from histosynth.errors import DataError, HistosynthError  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"

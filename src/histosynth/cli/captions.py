@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, seed_option, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["captions", "build_cmd", "summarize_cmd", "parse_levels"]
@@ -49,7 +49,7 @@ def captions():
               help="Instead: describe each patch of this patch store by its nuclei (no reports needed).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Captions JSONL to write.")
 @click.option("--threshold", default=0.5, show_default=True, help="Probability at and above which a level is 'high'.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the per-patch draw among a slide's summaries.")
+@seed_option("Seed of the per-patch draw among a slide's summaries.")
 @click.option("--on-missing", type=click.Choice(["error", "levels-only", "skip"]), default="error", show_default=True,
               help="A slide without summary: fail, caption with the levels only, or skip its patches.")
 @click.option("--split", type=click.Choice(["train", "test", "all"]), default="all", show_default=True,
@@ -57,7 +57,7 @@ def captions():
 @click.option("--levels", default="0:no,1:few,10:many", show_default=True,
               help="With --from-labels: minimum nuclei count:word pairs.")
 @click.option("--exclude", multiple=True, help="With --from-labels: a nucleus type to leave out (repeatable).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output file.")
+@overwrite_option("Replace an existing output file.")
 @user_errors
 def build_cmd(patch_table, summaries, store, out, threshold, seed, on_missing, split, levels, exclude, overwrite):
     """Write one caption per patch to a JSONL file.

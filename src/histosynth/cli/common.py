@@ -12,7 +12,10 @@ import click
 from histosynth.errors import HistosynthError
 from histosynth.recipes.base import SchedulerName
 
-__all__ = ["SCHEDULER_NAMES", "cli_message", "user_errors"]
+__all__ = [
+    "SCHEDULER_NAMES", "balance_option", "cli_message", "device_option", "option_group", "overwrite_option", "seed_option", "torch_device",
+    "user_errors",
+]
 
 SCHEDULER_NAMES = typing.get_args(SchedulerName)  # `--scheduler` choices (histosynth.diffusion.schedulers)
 
@@ -40,3 +43,44 @@ def user_errors(fn):
             sys.exit(2)
 
     return wrapper
+
+
+# ------------------------------------------------------------------------ options many commands take
+def option_group(*options):
+    """Apply click options so that --help lists them in the order given (options several commands share)."""
+
+    def deco(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+
+    return deco
+
+
+def overwrite_option(help: str = "Replace existing outputs."):
+    """``--overwrite``: without it, no command replaces what is already there."""
+    return click.option("--overwrite", is_flag=True, help=help)
+
+
+def seed_option(help: str | None = None):
+    """``--seed`` (default 0): every random draw of the command follows from it."""
+    return click.option("--seed", default=0, show_default=True, help=help)
+
+
+def balance_option():
+    """``--balance``: DISC's real/synthetic weight λ (eq. 4), or several comma-separated to sweep it."""
+    return click.option("--balance", default="0", show_default=True,
+                        help="λ of DISC eq. 4, L = (1-λ)·L_real + λ·L_synth; several comma-separated (e.g. 0,0.3,0.6,0.9) "
+                             "train one model each.")
+
+
+def device_option(help: str = "torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."):
+    """``--device`` (default None: :func:`torch_device` chooses)."""
+    return click.option("--device", default=None, help=help)
+
+
+def torch_device(device: str | None) -> str:
+    """``--device`` as given, else ``cuda`` when torch sees a GPU, else ``cpu``."""
+    import torch
+
+    return device or ("cuda" if torch.cuda.is_available() else "cpu")

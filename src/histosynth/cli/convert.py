@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, user_errors
 from histosynth.errors import OutputExistsError
 
 __all__ = ["convert"]
@@ -31,7 +31,7 @@ def convert():
 @click.option("--norm-num-groups", type=int, default=32, show_default=True, help="GroupNorm groups (CompVis: 32).")
 @click.option("--scaling-factor", type=float, default=None,
               help="Latent scaling factor to store (default: the LDM checkpoint's scale_factor, else 1.0).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out folder.")
+@overwrite_option("Replace an existing --out folder.")
 @user_errors
 def convert_autoencoder(ckpt, out, kind, norm_num_groups, scaling_factor, overwrite):
     """Convert a CompVis first-stage model.ckpt or a full LDM .ckpt (PathLDM, ZoomLDM) to a diffusers folder.

@@ -1,7 +1,7 @@
 """`histosynth embed STORE --encoder ENCODER`: SSL embeddings of the base tiles under a ZoomLDM store's patches.
 
 The command :data:`embed` is attached to the ``histosynth`` command in :mod:`histosynth.cli`; a thin call into
-:func:`histosynth.conditions.slide_embeddings.embed_store` (ZoomLDM Sec. 3 / Fig. 1: each patch's condition is the
+:func:`histosynth.conditions.embed_store.embed_store` (ZoomLDM Sec. 3 / Fig. 1: each patch's condition is the
 embedding matrix of the 20x tiles under it). User errors (not a multi-magnification slide store, a missing or
 corrupt slide or tile, an encoder that does not match partial embeddings of that name, complete embeddings without
 --overwrite, an unknown encoder or device) print one line naming the file and exit with status 2.
@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, user_errors
 
 __all__ = ["embed"]
 
@@ -27,7 +27,7 @@ __all__ = ["embed"]
               help="Folder under STORE/embeddings (default: from the encoder, e.g. efficientnet-lite0).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Tiles per encoder call.")
 @click.option("--device", default="cpu", show_default=True, help="Torch device of the encoder (cpu, cuda, cuda:1).")
-@click.option("--overwrite", is_flag=True, help="Recompute existing embeddings of that name from scratch.")
+@overwrite_option("Recompute existing embeddings of that name from scratch.")
 @click.option("--no-progress", is_flag=True, help="No progress bar.")
 @user_errors
 def embed(store, encoder, name, batch_size, device, overwrite, no_progress):
@@ -37,7 +37,7 @@ def embed(store, encoder, name, batch_size, device, overwrite, no_progress):
     Writes STORE/embeddings/NAME/ (embeddings.json + one float16 slide-NNNNN.npy per slide); an interrupted run
     resumes where it stopped when run again with the same encoder.
     """
-    from histosynth.conditions.slide_embeddings import embed_store
+    from histosynth.conditions.embed_store import embed_store
 
     result = embed_store(store, encoder, name=name, batch_size=batch_size, device=device,
                          progress=not no_progress, overwrite=overwrite)

@@ -13,21 +13,15 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import SCHEDULER_NAMES, user_errors
+from histosynth.cli.common import SCHEDULER_NAMES, device_option, overwrite_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _load_segmenter(path: Path, device: str | None):
     from histosynth.evaluate.segmenter import load_segmenter
 
-    seg = load_segmenter(path, device=_device(device))
+    seg = load_segmenter(path, device=torch_device(device))
     if not getattr(seg, "path", None):
         try:  # reports name the segmenter by its path
             seg.path = str(path)
@@ -46,7 +40,6 @@ _generated = click.option("--generated", required=True, type=click.Path(path_typ
 _segmenter = click.option("--segmenter", required=True, type=click.Path(path_type=Path),
                           help="A trained nuclei segmenter (see histosynth.evaluate.segmenter).")
 _batch = click.option("--batch-size", default=16, show_default=True, help="Images per segmenter call.")
-_dev = click.option("--device", default=None, help="torch device (default: cuda if available).")
 
 
 @click.command("mask-adherence")
@@ -59,7 +52,7 @@ _dev = click.option("--device", default=None, help="torch device (default: cuda 
 @click.option("--real-split", default="test", show_default=True, type=click.Choice(["train", "test"]),
               help="The split of --real.")
 @_batch
-@_dev
+@device_option()
 @user_errors
 def mask_adherence_cmd(generated, segmenter, out, real, real_split, batch_size, device):
     """Dice, AJI, PQ, mPQ+ of the segmented generated images against their label maps: NASDM's conditioning
@@ -86,7 +79,7 @@ def mask_adherence_cmd(generated, segmenter, out, real, real_split, batch_size, 
               help="HistoSmith samples: split the requests into inside vs beyond the training range, taken from a "
                    "labelled store (min..max per type over its train split) or a HistoSmith run / pipeline.")
 @_batch
-@_dev
+@device_option()
 @user_errors
 def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
     """Requested vs generated nuclei counts per type: Pearson r, Bland–Altman agreement and plots.
@@ -120,13 +113,13 @@ def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
 @click.option("--guidance", default=2.0, show_default=True, help="Guidance scale g (when sweeping steps; NASDM's s = g − 1).")
 @click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
               help="Sampling scheduler (default: the model's own, NASDM's DDPM; see `histosynth sample --help`).")
-@click.option("--seed", default=0, show_default=True)
+@seed_option()
 @click.option("--features", default="effnet-lite0", show_default=True, type=click.Choice(["inception", "effnet-lite0"]))
 @click.option("--segmenter", type=click.Path(path_type=Path), default=None, help="Also measure mask adherence.")
 @click.option("--batch-size", default=16, show_default=True)
-@_dev
+@device_option()
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@overwrite_option()
 @user_errors
 def sweep_cmd(model, masks, split, param, values, num, steps, guidance, scheduler, seed, features, segmenter, batch_size,
               device, out, overwrite):
@@ -137,7 +130,7 @@ def sweep_cmd(model, masks, split, param, values, num, steps, guidance, schedule
     seg = _load_segmenter(segmenter, device) if segmenter else None
     rows = guidance_sweep(model, masks, out, values, param, num=num, steps=steps, guidance=guidance, scheduler=scheduler,
                           seed=seed, split=None if split == "all" else split, features=features, segmenter=seg,
-                          overwrite=overwrite, batch_size=batch_size, device=_device(device))
+                          overwrite=overwrite, batch_size=batch_size, device=torch_device(device))
     keys = [param, "fid", "kid_mean", "nuclei_contrast_generated", "mpq"]
     for r in rows:
         click.echo("  ".join(f"{k}={r[k]:.4g}" for k in keys if isinstance(r.get(k), (int, float))))

@@ -20,25 +20,16 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import device_option, option_group, overwrite_option, torch_device, user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
 __all__ = ["COMMANDS", "fid", "fid_per_magnification", "kid", "is_"]
 
 
 # ------------------------------------------------------------------------------------------------ options
-def _options(*options):
-    """Apply click options so that --help lists them in the order given."""
-
-    def deco(fn):
-        for option in reversed(options):
-            fn = option(fn)
-        return fn
-
-    return deco
 
 
-_real = _options(
+_real = option_group(
     click.option("--real", type=click.Path(path_type=Path), default=None,
                  help="Real images: a patch store or a folder of images."),
     click.option("--split", default=None, help="Split of --real (store split or sub-folder, e.g. test)."),
@@ -50,14 +41,14 @@ _real = _options(
 
 
 def _generated(required: bool):
-    return _options(
+    return option_group(
         click.option("--generated", type=click.Path(path_type=Path), required=required, default=None,
                      help="Generated images: a `histosynth sample` output (its images/), a folder or a store."),
         click.option("--generated-split", default=None, help="Split of --generated (store split or sub-folder)."),
     )
 
 
-_common = _options(
+_common = option_group(
     click.option("--features", default="inception", show_default=True,
                  help="inception (standard; downloads its weights unless --inception-weights), effnet-lite0 "
                       "(offline) or the PATH of a local encoder: a TorchScript file, a folder with config.json + "
@@ -67,19 +58,13 @@ _common = _options(
     click.option("--features-arch", default=None,
                  help="timm architecture of a --features weight file (e.g. vit_large_patch16_224)."),
     click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
-    click.option("--device", default=None, help="torch device (default: cuda if available)."),
+    device_option(),
     click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file."),
-    click.option("--overwrite", is_flag=True, help="Replace an existing --out / --save-stats file."),
+    overwrite_option("Replace an existing --out / --save-stats file."),
 )
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
-
-
 def _check_out(out: Path | None, overwrite: bool) -> None:
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError("file already exists; pass --overwrite to replace it", out)
@@ -112,7 +97,7 @@ def _run(metrics, *, real, split, generated, generated_split, features, features
 
     _check_out(out, overwrite)
     _check_out(save_stats, overwrite)
-    dev = _device(device)
+    dev = torch_device(device)
     extractor = _load_extractor(features, features_weights, features_arch, dev)
     if "is" in metrics and not extractor.provides_inception_score:
         raise HistosynthError(f"the Inception Score needs Inception logits; --features {features} has none "
@@ -189,7 +174,7 @@ def fid_per_magnification(real, split, generated, max_real, features, features_w
     from histosynth.evaluate.per_magnification import fd_per_magnification
 
     _check_out(out, overwrite)
-    extractor = _load_extractor(features, features_weights, features_arch, _device(device))
+    extractor = _load_extractor(features, features_weights, features_arch, torch_device(device))
     result = {"features": features, "per_magnification": fd_per_magnification(
         generated, real, extractor, split=split, max_real=max_real, batch_size=batch_size)}
     text = json.dumps(result, indent=2)

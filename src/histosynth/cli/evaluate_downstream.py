@@ -12,15 +12,9 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "augment_cmd", "cas_cmd"]
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @click.command("augment")
@@ -30,17 +24,17 @@ def _device(device: str | None) -> str:
 @click.option("--steps", default=1500, show_default=True, help="Segmenter training steps (both arms).")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--crop", default=128, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default=None)
+@seed_option()
+@device_option()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Folder: both segmenters, augment.json, PNG.")
-@click.option("--overwrite", is_flag=True)
+@overwrite_option()
 @user_errors
 def augment_cmd(real, synthetic, ratio, steps, batch_size, crop, seed, device, out, overwrite):
     """Train the segmenter on real only vs real + synthetic; report mPQ and per-type PQ on real test."""
     from histosynth.evaluate.augment import augmentation_benefit
 
     result = augmentation_benefit(real, synthetic, out, ratio=ratio, steps=steps, batch_size=batch_size, crop=crop,
-                                  seed=seed, device=_device(device), overwrite=overwrite)
+                                  seed=seed, device=torch_device(device), overwrite=overwrite)
     click.echo(json.dumps({k: result[k] for k in ("ratio", "synthetic_pairs", "delta")}, indent=2, default=float))
     click.echo(f"wrote {out}/augment.json and {out}/augment_pq_per_type.png")
 
@@ -55,17 +49,17 @@ def augment_cmd(real, synthetic, ratio, steps, batch_size, crop, seed, device, o
 @click.option("--features", default="effnet-lite0", show_default=True,
               help="Frozen encoder: effnet-lite0 (offline), inception, or a local encoder path.")
 @click.option("--batch-size", default=32, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default=None)
+@seed_option()
+@device_option()
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the result to this JSON file.")
-@click.option("--overwrite", is_flag=True)
+@overwrite_option()
 @user_errors
 def cas_cmd(real, synthetic, label, real_labels, features, batch_size, seed, device, out, overwrite):
     """Classification Accuracy Score: a classifier trained on synthetic images, tested on real (+ references)."""
     from histosynth.evaluate.cas import classification_accuracy_score
 
     result = classification_accuracy_score(real, synthetic, out, label=label, real_labels=real_labels,
-                                           features=features, batch_size=batch_size, device=_device(device),
+                                           features=features, batch_size=batch_size, device=torch_device(device),
                                            seed=seed, overwrite=overwrite)
     click.echo(json.dumps(result, indent=2, default=str))
 

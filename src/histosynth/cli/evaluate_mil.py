@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import balance_option, device_option, overwrite_option, seed_option, user_errors
 
 __all__ = ["COMMANDS", "mil_cmd"]
 
@@ -22,8 +22,7 @@ __all__ = ["COMMANDS", "mil_cmd"]
               help="Region store (`histosynth prepare regions`): one bag per slide (manifest source).")
 @click.option("--synthetic", type=click.Path(path_type=Path), default=None,
               help="Folder of generated tile sets: sets.jsonl rows {set, primary, secondary, tiles: [paths]}.")
-@click.option("--balance", default="0", show_default=True,
-              help="Balance weights λ of DISC eq. 4, comma-separated (e.g. 0,0.3,0.6): one model each.")
+@balance_option()
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Folder: results.json, lambda_sweep.png, losses, cached features.")
 @click.option("--encoder", default=None,
@@ -45,9 +44,9 @@ __all__ = ["COMMANDS", "mil_cmd"]
               help="Real slides' train/test: the store's split, whole slides at random, or the store's when it can.")
 @click.option("--test-fraction", default=0.3, show_default=True, help="For --split slides: share of slides held out.")
 @click.option("--batch-size", default=32, show_default=True, help="Tiles per encoder batch.")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default=None)
-@click.option("--overwrite", is_flag=True)
+@seed_option()
+@device_option()
+@overwrite_option()
 @user_errors
 def mil_cmd(real, synthetic, balance, out, encoder, architecture, steps, lr, classes, min_share, max_labels,
             negative_label, split, test_fraction, batch_size, seed, device, overwrite):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
 __all__ = ["COMMANDS", "recon"]
@@ -28,9 +28,9 @@ __all__ = ["COMMANDS", "recon"]
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Patch store with the held-out patches.")
 @click.option("--split", default="test", show_default=True, type=click.Choice(["train", "test", "all"]))
 @click.option("--num", type=click.IntRange(min=1), default=None, help="Number of patches (default: all of the split).")
-@click.option("--seed", default=0, show_default=True, help="Draws the --num patches.")
+@seed_option("Draws the --num patches.")
 @click.option("--batch-size", default=8, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@device_option("torch device (default: cuda if available).")
 @click.option("--features", default="none", show_default=True,
               help="Also report rFD, the Fréchet distance of reconstructions to originals, on these features: "
                    "inception (LDM's rFID; downloads unless --features-weights), effnet-lite0 (offline) or a local "
@@ -41,12 +41,11 @@ __all__ = ["COMMANDS", "recon"]
 @click.option("--grid", type=click.Path(path_type=Path), default=None,
               help="PNG of originals over reconstructions; joint model: rows of original | reconstruction | true "
                    "labels | decoded labels (default: --out with .png).")
-@click.option("--overwrite", is_flag=True, help="Replace existing --out / --grid files.")
+@overwrite_option("Replace existing --out / --grid files.")
 @user_errors
 def recon(autoencoder, data, split, num, seed, batch_size, device, features, features_weights, out, grid, overwrite):
     """Reconstruction quality (SSIM, PSNR, MSE; PathLDM Table 2; optionally rFD) of an autoencoder on a store's
     patches; for a joint (image + labels) first stage also distance-map MAE, mask Dice and PQ / mPQ."""
-    import torch
 
     from histosynth.evaluate.reconstruction import evaluate_reconstruction
     from histosynth.models.autoencoders import load_autoencoder
@@ -60,7 +59,7 @@ def recon(autoencoder, data, split, num, seed, batch_size, device, features, fea
     if report is not None:
         for line in report.summary():
             click.echo(line, err=True)
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch_device(device)
     ae.to(device)
     extractor = None
     if features.strip().lower() != "none":

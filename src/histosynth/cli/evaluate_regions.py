@@ -13,15 +13,9 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import balance_option, device_option, overwrite_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "region_adherence_cmd", "region_classifier_cmd"]
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @click.command("region-classifier")
@@ -31,21 +25,20 @@ def _device(device: str | None) -> str:
               help="Folder: classifier/, metrics.json, losses.jsonl, loss.png (a sweep: lambda-<λ>/ each).")
 @click.option("--synthetic", type=click.Path(path_type=Path), default=None,
               help="A `histosynth sample --regions` output (images + masks) to train on with weight λ.")
-@click.option("--balance", default="0", show_default=True,
-              help="λ of DISC eq. 4, L = (1-λ)·L_real + λ·L_synth; several comma-separated (0,0.3,0.6,0.9) sweep it.")
+@balance_option()
 @click.option("--steps", default=300, show_default=True, help="Training steps (per λ).")
 @click.option("--batch-size", default=8, show_default=True, help="Tiles per batch (per side: real, synthetic).")
 @click.option("--lr", default=1e-3, show_default=True)
-@click.option("--seed", default=0, show_default=True)
-@click.option("--device", default=None)
-@click.option("--overwrite", is_flag=True)
+@seed_option()
+@device_option()
+@overwrite_option()
 @user_errors
 def region_classifier_cmd(store, out, synthetic, balance, steps, batch_size, lr, seed, device, overwrite):
     """Train the pixel-level region classifier and report pixel F1 / precision / recall on the real test split."""
-    from histosynth.evaluate.region_classifier import run_region_classifier
+    from histosynth.evaluate.region_classifier_sweep import run_region_classifier
 
     result = run_region_classifier(store, out, synthetic=synthetic, balance=balance, steps=steps,
-                                   batch_size=batch_size, lr=lr, seed=seed, device=_device(device),
+                                   batch_size=batch_size, lr=lr, seed=seed, device=torch_device(device),
                                    overwrite=overwrite)
     if "sweep" in result:
         summary = {"sweep": [{k: r[k] for k in ("balance", "mean_f1", "pixel_accuracy")} for r in result["sweep"]]}
@@ -67,15 +60,15 @@ def region_classifier_cmd(store, out, synthetic, balance, steps, batch_size, lr,
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Write the result JSON here and tile | mask | prediction rows to the same name with .png.")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--device", default=None)
-@click.option("--overwrite", is_flag=True)
+@device_option()
+@overwrite_option()
 @user_errors
 def region_adherence_cmd(classifier, samples, out, batch_size, device, overwrite):
     """Agreement per region label between the classifier's map of each generated tile and its mask (+ real ceiling)."""
     from histosynth.evaluate.region_adherence import region_adherence
     from histosynth.evaluate.region_classifier import load_region_classifier
 
-    clf = load_region_classifier(classifier, device=_device(device))
+    clf = load_region_classifier(classifier, device=torch_device(device))
     result = region_adherence(clf, samples, out=out, overwrite=overwrite, batch_size=batch_size)
     summary = {"generated": {k: result["generated"][k] for k in ("agreement", "mean_agreement", "pixel_agreement")},
                "real": None if result["real"] is None else

@@ -8,7 +8,7 @@ thin call into :func:`histosynth.data.sources.prepare_sources` (one dataset ``SR
 ``--sources SOURCES.yaml``, each read by :mod:`histosynth.data.formats`, mapped onto one class list with a tissue
 name; ``--append`` adds to an existing store; optional stain normalisation); ``prepare slides`` into
 :func:`histosynth.data.slide_patches.prepare_slides` (one ``--magnification``) or, with ``--magnifications``,
-:func:`histosynth.data.zoom_levels.prepare_zoom_slides` (ZoomLDM's levels, each patch paired with its base
+:func:`histosynth.data.zoom_store.prepare_zoom_slides` (ZoomLDM's levels, each patch paired with its base
 region). User errors (corrupt image, size mismatch, unknown class id, a class
 map naming an unknown class, missing or corrupt slide, no resolution metadata, target above the slide's
 magnification) print one line naming the file (or option) and exit with status 2.
@@ -21,12 +21,36 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import option_group, overwrite_option, seed_option, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["MAGNIFICATIONS", "captioned_cmd", "prepare", "prepare_nuclei_cmd", "prepare_regions_cmd", "slides_cmd"]
 
 MAGNIFICATIONS = ["40x", "20x", "10x", "5x"]
+
+
+def patch_option(default: int, help: str = "Patch size in pixels."):
+    return click.option("--patch", default=default, show_default=True, type=click.IntRange(min=8), help=help)
+
+
+def overlap_option(default: float, help: str = "Overlap of neighbouring patches, as a fraction of the patch."):
+    return click.option("--overlap", default=default, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+                        help=help)
+
+
+def labelled_store_options(kind: str):
+    """What the two labelled stores (nuclei, regions) are cut with: the same tiler and hold-out."""
+    return option_group(
+        click.option("--out", required=True, type=click.Path(path_type=Path), help=f"The {kind} store to create."),
+        patch_option(128),
+        overlap_option(0.5, "Overlap of neighbouring patches, as a fraction of the patch (NASDM: 0.5)."),
+        click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS)),
+    )
+
+
+HOLDOUT_HELP = ("Area fraction of each region held out as test, for datasets without their own split (NASDM: 7.5%). "
+                "Regions whose hold-out block is smaller than a patch are held out whole instead (about this fraction "
+                "of them, by --seed; said in a note); 0 = no test split.")
 FORMATS = ["lizard", "conic", "pannuke", "consep", "folder", "polygons"]
 
 
@@ -41,16 +65,11 @@ def prepare():
 @click.option("--sources", "sources_file", type=click.Path(path_type=Path), default=None,
               help="YAML listing several datasets (path, format, tissue, class_map, ...) mapped into its classes: "
                    "list; instead of SRC --format.")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The patch store to create.")
-@click.option("--patch", default=128, show_default=True, help="Patch size in pixels.")
-@click.option("--overlap", default=0.5, show_default=True, help="Overlap of neighbouring patches (NASDM: 0.5).")
-@click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS))
+@labelled_store_options("patch")
 @click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
               help="Magnification of the source images (required for --format folder unless known).")
-@click.option("--holdout", default=0.075, show_default=True,
-              help="Area fraction of each region held out as test, for datasets without their own split (NASDM: 7.5%). "
-                   "Regions whose hold-out block is smaller than a patch are held out whole instead (about this "
-                   "fraction of them, by --seed; said in a note); 0 = no test split.")
+@click.option("--holdout", default=0.075, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
+              help=HOLDOUT_HELP)
 @click.option("--stain-normalize", type=click.Choice(["none", "vahadane", "macenko"]), default="none", show_default=True)
 @click.option("--stain-target", type=click.Path(path_type=Path), default=None, help="Target image for stain normalization.")
 @click.option("--class-names", default=None,
@@ -73,8 +92,8 @@ def prepare():
 @click.option("--append", is_flag=True,
               help="Add the source(s) to the existing store at --out (its patches kept; same patch size, "
                    "magnification, classes, overlap, hold-out, seed, stain normalization, taken from it).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
+@seed_option()
+@overwrite_option()
 @user_errors
 def prepare_nuclei_cmd(src, fmt, sources_file, out, patch, overlap, magnification, source_magnification, holdout,
                        stain_normalize, stain_target, class_names, polygon_classes, consep_classes, pannuke_test_folds,
@@ -227,17 +246,14 @@ _REGION_OPTION_FORMATS = {
               help="panda: the data providers to read (Karolinska's ungraded cancer needs --label-map karolinska:2=...).")
 @click.option("--panda-block", default=2048, show_default=True, type=click.IntRange(min=1),
               help="panda: the side of the aligned image / mask blocks read at --magnification (memory: one block).")
-@click.option("--out", required=True, type=click.Path(path_type=Path), help="The region store to create.")
-@click.option("--patch", default=128, show_default=True, type=click.IntRange(min=1), help="Patch size in pixels.")
-@click.option("--overlap", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True))
-@click.option("--magnification", default="20x", show_default=True, type=click.Choice(MAGNIFICATIONS))
+@labelled_store_options("region")
 @click.option("--source-magnification", type=click.Choice(MAGNIFICATIONS), default=None,
               help="Magnification of SRC's pixels (required for a folder; sicapv2 is 10x, gleason2019 40x, a nuclei "
                    "dataset's reader may know it; panda: overrides the slides' level 0, else read from their metadata, else 20x).")
 @click.option("--holdout", default=0.075, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Fraction of each region held out as test (a dataset's own train/test split wins).")
-@click.option("--seed", default=0, show_default=True)
-@click.option("--overwrite", is_flag=True)
+              help=HOLDOUT_HELP)
+@seed_option()
+@overwrite_option()
 @user_errors
 def prepare_regions_cmd(src, fmt, nuclei_format, region_map, sigma_um, min_fraction, labels, label_map,
                         sicap_partition, sicap_mask_tolerance, gleason_pathologist, panda_providers, panda_block, out,
@@ -328,15 +344,14 @@ def _label_shares(store) -> dict[str, float]:
 @prepare.command("slides")
 @click.argument("slides", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The patch store to create.")
-@click.option("--patch", default=256, show_default=True, type=click.IntRange(min=1), help="Patch size in pixels (PathLDM: 256).")
+@patch_option(256, "Patch size in pixels (PathLDM: 256).")
 @click.option("--magnification", default="10x", show_default=True,
               help="Target magnification, any value up to the slide's (e.g. 40x, 20x, 10x, 2.5x; PathLDM: 10x).")
 @click.option("--magnifications", default=None,
               help="Several levels instead of --magnification (ZoomLDM: 20x,10x,5x,2.5x,1.25x,0.625x,0.3125x,0.15625x): "
                    "the base first, then base/2^k for integers k >= 1, high to low; each patch is paired with its "
                    "region at the base.")
-@click.option("--overlap", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
-              help="Overlap of neighbouring patches, as a fraction of the patch (not with --magnifications).")
+@overlap_option(0.0, "Overlap of neighbouring patches, as a fraction of the patch (not with --magnifications).")
 @click.option("--tissue-threshold", default=0.5, show_default=True, type=click.FloatRange(0.0, 1.0),
               help="Keep a patch when at least this fraction of it is tissue (0 keeps every patch).")
 @click.option("--source-magnification", default=None,
@@ -345,7 +360,7 @@ def _label_shares(store) -> dict[str, float]:
 @click.option("--mpp", default=None, type=click.FloatRange(min=0.0, min_open=True),
               help="Level-0 pixel size in micrometres, overriding the slides' metadata (0.5 = 20x); PNG / JPEG "
                    "regions exported from a viewer need it (or --source-magnification).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@overwrite_option("Replace an existing store.")
 @user_errors
 def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissue_threshold, source_magnification,
                mpp, overwrite):
@@ -355,7 +370,7 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
     Each patch is read from the best pyramid level (resized when no level is at the target), background
     is skipped with a tissue detector, and the manifest keeps slide, level, level and level-0 coordinates,
     magnification and tissue fraction of every patch. With --magnifications, every level's patches go into
-    one store, each row with its own magnification, zoom and base-grid tile (histosynth.data.zoom_levels).
+    one store, each row with its own magnification, zoom and base-grid tile (histosynth.data.zoom_store).
     """
     if magnifications is not None:
         given = _given(click.get_current_context())
@@ -364,7 +379,7 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
         if overlap > 0:
             raise HistosynthError("--overlap is not used with --magnifications: the patches of a level tile the base "
                                   "grid without overlap")
-        from histosynth.data.zoom_levels import prepare_zoom_slides
+        from histosynth.data.zoom_store import prepare_zoom_slides
 
         store = prepare_zoom_slides(
             list(slides), out, patch=patch, magnifications=magnifications, tissue_threshold=tissue_threshold,
@@ -395,8 +410,7 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
 @click.option("--captions", "table", required=True, type=click.Path(path_type=Path),
               help="CSV / TSV / JSON / JSONL table, one row per caption: an id column naming the image, a caption column.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="The image store to create (with captions.jsonl).")
-@click.option("--patch", default=256, show_default=True, type=click.IntRange(min=8),
-              help="Patch size: each image's central square is resized to this (area averaging).")
+@patch_option(256, "Patch size: each image's central square is resized to this (area averaging).")
 @click.option("--magnification", default="20x", show_default=True, help="Magnification of the images (e.g. 20x).")
 @click.option("--id-column", default="id", show_default=True,
               help="Column naming the image: its path relative to FOLDER, its file name or its stem.")
@@ -406,10 +420,10 @@ def slides_cmd(slides, out, patch, magnification, magnifications, overlap, tissu
 @click.option("--group-column", default=None, help="Column whose values are held out together (e.g. slide).")
 @click.option("--holdout", default=0.0, show_default=True, type=click.FloatRange(0.0, 1.0, max_open=True),
               help="Fraction of the images (or of the --group-column values) put in the test split.")
-@click.option("--seed", default=0, show_default=True, help="Seed of the hold-out draw.")
+@seed_option("Seed of the hold-out draw.")
 @click.option("--skip-unmatched", is_flag=True, help="Leave out rows naming no image and images without a caption.")
 @click.option("--allow-upsampling", is_flag=True, help="Accept images smaller than --patch (Lanczos upsampling).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing store.")
+@overwrite_option("Replace an existing store.")
 @user_errors
 def captioned_cmd(folder, table, out, patch, magnification, id_column, caption_column, label_columns, group_column,
                   holdout, seed, skip_unmatched, allow_upsampling, overwrite):

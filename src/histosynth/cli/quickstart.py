@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, user_errors
 
 __all__ = ["quickstart"]
 
@@ -16,7 +16,7 @@ __all__ = ["quickstart"]
 @click.command()
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Output directory.")
 @click.option("--max-steps", type=int, default=None, help="Training steps (default: the nasdm-tiny-cpu recipe's).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing output directory.")
+@overwrite_option("Replace an existing output directory.")
 @user_errors
 def quickstart(out, max_steps, overwrite):
     """Prepare the bundled HGSC sample, train a tiny NASDM, sample held-out masks, write grid.png + metrics.json."""

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import SCHEDULER_NAMES, user_errors
+from histosynth.cli.common import SCHEDULER_NAMES, device_option, overwrite_option, seed_option, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["sample"]
@@ -67,11 +67,11 @@ __all__ = ["sample"]
 @click.option("--deep-cache", "deep_cache_interval", type=click.IntRange(min=1), default=1, show_default=True,
               help="DeepCache: run the whole UNet every N-th step only, reusing its deep features in between "
                    "(1 = off; quality cost in docs/benchmarks.md). Recorded in the manifest.")
-@click.option("--seed", default=0, show_default=True)
+@seed_option()
 @click.option("--batch-size", default=16, show_default=True)
-@click.option("--device", default=None, help="torch device (default: cuda if available).")
+@device_option("torch device (default: cuda if available).")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@overwrite_option()
 @user_errors
 def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, regions,
            separated, split, num, guidance, steps, scheduler, precision, compile_unet, deep_cache_interval, seed, batch_size,

@@ -17,16 +17,10 @@ import click
 import numpy as np
 
 from histosynth.atomic import atomic_folder
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
 from histosynth.errors import HistosynthError, OutputExistsError
 
 __all__ = ["seg", "predict_to_folder"]
-
-
-def _device(device: str | None) -> str:
-    import torch
-
-    return device or ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 #: recipe fields and the `seg train` options that set them
@@ -47,11 +41,11 @@ def seg():
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--lr", default=1e-3, show_default=True, help="Peak learning rate (warm-up, then cosine decay).")
 @click.option("--crop", default=128, show_default=True, help="Random crop size (multiple of 32, <= patch size).")
-@click.option("--seed", default=0, show_default=True)
+@seed_option()
 @click.option("--no-imagenet", is_flag=True, help="Start the encoder from random weights, not ImageNet EfficientNet-Lite0.")
-@click.option("--device", default=None, help="cpu, or cuda (default: cuda if available).")
+@device_option("cpu, or cuda (default: cuda if available).")
 @click.option("--resume", is_flag=True, help="Continue the run in OUT from its latest checkpoint (same options).")
-@click.option("--overwrite", is_flag=True, help="Replace an existing run in OUT.")
+@overwrite_option("Replace an existing run in OUT.")
 @user_errors
 def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device, resume, overwrite):
     """Train a segmenter on the train split of DATA into run directory OUT (checkpoints, losses, loss.png, segmenter/).
@@ -68,7 +62,7 @@ def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device,
         for field, option in _TRAIN_OPTIONS.items():
             message = message.replace(field, option)
         raise HistosynthError(message) from None
-    train_segmenter(data, out, recipe=recipe, resume=resume, overwrite=overwrite, device=_device(device))
+    train_segmenter(data, out, recipe=recipe, resume=resume, overwrite=overwrite, device=torch_device(device))
     click.echo(f"wrote {out}/segmenter (config.json, diffusion_pytorch_model.safetensors, segmenter.json); "
                f"losses in {out}/losses.jsonl and {out}/loss.png")
 
@@ -79,8 +73,8 @@ def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device,
 @click.option("--split", default="test", show_default=True)
 @click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the scores to this JSON file.")
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--device", default=None)
-@click.option("--overwrite", is_flag=True)
+@device_option()
+@overwrite_option()
 @user_errors
 def evaluate_cmd(model, data, split, out, batch_size, device, overwrite):
     """Score the segmenter on a split of DATA: Dice, AJI, PQ+, mPQ+ and PQ per type (CoNIC conventions)."""
@@ -88,7 +82,7 @@ def evaluate_cmd(model, data, split, out, batch_size, device, overwrite):
 
     if out is not None and out.exists() and not overwrite:
         raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
-    scores = evaluate_segmenter(load_segmenter(model, _device(device), batch_size=batch_size), data, split, progress=True)
+    scores = evaluate_segmenter(load_segmenter(model, torch_device(device), batch_size=batch_size), data, split, progress=True)
     scores = {"segmenter": str(model), "data": str(data), **scores}
     text = json.dumps(scores, indent=2)
     if out is not None:
@@ -168,13 +162,13 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
 @click.option("--split", default=None, help="Store split or sub-folder of --images.")
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @click.option("--batch-size", default=8, show_default=True)
-@click.option("--device", default=None)
-@click.option("--overwrite", is_flag=True)
+@device_option()
+@overwrite_option()
 @user_errors
 def predict_cmd(model, images, split, out, batch_size, device, overwrite):
     """Write instance and type maps (PNG) for every image, with per-image nuclei counts and an overview PNG."""
     from histosynth.evaluate.segmenter import load_segmenter
 
-    n = predict_to_folder(load_segmenter(model, _device(device), batch_size=batch_size), images, out, split=split,
+    n = predict_to_folder(load_segmenter(model, torch_device(device), batch_size=batch_size), images, out, split=split,
                           batch_size=batch_size, overwrite=overwrite)
     click.echo(f"wrote {out}: {n} images (instances/, types/, predictions.jsonl, overview.png)")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, seed_option, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["tile_sets_cmd"]
@@ -36,15 +36,16 @@ def parse_pairs(text: str) -> list[tuple[str, str]]:
 @click.option("--split", default="train", show_default=True, type=click.Choice(["train", "test", "all"]),
               help="The store split whose masks give the shapes.")
 @click.option("--non-cancer", default=None, help="The non-cancer label (default: the store's label 0).")
-@click.option("--seed", default=0, show_default=True)
+@seed_option()
 @click.option("--out", required=True, type=click.Path(path_type=Path))
-@click.option("--overwrite", is_flag=True)
+@overwrite_option()
 @user_errors
 def tile_sets_cmd(store, pairs, num_sets, size, split, non_cancer, seed, out, overwrite):
     """Sample MIL tile sets of region masks from STORE's annotation shapes (DISC Sec. 2.2): each mask relabelled by
     label frequency, grades put on its shapes by random weights, the primary the majority of its set, a non-cancer
     primary all non-cancer. Writes OUT/classes.txt, OUT/masks/, OUT/sets.jsonl."""
-    from histosynth.sampling.tile_masks import sample_tile_sets, shape_bank, write_tile_sets
+    from histosynth.sampling.shape_bank import shape_bank
+    from histosynth.sampling.tile_masks import sample_tile_sets, write_tile_sets
 
     lo, sep, hi = size.partition("-")
     try:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import user_errors
+from histosynth.cli.common import overwrite_option, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["train"]
@@ -24,7 +24,7 @@ _WHAT = {"diffusion": "a diffusion model", "autoencoder": "an autoencoder", "seg
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Run directory.")
 @click.option("--max-steps", type=int, default=None, help="Stop after this many optimisation steps (default: the recipe's).")
 @click.option("--resume", is_flag=True, help="Continue from the run's latest checkpoint.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing run directory first.")
+@overwrite_option("Delete an existing run directory first.")
 @user_errors
 def train(what, recipe, data, out, max_steps, resume, overwrite):
     """Train what RECIPE describes (WHAT, optional: diffusion | autoencoder | segmenter, checked against the recipe).

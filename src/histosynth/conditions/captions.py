@@ -252,12 +252,7 @@ def label_captions_from_store(store: str | os.PathLike, *, split: str | None = N
 
 def read_patch_table(path: str | os.PathLike) -> list[dict]:
     """Per-patch probabilities: CSV/JSON/JSONL with columns ``patch``, ``slide``, ``tumor_prob``, ``til_prob``."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError("patch table not found", path)
-    rows = read_rows(path)
-    if not rows:
-        raise DataError("patch table is empty", path)
+    rows = read_rows(path, "patch table", allow_empty=False)
     missing = [c for c in ("patch", "slide") if c not in rows[0]]
     if missing or not ({"tumor_prob", "til_prob"} & set(rows[0])):
         raise DataError(f"patch table needs columns patch, slide and tumor_prob and/or til_prob; "

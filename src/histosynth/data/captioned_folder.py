@@ -32,7 +32,8 @@ import numpy as np
 
 from histosynth.data.images import list_images, load_image
 from histosynth.data.patches import Patch, format_magnification, resize_image
-from histosynth.data.store import PatchStore, PatchStoreWriter
+from histosynth.data.store import PatchStore
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.data.tables import read_rows
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
@@ -162,12 +163,8 @@ def prepare_captioned(
     images = list_images(folder)
     if not images:
         raise DataError("no images in this folder", folder)
-    rows = read_rows(table)
-    if not rows:
-        raise DataError("the caption table has no rows", table)
-    missing = [c for c in (*label_columns, *([group_column] if group_column else [])) if c not in rows[0]]
-    if missing:
-        raise DataError(f"no column(s) {missing}; the table has {sorted(rows[0])}", table)
+    rows = read_rows(table, "caption table", columns=(*label_columns, *([group_column] if group_column else [])),
+                     allow_empty=False)
     by_image, left_out = match_rows(folder, table, rows, images, id_column=id_column, caption_column=caption_column,
                                     skip_unmatched=skip_unmatched)
     if not by_image:

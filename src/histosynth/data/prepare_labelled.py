@@ -19,7 +19,8 @@ import numpy as np
 
 from histosynth.data.patches import choose_whole_regions, extract_patches, format_magnification
 from histosynth.data.record import NucleiRecord, RegionRecord
-from histosynth.data.store import PatchStore, PatchStoreWriter
+from histosynth.data.store import PatchStore
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.errors import DataError, OutputExistsError
 
 

@@ -158,3 +158,19 @@ def density_regions(record: NucleiRecord, region_map: dict[str, str], labels: tu
     region = cover.argmax(0).astype(np.int32)
     return RegionRecord(image=record.image, region_map=region, class_names=labels, source=record.source,
                         split=record.split, magnification=record.magnification, meta=dict(record.meta or {}))
+
+
+def open_region_store(path, option: str | None = None):
+    """The region store at ``path`` (a :class:`~histosynth.data.store.PatchStore` made by ``prepare regions``: image
+    + region map per patch), or ``path`` itself when it is one already opened.
+
+    Raises:
+        DataError: naming the store (and ``option``, e.g. "--real", as the user typed it): any other store.
+    """
+    from histosynth.data.store import PatchStore
+
+    store = path if isinstance(path, PatchStore) else PatchStore(path)
+    if not store.has_regions:
+        raise DataError(f"{option + ': ' if option else ''}not a region store (no region masks): make one with "
+                        "`histosynth prepare regions`", store.path)
+    return store

@@ -133,11 +133,18 @@ def plan_slide(
         slide.close()
 
 
+def slide_resolution(slide, path: str, source_magnification, mpp: float | None):
+    """(level-0 width, height in px, source magnification, where it came from, µm per level-0 pixel) of an open
+    slide; ``source_magnification`` / ``mpp`` override the file's. DataError naming ``path`` when neither says."""
+    width0, height0 = slide_size(slide, path)
+    source, how = slide_magnification(slide, path, source_magnification, mpp=mpp)
+    return width0, height0, source, how, slide_mpp(slide) if mpp is None else float(mpp)
+
+
 def _plan(slide, path: str, patch: int, magnification, overlap: float, source_magnification,
           mpp: float | None = None) -> SlidePlan:
     target = parse_magnification(magnification)  # a flag's value: an error names no file
-    width0, height0 = slide_size(slide, path)
-    source, how = slide_magnification(slide, path, source_magnification, mpp=mpp)
+    width0, height0, source, how, mpp = slide_resolution(slide, path, source_magnification, mpp)
     if target > source * (1 + 1e-3):
         raise DataError(
             f"target magnification {target:g}x is above the slide's {source:g}x (from its {how}); "
@@ -155,7 +162,7 @@ def _plan(slide, path: str, patch: int, magnification, overlap: float, source_ma
     thumb, thumb_level = thumbnail_geometry(slide, level_crop * ds)
     return SlidePlan(
         path=path, width=width0, height=height0, source_magnification=source, magnification_from=how,
-        mpp=slide_mpp(slide) if mpp is None else float(mpp), magnification=target, patch=patch, downsample=needed, level=level,
+        mpp=mpp, magnification=target, patch=patch, downsample=needed, level=level,
         level_downsample=ds, level_width=level_w, level_height=level_h, level_crop=level_crop,
         level_stride=stride, resized=not exact, thumbnail_size=thumb, thumbnail_level=thumb_level,
     )
@@ -257,63 +264,63 @@ def prepare_slides(
     source_magnification, mpp, tissue_fraction, resized). store.json's meta lists each slide's plan. ``mpp``
     (micrometres per level-0 pixel) overrides the slides' resolution; PNG / JPEG files need it or
     ``source_magnification``. Several magnifications per slide (ZoomLDM):
-    :func:`histosynth.data.zoom_levels.prepare_zoom_slides`.
+    :func:`histosynth.data.zoom_store.prepare_zoom_slides`.
     """
-    from histosynth.data.store import PatchStore, PatchStoreWriter
+    from histosynth.data.store import PatchStore
+    from histosynth.data.store_writer import PatchStoreWriter
 
     check_tiling_args(patch, overlap, tissue_threshold)
     format_magnification(magnification)  # bad flags fail before any slide is opened
     check_resolution_overrides(source_magnification, mpp)
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any slide
+    paths = slides_to_store(slides, out, overwrite, source_magnification, mpp)
+    plans = [plan_slide(p, patch, magnification, overlap, source_magnification, mpp=mpp) for p in paths]
+    args = {"patch": patch, "magnification": format_magnification(magnification), "overlap": overlap,
+            "tissue_threshold": tissue_threshold, "source_magnification": source_magnification, "mpp": mpp}
+    meta = {"kind": "slides", "overlap": overlap, "tissue_threshold": tissue_threshold,
+            "source_magnification": source_magnification, "mpp": mpp, "command": command_list(command),
+            "args": args, "slides": []}
+    bar = tile_progress(sum(p.num_tiles for p in plans), "tile", progress)
+    with bar, PatchStoreWriter(out, (), patch, magnification, meta, overwrite, shard_size, labels=False) as writer:
+        for plan in plans:
+            kept = 0
+            for image, tile in iter_plan(plan, tissue_threshold, lambda: bar.update(1)):
+                extra = {k: v for k, v in tile.items() if k not in _PATCH_FIELDS}
+                writer.add(Patch(image, None, None, "train", tile["y"], tile["x"], tile["crop"], plan.path, extra))
+                kept += 1
+                bar.set_postfix(patches=len(writer), refresh=False)
+            writer.meta["slides"].append({**plan.summary(), "patches": kept})
+        if len(writer) == 0:
+            raise DataError(f"no {patch} px patch at {format_magnification(magnification)} with >= "
+                            f"{tissue_threshold:.0%} tissue in {shown_slides(plans)}: is the slide smaller than one "
+                            "crop, or mostly glass (lower --tissue-threshold)?", plans[0].path if len(plans) == 1 else None)
+    return PatchStore(out)
+
+
+# ------------------------------------------------------------------------ shared by the slide stores
+def slides_to_store(slides, out: Path, overwrite: bool, source_magnification, mpp) -> list[str]:
+    """The slide paths to tile into ``out``. An existing ``out`` without ``overwrite`` is refused before any slide is
+    read (OutputExistsError); no slide at all is a DataError. PNG / JPEG files count only with a resolution override."""
+    if (out.exists() or out.is_symlink()) and not overwrite:
         raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
     paths = expand_slides(slides, plain_images=source_magnification is not None or mpp is not None)
     if not paths:
         raise DataError("no slides to prepare", out)
-    plans = [plan_slide(p, patch, magnification, overlap, source_magnification, mpp=mpp) for p in paths]
-    meta = {
-        "kind": "slides",
-        "overlap": overlap,
-        "tissue_threshold": tissue_threshold,
-        "source_magnification": source_magnification,
-        "mpp": mpp,
-        "command": command if command is None or isinstance(command, str) else list(command),
-        "args": {
-            "patch": patch,
-            "magnification": format_magnification(magnification),
-            "overlap": overlap,
-            "tissue_threshold": tissue_threshold,
-            "source_magnification": source_magnification,
-            "mpp": mpp,
-        },
-        "slides": [],
-    }
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
+    return paths
 
-        bar = tqdm(total=sum(p.num_tiles for p in plans), unit="tile", desc="prepare slides", file=sys.stderr)
-    try:
-        with PatchStoreWriter(out, (), patch, magnification, meta, overwrite, shard_size, labels=False) as writer:
-            for plan in plans:
-                kept = 0
-                tick = None if bar is None else (lambda: bar.update(1))
-                for image, tile in iter_plan(plan, tissue_threshold, tick):
-                    extra = {k: v for k, v in tile.items() if k not in _PATCH_FIELDS}
-                    writer.add(Patch(image, None, None, "train", tile["y"], tile["x"], tile["crop"], plan.path, extra))
-                    kept += 1
-                    if bar is not None:
-                        bar.set_postfix(patches=len(writer), refresh=False)
-                writer.meta["slides"].append({**plan.summary(), "patches": kept})
-            if len(writer) == 0:
-                shown = ", ".join(p.path for p in plans[:5]) + (f" and {len(plans) - 5} more" if len(plans) > 5 else "")
-                raise DataError(
-                    f"no {patch} px patch at {format_magnification(magnification)} with >= {tissue_threshold:.0%} "
-                    f"tissue in {shown}: is the slide smaller than one crop, or mostly glass "
-                    "(lower --tissue-threshold)?",
-                    plans[0].path if len(plans) == 1 else None,
-                )
-    finally:
-        if bar is not None:
-            bar.close()
-    return PatchStore(out)
+
+def command_list(command: str | Sequence[str] | None) -> str | list[str] | None:
+    """The command line as store.json records it (a string as given, argv as a list)."""
+    return command if command is None or isinstance(command, str) else list(command)
+
+
+def tile_progress(total: int, unit: str, progress: bool):
+    """A tqdm bar on stderr over ``total`` tiles or positions (disabled, but still callable, without ``progress``)."""
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, unit=unit, desc="prepare slides", file=sys.stderr, disable=not progress)
+
+
+def shown_slides(plans) -> str:
+    """The first five slides' paths, for an error message."""
+    return ", ".join(p.path for p in plans[:5]) + (f" and {len(plans) - 5} more" if len(plans) > 5 else "")

@@ -54,7 +54,8 @@ from histosynth.data.formats import READERS, read_nuclei
 from histosynth.data.patches import Patch, format_magnification, parse_magnification
 from histosynth.data.record import NucleiRecord
 from histosynth.data.prepare_labelled import nuclei_meta, write_regions
-from histosynth.data.store import ROW_KEYS, PatchStore, PatchStoreWriter
+from histosynth.data.store import ROW_KEYS, PatchStore
+from histosynth.data.store_writer import PatchStoreWriter
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
 __all__ = ["NucleiSource", "prepare_sources", "read_sources_file", "reader_options"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from histosynth.errors import DataError
@@ -12,16 +13,28 @@ from histosynth.errors import DataError
 __all__ = ["numbered_json_lines", "read_rows"]
 
 
-def read_rows(path: str | os.PathLike) -> list[dict]:
+def read_rows(path: str | os.PathLike, what: str = "table", *, columns: Sequence[str] = (),
+              allow_empty: bool = True) -> list[dict]:
     """Rows of a CSV or TSV (header row; values are strings), a JSON list (or ``{"rows"/"patches": [...]}``) or a
-    JSONL file, as dicts.
+    JSONL file, as dicts. ``what`` names the file in errors ("caption table"); ``columns`` must be in the first row.
 
     Raises:
-        DataError: the file is missing, unreadable or not one of these shapes (naming the file).
+        DataError: the file is missing, unreadable or not one of these shapes, has no rows (unless ``allow_empty``)
+            or lacks one of ``columns`` (naming the file).
     """
     path = Path(path)
     if not path.is_file():
-        raise DataError("table not found", path)
+        raise DataError(f"{what} not found", path)
+    rows = _rows(path)
+    if not rows and not allow_empty:
+        raise DataError(f"the {what} has no rows", path)
+    missing = [c for c in columns if rows and c not in rows[0]]
+    if missing:
+        raise DataError(f"the {what} has no column(s) {missing}; it has {sorted(rows[0])}", path)
+    return rows
+
+
+def _rows(path: Path) -> list[dict]:
     suffix = path.suffix.lower()
     try:
         if suffix in (".csv", ".tsv"):

@@ -97,6 +97,15 @@ class FeatureExtractor(nn.Module):
         """Frozen: always stays in evaluation mode."""
         return super().train(False)
 
+    def weights_protocol(self, architecture: str, weights: Path, *, input_size: int, resize: str,
+                         normalization: dict, layer: str) -> dict[str, Any]:
+        """The :attr:`protocol` of a network whose weights are the file ``weights`` (its sha256 is compared)."""
+        from histosynth.models.efficientnet_lite0 import file_sha256
+
+        return {"extractor": self.name, "architecture": architecture, "weights": f"sha256:{file_sha256(weights)}",
+                "weights_file": weights.name, "input_size": [input_size, input_size], "resize": resize,
+                "normalization": normalization, "layer": layer, "num_features": self.num_features}
+
     @staticmethod
     def _check_images(images: torch.Tensor) -> None:
         if not torch.is_tensor(images) or images.dtype != torch.uint8 or images.dim() != 4 or images.shape[1] != 3:
@@ -113,7 +122,7 @@ class EffNetLite0FeatureExtractor(FeatureExtractor):
 
     def __init__(self, weights_path: str | Path | None = None):
         super().__init__()
-        from histosynth.models.efficientnet_lite0 import build_effnet_lite0, file_sha256
+        from histosynth.models.efficientnet_lite0 import build_effnet_lite0
 
         # frozen, eval, channels_last (~3x faster on CPU for the depthwise convolutions, same numbers up to rounding)
         self.model, path = build_effnet_lite0(weights_path)
@@ -122,17 +131,11 @@ class EffNetLite0FeatureExtractor(FeatureExtractor):
         self.name = "effnet-lite0"
         self.num_features = int(self.model.num_features)  # 1280
         self.num_logits = 1000
-        self.protocol = {
-            "extractor": "effnet-lite0",
-            "architecture": "timm tf_efficientnet_lite0 (TF 'same' padding, BatchNorm eps 1e-3)",
-            "weights": f"sha256:{file_sha256(path)}",
-            "weights_file": path.name,
-            "input_size": [self.INPUT_SIZE, self.INPUT_SIZE],
-            "resize": "bilinear, antialias, whole image to 224x224 (no crop)",
-            "normalization": {"scale": "uint8/255", "mean": list(self.MEAN), "std": list(self.STD)},
-            "layer": "global average pool before the classifier",
-            "num_features": self.num_features,
-        }
+        self.protocol = self.weights_protocol(
+            "timm tf_efficientnet_lite0 (TF 'same' padding, BatchNorm eps 1e-3)", path, input_size=self.INPUT_SIZE,
+            resize="bilinear, antialias, whole image to 224x224 (no crop)",
+            normalization={"scale": "uint8/255", "mean": list(self.MEAN), "std": list(self.STD)},
+            layer="global average pool before the classifier")
         self.eval()
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +163,6 @@ class InceptionFeatureExtractor(FeatureExtractor):
 
     def __init__(self, weights_path: str | Path | None = None, antialias: bool = False):
         super().__init__()
-        from histosynth.models.efficientnet_lite0 import file_sha256
-
         path = _inception_weights_file(weights_path)
         try:
             if antialias:
@@ -186,19 +187,12 @@ class InceptionFeatureExtractor(FeatureExtractor):
         self.num_features = 2048
         self.num_logits = 1008
         self.provides_inception_score = True
-        self.protocol = {
-            "extractor": "inception",
-            "architecture": "torch-fidelity FeatureExtractorInceptionV3 (TF FID Inception 2015-12-05)",
-            "weights": f"sha256:{file_sha256(path)}",
-            "weights_file": path.name,
-            "input_size": [self.INPUT_SIZE, self.INPUT_SIZE],
-            "resize": "bilinear, antialias (torchmetrics antialias=True)"
-            if antialias
+        self.protocol = self.weights_protocol(
+            "torch-fidelity FeatureExtractorInceptionV3 (TF FID Inception 2015-12-05)", path,
+            input_size=self.INPUT_SIZE,
+            resize="bilinear, antialias (torchmetrics antialias=True)" if antialias
             else "bilinear, TensorFlow-1.x compatible, no antialias (torch-fidelity)",
-            "normalization": {"scale": "(uint8 - 128) / 128"},
-            "layer": "pool3 (2048); logits_unbiased (1008) for IS",
-            "num_features": self.num_features,
-        }
+            normalization={"scale": "(uint8 - 128) / 128"}, layer="pool3 (2048); logits_unbiased (1008) for IS")
         self.eval()
 
     def features_and_logits(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -88,29 +88,20 @@ class LocalEncoderFeatureExtractor(FeatureExtractor):
 
 
 # ------------------------------------------------------------------------------------------------- loading
-def load_local_encoder(
-    path: str | Path,
-    architecture: str | None = None,
-    *,
-    input_size: int | tuple[int, int] | None = None,
-    mean: tuple[float, float, float] | None = None,
-    std: tuple[float, float, float] | None = None,
-    interpolation: str | None = None,
-    pool: str | None = None,
-) -> LocalEncoderFeatureExtractor:
+def load_local_encoder(path: str | Path, architecture: str | None = None, **overrides) -> LocalEncoderFeatureExtractor:
     """Build a frozen feature extractor from a local encoder (layouts: :mod:`histosynth.models.local_encoder`).
 
     Args:
         path: a TorchScript file, a timm folder (``config.json`` + weights), or a weight file (with ``architecture``).
         architecture: timm model name for a bare weight file (``--features-arch``); refused for the other layouts.
-        input_size, mean, std, interpolation: preprocessing for a file (override its ``<file>.json``).
-        pool: timm ``global_pool`` for a bare weight file (default: the architecture's).
+        overrides: keyword arguments of :func:`~histosynth.models.local_encoder.load_encoder_files`: ``input_size``,
+            ``mean``, ``std``, ``interpolation`` (preprocessing for a file, overriding its ``<file>.json``) and
+            ``pool`` (timm ``global_pool`` for a bare weight file; default: the architecture's).
 
     The returned extractor's ``load_report`` (:class:`LoadReport`) says what was loaded.
 
     Raises:
         HistosynthError: missing path, unreadable file, unknown architecture, weights that do not fit (strict).
     """
-    loaded = load_encoder_files(path, architecture, input_size=input_size, mean=mean, std=std,
-                                interpolation=interpolation, pool=pool)
+    loaded = load_encoder_files(path, architecture, **overrides)
     return LocalEncoderFeatureExtractor(loaded.model, loaded.preprocessing, loaded.protocol, loaded.report)

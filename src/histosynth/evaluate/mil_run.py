@@ -25,30 +25,14 @@ from typing import Any
 
 import numpy as np
 
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.data.regions import open_region_store
+from histosynth.errors import HistosynthError, OutputExistsError
+from histosynth.evaluate.balance import parse_balances
 
-__all__ = ["parse_balances", "evaluate_mil", "plot_lambda_sweep", "plot_mil_losses"]
+__all__ = ["evaluate_mil", "plot_lambda_sweep", "plot_mil_losses"]
 
 _MODELS = {"attention": "gated attention MIL (Ilse et al. 2018)",
            "transmil": "TransMIL-lite (class token + 2 transformer layers)"}
-
-
-def parse_balances(values: str | float | Sequence[float]) -> list[float]:
-    """λ values from ``"0,0.3,0.6"`` or a sequence: each in [0, 1], distinct, at least one (HistosynthError naming
-    --balance otherwise)."""
-    items = values.split(",") if isinstance(values, str) else list(values) if isinstance(values, Sequence) else [values]
-    try:
-        out = [float(v) for v in items if str(v).strip()]
-    except ValueError:
-        raise HistosynthError(f"--balance {values!r}: give λ values separated by commas, e.g. 0,0.3,0.6") from None
-    if not out:
-        raise HistosynthError("--balance: no λ value given (e.g. 0,0.3,0.6)")
-    bad = [v for v in out if not 0.0 <= v <= 1.0 or math.isnan(v)]
-    if bad:
-        raise HistosynthError(f"--balance: λ must lie in [0, 1] (DISC eq. 4), got {bad}")
-    if len(set(out)) != len(out):
-        raise HistosynthError(f"--balance: repeated λ values in {out}")
-    return out
 
 
 def _positives(bags, classes) -> dict[str, int]:
@@ -94,7 +78,6 @@ def evaluate_mil(
     """
     from histosynth.atomic import atomic_folder
     from histosynth.data.io import read_rgb
-    from histosynth.data.store import PatchStore
     from histosynth.evaluate.mil import ARCHITECTURES, build_mil_model, lambda_sweep
     from histosynth.evaluate.mil_bags import (cached_features, encode_tiles, read_tile_sets, region_store_bags,
                                               split_real_bags, store_key, tile_set_bags, tiles_key)
@@ -108,10 +91,7 @@ def evaluate_mil(
         raise HistosynthError(f"unknown --architecture {architecture!r}: one of {', '.join(ARCHITECTURES)}")
     if steps < 1:
         raise HistosynthError(f"--steps must be at least 1, got {steps}")
-    store = PatchStore(real_store)
-    if not store.has_regions:
-        raise DataError("--real: not a region store (no region masks): make one with `histosynth prepare regions`",
-                        store.path)
+    store = open_region_store(real_store, "--real")
     names = list(store.class_names)
     classes = list(classes) if classes else names
     unknown = [c for c in classes if c not in names]

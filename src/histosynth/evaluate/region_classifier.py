@@ -15,7 +15,8 @@ minimises DISC eq. 4, L = (1 − λ)·L_real + λ·L_synth (:func:`balanced_loss
 Saved as a folder (:meth:`RegionClassifier.save` / :func:`load_region_classifier`): ``head.safetensors`` and
 ``region_classifier.json`` (label names, encoder id with the weights' SHA-256, λ, training settings, store).
 :func:`evaluate_region_classifier`: pixel precision / recall / F1 (= Dice) per label and pixel accuracy on a split.
-:func:`run_region_classifier` is ``histosynth evaluate region-classifier`` (one λ, or a λ sweep).
+:func:`~histosynth.evaluate.region_classifier_sweep.run_region_classifier` is ``histosynth evaluate
+region-classifier`` (one λ, or a λ sweep).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from histosynth.data.regions import CLASSES_FILE, open_region_store, read_classes
 from histosynth.errors import DataError, HistosynthError
 
 __all__ = [
@@ -41,10 +43,8 @@ __all__ = [
     "confusion_matrix",
     "evaluate_region_classifier",
     "load_region_classifier",
-    "parse_balances",
     "pixel_metrics",
     "read_region_tiles",
-    "run_region_classifier",
     "to_input",
     "train_region_classifier",
 ]
@@ -270,8 +270,6 @@ def read_region_tiles(folder: str | Path) -> RegionTiles:
         DataError: naming the folder or file: not a folder, no classes.txt, a malformed samples.jsonl row, an image
             without its mask, no tiles.
     """
-    from histosynth.data.regions import CLASSES_FILE, read_classes
-
     root = Path(folder)
     if not root.is_dir():
         raise DataError("not a folder (expected a `histosynth sample --regions` output)", root)
@@ -298,15 +296,6 @@ def read_region_tiles(folder: str | Path) -> RegionTiles:
             missing = image if not image.is_file() else mask
             raise DataError("missing: the tile needs both its image and its mask", missing)
     return RegionTiles(pairs, names, root, rows or None)
-
-
-def _region_store(path: str | Path):
-    from histosynth.data.store import PatchStore
-
-    store = PatchStore(path)
-    if not store.has_regions:
-        raise DataError("not a region store (no region masks): make one with `histosynth prepare regions`", path)
-    return store
 
 
 def _batch(source, indices, rng: np.random.Generator, device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -347,7 +336,7 @@ def train_region_classifier(store: str | Path, *, synthetic: str | Path | None =
         raise HistosynthError(f"--balance {balance}: λ must be in [0, 1] (DISC eq. 4)")
     if steps < 1 or batch_size < 1 or not lr > 0:
         raise HistosynthError(f"--steps ({steps}), --batch-size ({batch_size}) and lr ({lr}) must be positive")
-    real = _region_store(store)
+    real = open_region_store(store)
     pool = real.indices("train")
     if not pool and lam < 1.0:
         raise DataError("the region store has no train patches", real.path)
@@ -439,7 +428,7 @@ def evaluate_region_classifier(clf: RegionClassifier, store: str | Path, split: 
     """
     from tqdm.auto import tqdm
 
-    real = _region_store(store)
+    real = open_region_store(store)
     if list(real.class_names) != clf.label_names:
         raise DataError(f"region labels {list(real.class_names)} differ from the classifier's {clf.label_names}",
                         real.path)
@@ -453,105 +442,3 @@ def evaluate_region_classifier(clf: RegionClassifier, store: str | Path, split: 
         cm = cm + confusion_matrix(np.stack([it["region_map"] for it in items]), pred, k)
     return {**pixel_metrics(cm, clf.label_names), "split": split, "n_tiles": len(idx), "store": str(real.path),
             "date": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-
-
-LOSS_COLUMNS = {"loss": "total (DISC eq. 4)", "real": "L_real (CE)", "synth": "L_synth (CE)"}
-
-
-def parse_balances(text: str | float | Sequence[float]) -> list[float]:
-    """'0.3' or '0,0.3,0.6,0.9' (or numbers) → distinct λ values in the given order, each in [0, 1].
-
-    Raises:
-        HistosynthError: naming --balance: not a number, outside [0, 1], none given.
-    """
-    items = text.split(",") if isinstance(text, str) else list(text) if isinstance(text, Sequence) else [text]
-    try:
-        values = list(dict.fromkeys(float(v) for v in items if str(v).strip()))
-    except ValueError:
-        raise HistosynthError(f"--balance {text!r}: expected λ values in [0, 1], e.g. 0.3 or 0,0.3,0.6,0.9") from None
-    bad = [v for v in values if not 0.0 <= v <= 1.0]
-    if not values or bad:
-        raise HistosynthError(f"--balance {text!r}: each λ must be in [0, 1] (DISC eq. 4)")
-    return values
-
-
-def _train_and_score(store, folder: Path, balance: float, synthetic, settings: dict, device, progress) -> dict:
-    from histosynth.viz import plot_loss_curves
-
-    clf, rows = train_region_classifier(store, synthetic=synthetic, balance=balance, device=device,
-                                        progress=progress, **settings)
-    clf.save(folder / "classifier")
-    with open(folder / "losses.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in rows)
-    plot_loss_curves(folder / "losses.jsonl", folder / "loss.png", LOSS_COLUMNS)
-    metrics = {"balance": balance, "test": evaluate_region_classifier(clf, store, "test", progress=progress),
-               "classifier": clf.describe()}
-    (folder / "metrics.json").write_text(json.dumps(metrics, indent=2, ensure_ascii=False), encoding="utf-8")
-    return metrics
-
-
-def _plot_sweep(results: list[dict], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    lams = [r["balance"] for r in results]
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for name in results[0]["test"]["per_label"]:
-        f1 = [r["test"]["per_label"][name]["f1"] for r in results]
-        ax.plot(lams, [np.nan if v is None else v for v in f1], "o--", lw=1, alpha=0.7, label=name)
-    ax.plot(lams, [r["test"]["mean_f1"] for r in results], "ko-", lw=2, label="mean F1")
-    ax.set_xlabel("balance weight λ (DISC eq. 4)")
-    ax.set_ylabel("pixel F1 (Dice), real test")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-
-
-def run_region_classifier(store: str | Path, out: str | Path, *, synthetic: str | Path | None = None,
-                          balance: str | float | Sequence[float] = 0.0, steps: int = 300, batch_size: int = 8,
-                          lr: float = 1e-3, hidden: int = 64, seed: int = 0, device: str | torch.device = "cpu",
-                          overwrite: bool = False, progress: bool = True) -> dict:
-    """``histosynth evaluate region-classifier``: train (real, or real + synthetic with λ) and score on real test.
-
-    One λ writes ``out/classifier/``, ``out/metrics.json``, ``out/losses.jsonl``, ``out/loss.png``. Several λ (a
-    sweep, DISC Fig. 6's axis) write that per λ in ``out/lambda-<λ>/`` and ``out/metrics.json`` (λ → mean F1, pixel
-    accuracy, F1 per label) with ``out/f1_vs_balance.png``; every λ trains with the same seed and settings. The
-    folder appears whole (``atomic_folder``). Returns what ``metrics.json`` holds.
-
-    Raises:
-        OutputExistsError: ``out`` exists and ``overwrite`` is False.
-        DataError / HistosynthError: as :func:`train_region_classifier`; a store without test patches (checked first).
-    """
-    from histosynth.atomic import atomic_folder
-    from histosynth.errors import OutputExistsError
-
-    out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
-    balances = parse_balances(balance)
-    if synthetic is None and any(b > 0 for b in balances):
-        raise HistosynthError(f"--balance {balance}: λ > 0 weights synthetic tiles, give --synthetic FOLDER")
-    real = _region_store(store)
-    if not real.indices("test"):
-        raise DataError("the region store has no test patches to evaluate on (prepare it with a hold-out)", real.path)
-    settings = {"steps": steps, "batch_size": batch_size, "lr": lr, "hidden": hidden, "seed": seed}
-    with atomic_folder(out) as partial:
-        if len(balances) == 1:
-            return _train_and_score(store, partial, balances[0], synthetic, settings, device, progress)
-        results = []
-        for lam in balances:
-            folder = partial / f"lambda-{lam:g}"
-            folder.mkdir()
-            results.append(_train_and_score(store, folder, lam, synthetic if lam > 0 else None, settings, device,
-                                            progress))
-        summary = {"sweep": [{"balance": r["balance"], "folder": f"lambda-{r['balance']:g}",
-                              "mean_f1": r["test"]["mean_f1"], "pixel_accuracy": r["test"]["pixel_accuracy"],
-                              "f1": {n: v["f1"] for n, v in r["test"]["per_label"].items()}} for r in results],
-                   "store": str(real.path), "synthetic": None if synthetic is None else str(synthetic),
-                   "settings": settings, "n_test_tiles": results[0]["test"]["n_tiles"]}
-        (partial / "metrics.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
-        _plot_sweep(results, partial / "f1_vs_balance.png")
-    return summary

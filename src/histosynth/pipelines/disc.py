@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -34,7 +34,7 @@ from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.errors import HistosynthError
 from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_masks
-from histosynth.pipelines.loading import pipeline_directory
+from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
 SEPARATED = ("none", "final", "every-step")
 
@@ -82,7 +82,7 @@ class DISCPipelineOutput(BaseOutput):
     unet_passes: list
 
 
-class DISCPipeline(DiffusionPipeline):
+class DISCPipeline(RunPipeline):
     model_cpu_offload_seq = "mask_encoder->unet->vae"
 
     def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDIMScheduler, mask_encoder: RegionMaskEncoder,
@@ -90,15 +90,8 @@ class DISCPipeline(DiffusionPipeline):
                  patch_size: int | None = None, injection: str = "cross-attention", sampling: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, mask_encoder=mask_encoder)
-        if latent_scaling_factor is None:
-            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
-        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), magnification=magnification,
+        self.register_to_config(latent_scaling_factor=latent_scaling(vae, latent_scaling_factor), magnification=magnification,
                                 patch_size=patch_size, injection=injection, sampling=sampling)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        return super().from_pretrained(str(pipeline_directory(pretrained_model_name_or_path, cls)), **kwargs)
 
     @property
     def label_names(self) -> list[str]:

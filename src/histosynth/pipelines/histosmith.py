@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
 from histosynth.conditions.counts import CountConditioner
@@ -23,7 +23,7 @@ from histosynth.data.store import nuclei_per_type
 from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel
-from histosynth.pipelines.loading import pipeline_directory
+from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
 
 @dataclass
@@ -42,7 +42,7 @@ class HistoSmithPipelineOutput(BaseOutput):
     num_steps_run: int
 
 
-class HistoSmithPipeline(DiffusionPipeline):
+class HistoSmithPipeline(RunPipeline):
     model_cpu_offload_seq = "conditioner->unet->vae"
 
     def __init__(self, unet: UNet2DConditionModel, vae: JointVQModel, scheduler: DDIMScheduler,
@@ -51,17 +51,9 @@ class HistoSmithPipeline(DiffusionPipeline):
                  postprocess: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, conditioner=conditioner)
-        if latent_scaling_factor is None:
-            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
-        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), magnification=magnification,
+        self.register_to_config(latent_scaling_factor=latent_scaling(vae, latent_scaling_factor), magnification=magnification,
                                 patch_size=patch_size, sampling=sampling,
                                 postprocess=postprocess or asdict(PostprocessConfig()))
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        path = pipeline_directory(pretrained_model_name_or_path, cls)
-        return super().from_pretrained(str(path), **kwargs)
 
     @property
     def class_names(self) -> list[str]:

@@ -18,11 +18,10 @@ is ``guidance_scale=2.0``, the default.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDPMScheduler, DiffusionPipeline
+from diffusers import DDPMScheduler
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -31,6 +30,7 @@ from histosynth.diffusion.guidance import guided_model_output
 from histosynth.diffusion.sampling_loop import denoise, uses_learned_variance
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
+from histosynth.pipelines.loading import RunPipeline
 
 
 @dataclass
@@ -40,23 +40,13 @@ class NASDMPipelineOutput(BaseOutput):
     num_steps_run: int  # denoising steps executed (always the number asked)
 
 
-class NASDMPipeline(DiffusionPipeline):
+class NASDMPipeline(RunPipeline):
     model_cpu_offload_seq = "unet"
 
     def __init__(self, unet: SemanticUNet, scheduler: DDPMScheduler, class_names=None, magnification=None):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
         self.register_to_config(class_names=list(class_names or []), magnification=magnification)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        path = Path(pretrained_model_name_or_path)
-        if (path / "pipeline" / "model_index.json").is_file():
-            path = path / "pipeline"
-        elif path.exists() and not (path / "model_index.json").is_file():
-            raise HistosynthError("not a NASDM pipeline or training run (no model_index.json)", path)
-        return super().from_pretrained(str(path) if path.exists() else pretrained_model_name_or_path, **kwargs)
 
     @property
     def num_classes(self) -> int:

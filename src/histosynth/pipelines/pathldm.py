@@ -33,14 +33,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 
 from histosynth.conditions.text import ClassConditioner, TextConditioner, load_conditioner
 from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.diffusion.schedulers import ldm_ddim_scheduler  # noqa: F401  (re-exported: LDM's sampler of this pipeline)
 from histosynth.errors import HistosynthError
-from histosynth.pipelines.loading import pipeline_directory
+from histosynth.pipelines.loading import RunPipeline, latent_scaling, pipeline_directory
 
 CONDITIONER_DIR = "conditioner"
 
@@ -52,7 +52,7 @@ class PathLDMPipelineOutput(BaseOutput):
     num_steps_run: int  # denoising steps executed (always the number asked)
 
 
-class PathLDMPipeline(DiffusionPipeline):
+class PathLDMPipeline(RunPipeline):
     model_cpu_offload_seq = "unet->vae"
 
     def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDIMScheduler,
@@ -61,9 +61,7 @@ class PathLDMPipeline(DiffusionPipeline):
                  magnification: str | None = None, patch_size: int | None = None, sampling: dict | None = None):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler)
-        if latent_scaling_factor is None:
-            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
-        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), class_rule=class_rule,
+        self.register_to_config(latent_scaling_factor=latent_scaling(vae, latent_scaling_factor), class_rule=class_rule,
                                 magnification=magnification, patch_size=patch_size, sampling=sampling)
         self.conditioner = conditioner
         if class_rule is not None and isinstance(conditioner, ClassConditioner):
@@ -78,7 +76,7 @@ class PathLDMPipeline(DiffusionPipeline):
             if not (path / CONDITIONER_DIR).is_dir():
                 raise HistosynthError(f"the pipeline has no {CONDITIONER_DIR}/ (its text encoder or class embedding)", path)
             kwargs["conditioner"] = load_conditioner(path / CONDITIONER_DIR)
-        return super().from_pretrained(str(path), **kwargs)
+        return super().from_pretrained(path, **kwargs)
 
     def save_pretrained(self, save_directory, **kwargs):
         super().save_pretrained(save_directory, **kwargs)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
+from diffusers import DDIMScheduler, UNet2DConditionModel
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
@@ -33,7 +33,7 @@ from histosynth.diffusion.latent_sampling import denoise_latents
 from histosynth.errors import HistosynthError
 from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.models.zoom_summariser import EmbeddingSummariser
-from histosynth.pipelines.loading import pipeline_directory
+from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
 
 @dataclass
@@ -63,7 +63,7 @@ def sample_condition_tokens(model: ConditionTransformer, scheduler_config, level
     return model.unstandardise(x)
 
 
-class ZoomLDMPipeline(DiffusionPipeline):
+class ZoomLDMPipeline(RunPipeline):
     model_cpu_offload_seq = "summariser->condition_sampler->unet->vae"
     _optional_components = ["condition_sampler", "condition_scheduler"]
 
@@ -74,15 +74,8 @@ class ZoomLDMPipeline(DiffusionPipeline):
         super().__init__()
         self.register_modules(unet=unet, vae=vae, scheduler=scheduler, summariser=summariser,
                               condition_sampler=condition_sampler, condition_scheduler=condition_scheduler)
-        if latent_scaling_factor is None:
-            latent_scaling_factor = float(getattr(vae.config, "scaling_factor", 1.0))
-        self.register_to_config(latent_scaling_factor=float(latent_scaling_factor), base_magnification=base_magnification,
+        self.register_to_config(latent_scaling_factor=latent_scaling(vae, latent_scaling_factor), base_magnification=base_magnification,
                                 patch_size=patch_size, embeddings=embeddings, sampling=sampling)
-
-    @classmethod
-    def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
-        """Also accepts a training run directory (its EMA pipeline lives in RUN/pipeline)."""
-        return super().from_pretrained(str(pipeline_directory(pretrained_model_name_or_path, cls)), **kwargs)
 
     @property
     def magnifications(self) -> list[str]:

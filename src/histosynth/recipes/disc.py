@@ -11,14 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from histosynth.recipes import latent
 from histosynth.recipes.base import Recipe, SchedulerName, register_recipe_type
-from histosynth.recipes.pathldm import (
-    AutoencoderConfig,
-    LatentDiffusionConfig,
-    LatentTrainConfig,
-    UNetConfig,
-    latent_diffusion_problems,
-)
 
 SEPARATED = ("none", "final", "every-step")
 
@@ -70,8 +64,8 @@ class DistillConfig:
 
 
 @dataclass(kw_only=True)
-class DISCTrainConfig(LatentTrainConfig):
-    """LatentTrainConfig with DISC's defaults (the paper is silent; ZoomLDM's LDM settings: lr 1e-4, 1,000 warm-up)."""
+class DISCTrainConfig(latent.LatentTrainConfig):
+    """latent.LatentTrainConfig with DISC's defaults (the paper is silent; ZoomLDM's LDM settings: lr 1e-4, 1,000 warm-up)."""
 
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 1000
@@ -82,16 +76,16 @@ class DISCRecipe(Recipe):
     METHOD = "disc"
     patch_size: int
     magnification: str | None = None  # the store's must match when given
-    autoencoder: AutoencoderConfig | None = None  # required without distill (with it, the teacher's is used)
+    autoencoder: latent.AutoencoderConfig | None = None  # required without distill (with it, the teacher's is used)
     train: DISCTrainConfig
     mask_encoder: MaskEncoderConfig = field(default_factory=MaskEncoderConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
+    unet: latent.UNetConfig = field(default_factory=latent.UNetConfig)
+    diffusion: latent.LatentDiffusionConfig = field(default_factory=latent.LatentDiffusionConfig)
     sampling: DISCSamplingConfig = field(default_factory=DISCSamplingConfig)
     distill: DistillConfig | None = None
 
     def problems(self) -> list[str]:
-        problems = latent_diffusion_problems(self.unet, self.train)
+        problems = latent.latent_diffusion_problems(self.unet, self.train)
         m, d = self.mask_encoder, self.distill
         if m.token_grid < 1 or self.patch_size % m.token_grid or (self.patch_size // m.token_grid) & (self.patch_size // m.token_grid - 1):
             problems.append(f"mask_encoder.token_grid {m.token_grid} must divide patch_size {self.patch_size} by a "

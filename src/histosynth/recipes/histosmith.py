@@ -12,16 +12,9 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
+from histosynth.recipes import latent
 from histosynth.recipes.autoencoder import AutoencoderLossConfig, AutoencoderRecipe
 from histosynth.recipes.base import Recipe, register_recipe_type
-from histosynth.recipes.pathldm import (
-    AutoencoderConfig,
-    LatentDiffusionConfig,
-    LatentTrainConfig,
-    SamplingConfig,
-    UNetConfig,
-    latent_diffusion_problems,
-)
 
 
 @dataclass
@@ -79,7 +72,7 @@ class CountConditionConfig:
 
 
 @dataclass
-class HistoSmithUNetConfig(UNetConfig):
+class HistoSmithUNetConfig(latent.UNetConfig):
     """diffusers ``UNet2DConditionModel``; with injection "embedding" use blocks without CrossAttn."""
 
     mid_block_type: Literal["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"] = "UNetMidBlock2DCrossAttn"
@@ -90,16 +83,16 @@ class HistoSmithRecipe(Recipe):
     METHOD = "histosmith"
     patch_size: int
     magnification: str | None = None  # None: any store; else the store's magnification must match
-    autoencoder: AutoencoderConfig  # a run of `train autoencoder --recipe histosmith-vq...` (its JointVQModel)
-    train: LatentTrainConfig
+    autoencoder: latent.AutoencoderConfig  # a run of `train autoencoder --recipe histosmith-vq...` (its JointVQModel)
+    train: latent.LatentTrainConfig
     condition: CountConditionConfig = field(default_factory=CountConditionConfig)
     unet: HistoSmithUNetConfig = field(default_factory=HistoSmithUNetConfig)
-    diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_inference_steps=50, guidance_scale=2.0))
+    diffusion: latent.LatentDiffusionConfig = field(default_factory=latent.LatentDiffusionConfig)
+    sampling: latent.SamplingConfig = field(default_factory=lambda: latent.SamplingConfig(num_inference_steps=50, guidance_scale=2.0))
 
     def problems(self) -> list[str]:
         u, t, c = self.unet, self.train, self.condition
-        problems = latent_diffusion_problems(u, t)
+        problems = latent.latent_diffusion_problems(u, t)
         cross = any("CrossAttn" in b for b in (*u.down_block_types, *u.up_block_types, u.mid_block_type))
         if cross != (c.injection != "embedding"):
             problems.append(f"condition.injection {c.injection!r} " + (

@@ -13,15 +13,8 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from histosynth.data.patches import format_magnification
+from histosynth.recipes import latent
 from histosynth.recipes.base import EngineConfig, ForwardProcessConfig, Recipe, register_recipe_type
-from histosynth.recipes.pathldm import (
-    AutoencoderConfig,
-    LatentDiffusionConfig,
-    LatentTrainConfig,
-    SamplingConfig,
-    UNetConfig,
-    latent_diffusion_problems,
-)
 
 
 @dataclass
@@ -39,8 +32,8 @@ class SummariserConfig:
 
 
 @dataclass(kw_only=True)
-class ZoomTrainConfig(LatentTrainConfig):
-    """LatentTrainConfig with ZoomLDM's defaults (lr 1e-4, 1,000 warm-up steps) and the balance of levels."""
+class ZoomTrainConfig(latent.LatentTrainConfig):
+    """latent.LatentTrainConfig with ZoomLDM's defaults (lr 1e-4, 1,000 warm-up steps) and the balance of levels."""
 
     learning_rate: float = 1e-4
     lr_warmup_steps: int = 1000
@@ -58,15 +51,15 @@ class ZoomLDMRecipe(Recipe):
     # the levels trained, highest first (null: every level of the store); a sub-list trains e.g. one level alone
     magnifications: list[str] | None = None
     embeddings: str | None = None  # the store's embeddings name (`histosynth embed --name`); null: its only one
-    autoencoder: AutoencoderConfig
+    autoencoder: latent.AutoencoderConfig
     train: ZoomTrainConfig
     summariser: SummariserConfig = field(default_factory=SummariserConfig)
-    unet: UNetConfig = field(default_factory=UNetConfig)
-    diffusion: LatentDiffusionConfig = field(default_factory=LatentDiffusionConfig)
-    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(num_inference_steps=50, guidance_scale=1.75))
+    unet: latent.UNetConfig = field(default_factory=latent.UNetConfig)
+    diffusion: latent.LatentDiffusionConfig = field(default_factory=latent.LatentDiffusionConfig)
+    sampling: latent.SamplingConfig = field(default_factory=lambda: latent.SamplingConfig(num_inference_steps=50, guidance_scale=1.75))
 
     def problems(self) -> list[str]:
-        problems = latent_diffusion_problems(self.unet, self.train)
+        problems = latent.latent_diffusion_problems(self.unet, self.train)
         s, t = self.summariser, self.train
         if s.input_size < 16 or s.input_size % 16:
             problems.append(f"summariser.input_size must be a positive multiple of 16, got {s.input_size}")

@@ -26,8 +26,8 @@ import numpy as np
 import torch
 
 from histosynth.data.io import read_label_png
-from histosynth.data.regions import read_classes
-from histosynth.data.store import STORE_JSON, PatchStore, region_fractions
+from histosynth.data.regions import open_region_store, read_classes
+from histosynth.data.store import STORE_JSON, region_fractions
 from histosynth.diffusion.schedulers import scheduler_name, use_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.sampling.masks import choose_patches
@@ -59,10 +59,7 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
         return _sample_tile_sets(pipe, store_path, source.get("separated"), out, num=num, guidance_scale=guidance_scale,
                                  num_inference_steps=num_inference_steps, seed=seed, batch_size=batch_size,
                                  overwrite=overwrite, progress=progress, settings=settings)
-    store = PatchStore(store_path)
-    if not store.has_regions:
-        raise DataError("--regions: not a region store (no region masks): make one with `histosynth prepare regions`",
-                        store_path)
+    store = open_region_store(store_path, "--regions")
     if list(store.class_names) != pipe.label_names:
         raise DataError(f"--regions: the store's region labels {list(store.class_names)} differ from the model's "
                         f"{pipe.label_names}", store_path)

@@ -30,18 +30,18 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, VQModel
 from torch import nn
-from torch.utils.data import Dataset
 
+from histosynth.data.dataset import ImagePatchDataset
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
-from histosynth.diffusion.latent_cache import image_batch
 from histosynth.diffusion.autoencoder_loss import (
     adaptive_adversarial_weight,
     autoencoder_loss,
     hinge_discriminator_loss,
     make_perceptual,
 )
-from histosynth.errors import DataError, HistosynthError, TrainingError
+from histosynth.diffusion.latent_cache import image_batch
+from histosynth.errors import HistosynthError, TrainingError
 from histosynth.models.autoencoders import latent_channels_of, load_autoencoder, make_autoencoder
 from histosynth.models.patch_discriminator import PatchDiscriminator
 from histosynth.recipes.autoencoder import AutoencoderRecipe
@@ -49,23 +49,6 @@ from histosynth.training.task import TrainingTask
 
 AUTOENCODER = "autoencoder"
 INFO = "histosynth.json"
-
-
-class ImagePatchDataset(Dataset):
-    """uint8 (3, P, P) images of one split of any store (labels unused); augmentation is the trainer's."""
-
-    def __init__(self, store: PatchStore, split: str | None = "train"):
-        self.store = store
-        self.indices = store.indices(split)
-        if not self.indices:
-            raise DataError(f"the store has no {split!r} patches", store.path)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        image = np.ascontiguousarray(self.store[self.indices[i]]["image"])
-        return {"image": torch.from_numpy(image).permute(2, 0, 1), "index": self.indices[i]}
 
 
 def make_model(recipe: AutoencoderRecipe) -> VQModel | AutoencoderKL:
@@ -133,15 +116,6 @@ def crop_and_turn(x: torch.Tensor, size: int, flips: bool, g: torch.Generator) -
 def _augment(images: torch.Tensor, size: int, flips: bool, g: torch.Generator) -> torch.Tensor:
     """uint8 (B, 3, P, P) -> float [-1, 1] (B, 3, size, size), augmented by :func:`crop_and_turn`."""
     return crop_and_turn(images, size, flips, g).float() / 127.5 - 1.0
-
-
-def _check_store(recipe: AutoencoderRecipe, store: PatchStore) -> None:
-    if store.patch_size < recipe.patch_size:
-        raise HistosynthError(f"the store holds {store.patch_size} px patches, smaller than the {recipe.patch_size} px "
-                              f"crops recipe {recipe.name} trains on", store.path)
-    if recipe.magnification is not None and str(store.magnification) != recipe.magnification:
-        raise HistosynthError(f"the store is at {store.magnification}, recipe {recipe.name} is for "
-                              f"{recipe.magnification}", store.path)
 
 
 def load_init_weights(model: VQModel | AutoencoderKL, recipe: AutoencoderRecipe) -> None:
@@ -212,13 +186,17 @@ class AutoencoderTask(TrainingTask):
                     "disc": "discriminator hinge"}
     #: the model's input batch of store patches (its latents set the exported scaling factor)
     inputs = staticmethod(image_batch)
+    recipe_type = AutoencoderRecipe
 
     def __init__(self, recipe: AutoencoderRecipe, data: Path, *, progress: bool = True):
-        if not isinstance(recipe, AutoencoderRecipe):
-            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not an autoencoder recipe")
         super().__init__(recipe, data, progress=progress)
-        self.store = PatchStore(data)
-        _check_store(recipe, self.store)
+        self.store = self.open_store(data, magnification=True)
+
+    def check_patch_size(self, store) -> None:
+        """Training crops patches: the store's may be larger than the recipe's ``patch_size``, not smaller."""
+        if store.patch_size < self.recipe.patch_size:
+            raise HistosynthError(f"the store holds {store.patch_size} px patches, smaller than the "
+                                  f"{self.recipe.patch_size} px crops recipe {self.recipe.name} trains on", store.path)
 
     def setup(self, accelerator, run, resuming):
         self.device, self.autocast = accelerator.device, accelerator.autocast

@@ -27,6 +27,7 @@ import torch
 from numpy.lib.format import open_memmap
 from tqdm.auto import tqdm
 
+from histosynth.data.regions import open_region_store
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
@@ -37,19 +38,11 @@ from histosynth.pipelines.disc import DISCPipeline, downsample_masks
 from histosynth.recipes.disc import DISCRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import ldm_warmup_factor, make_unet, shared_latent_cache
+from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
 DISTILL = "distill"
-
-
-def region_store(path: Path) -> PatchStore:
-    """The region store at ``path``; DataError naming it for any other store."""
-    store = PatchStore(path)
-    if not store.has_regions:
-        raise DataError("not a region store (no region masks): make one with `histosynth prepare regions`", path)
-    return store
 
 
 def flip_masks(masks: np.ndarray, k: int) -> np.ndarray:
@@ -178,11 +171,9 @@ class DISCTask(TrainingTask):
 
     def __init__(self, recipe: DISCRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
-        self.store = region_store(Path(data))
+        self.store = open_region_store(data)
         self.check_patch_size(self.store)
-        if recipe.magnification is not None and self.store.magnification != recipe.magnification:
-            raise DataError(f"the store's patches are at {self.store.magnification}, recipe {recipe.name} trains at "
-                            f"{recipe.magnification}", data)
+        self.check_magnification(self.store)
         self.labels = tuple(self.store.class_names)
         self.teacher = None
         d = recipe.distill
@@ -195,9 +186,7 @@ class DISCTask(TrainingTask):
         else:
             if recipe.autoencoder is None:
                 raise HistosynthError(f"recipe {recipe.name}: autoencoder.path is required (or distill.teacher)")
-            self.vae = cache.load_autoencoder(resolve_path(recipe.autoencoder.path, data))
-            scaling = recipe.autoencoder.scaling_factor
-            self.scaling = float(self.vae.config.scaling_factor if scaling is None else scaling)
+            self.vae, self.scaling = first_stage(recipe.autoencoder, data)
         if not cache.is_vq(self.vae):
             raise HistosynthError(f"the autoencoder must be a VQ autoencoder (DISC's first stage is VQ-f4), found a "
                                   f"{type(self.vae).__name__}")
@@ -280,10 +269,7 @@ class DISCTask(TrainingTask):
     # ------------------------------------------------------------------------------------------------ loss
     def _real(self, pos: list[int], g: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """Scaled latents and masks of train patches at positions ``pos``, each in a flip drawn from ``g``."""
-        b = len(pos)
-        k = (torch.randint(0, cache.NUM_FLIPS, (b,), generator=g) if self.recipe.train.random_flips
-             else torch.zeros(b, dtype=torch.long))
-        z = torch.from_numpy(np.stack([self.stats[p, int(kk)] for p, kk in zip(pos, k)])) * self.scaling
+        z, k = cached_latents(self.stats, pos, self.scaling, self.recipe.train.random_flips, g)
         masks = np.stack([flip_masks(self.store[self.indices[p]]["region_map"], int(kk)) for p, kk in zip(pos, k)])
         return z, torch.from_numpy(masks).long()
 

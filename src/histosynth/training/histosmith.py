@@ -32,7 +32,7 @@ from histosynth.pipelines.histosmith import HistoSmithPipeline
 from histosynth.recipes.histosmith import HistoSmithRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import ldm_warmup_factor, shared_latent_cache
+from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
@@ -88,22 +88,16 @@ class HistoSmithTask(TrainingTask):
 
     def __init__(self, recipe: HistoSmithRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
-        self.store = PatchStore(data)
-        self.check_patch_size(self.store)
+        self.store = self.open_store(data, magnification=True)
         if not self.store.has_labels:
             raise DataError("HistoSmith needs nuclei labels; this store has images only (use `prepare nuclei`)", data)
-        if recipe.magnification is not None and str(self.store.magnification) != recipe.magnification:
-            raise HistosynthError(f"the store is at {self.store.magnification}, recipe {recipe.name} is for "
-                                  f"{recipe.magnification}", data)
-        self.vae = cache.load_autoencoder(resolve_path(recipe.autoencoder.path, data))
+        self.vae, self.scaling = first_stage(recipe.autoencoder, data)
         if not isinstance(self.vae, JointVQModel):
             raise HistosynthError(f"autoencoder.path must be a joint autoencoder (train autoencoder --recipe "
                                   f"histosmith-vq...), found a {type(self.vae).__name__}", recipe.autoencoder.path)
         if list(self.vae.config.class_names or []) != list(self.store.class_names):
             raise DataError(f"the store's classes {list(self.store.class_names)} differ from the autoencoder's "
                             f"{list(self.vae.config.class_names or [])}", data)
-        scaling = recipe.autoencoder.scaling_factor
-        self.scaling = float(self.vae.config.scaling_factor if scaling is None else scaling)
         self.indices = self.store.indices("train")
         if not self.indices:
             raise DataError("the store has no train patches", data)
@@ -136,8 +130,7 @@ class HistoSmithTask(TrainingTask):
         t_cfg = self.recipe.train
         pos = batch["position"].tolist()
         b = len(pos)
-        k = torch.randint(0, cache.NUM_FLIPS, (b,), generator=g) if t_cfg.random_flips else torch.zeros(b, dtype=torch.long)
-        z = torch.from_numpy(np.stack([self.stats[p, int(kk)] for p, kk in zip(pos, k)])) * self.scaling
+        z, k = cached_latents(self.stats, pos, self.scaling, t_cfg.random_flips, g)
         drop = torch.rand(b, generator=g) < t_cfg.condition_dropout
         t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (b,), generator=g)
         noise = torch.randn(z.shape, generator=g)

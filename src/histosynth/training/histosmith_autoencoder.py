@@ -15,12 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import Dataset
 
-from histosynth.data.store import PatchStore
+from histosynth.data.dataset import LabelledPatchDataset
 from histosynth.diffusion.autoencoder_loss import make_perceptual
 from histosynth.diffusion.joint_autoencoder_loss import class_weights_from_frequency, joint_autoencoder_loss
-from histosynth.errors import DataError, HistosynthError
+from histosynth.errors import DataError
 from histosynth.models.autoencoders import block_types
 from histosynth.models.joint_autoencoder import JointVQModel, joint_batch, pack_joint_input
 from histosynth.recipes.histosmith import JointAutoencoderRecipe
@@ -29,23 +28,6 @@ from histosynth.training.autoencoder import (
     crop_and_turn,
     init_codebook_from_data,
 )
-
-
-class LabelledPatchDataset(Dataset):
-    """uint8 image (3, P, P), int32 instance map and type map (P, P) of the train split."""
-
-    def __init__(self, store: PatchStore, split: str = "train"):
-        self.store, self.indices = store, store.indices(split)
-        if not self.indices:
-            raise DataError(f"the store has no {split!r} patches", store.path)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> dict:
-        item = self.store[self.indices[i]]
-        return {"image": torch.from_numpy(np.ascontiguousarray(item["image"])).permute(2, 0, 1),
-                "inst_map": torch.from_numpy(item["inst_map"]), "type_map": torch.from_numpy(item["type_map"])}
 
 
 class JointReconstruction(nn.Module):
@@ -77,9 +59,9 @@ class JointAutoencoderTask(AutoencoderTask):
                     "codes": "codebook entries used / batch"}
     inputs = staticmethod(joint_batch)
 
+    recipe_type = JointAutoencoderRecipe
+
     def __init__(self, recipe: JointAutoencoderRecipe, data: Path, *, progress: bool = True):
-        if not isinstance(recipe, JointAutoencoderRecipe):
-            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not a joint (histosmith-vq) recipe")
         super().__init__(recipe, data, progress=progress)
         if not self.store.has_labels:
             raise DataError("the joint autoencoder needs nuclei labels; this store has images only (use a store made "

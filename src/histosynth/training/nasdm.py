@@ -14,7 +14,6 @@ import torch
 
 from histosynth.conditions.nuclei_mask import drop_condition
 from histosynth.data.dataset import NucleiPatchDataset
-from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion.hybrid_loss import hybrid_loss
 from histosynth.diffusion.schedulers import ddpm_scheduler
@@ -63,8 +62,7 @@ class NASDMTask(TrainingTask):
 
     def __init__(self, recipe: NASDMRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
-        self.store = PatchStore(data)
-        self.check_patch_size(self.store)
+        self.store = self.open_store(data)
         self.noise_scheduler = make_noise_scheduler(recipe)
 
     def setup(self, accelerator, run, resuming):

@@ -34,27 +34,10 @@ from histosynth.errors import DataError
 from histosynth.pipelines.pathldm import PathLDMPipeline
 from histosynth.recipes.pathldm import LatentDiffusionRecipe
 from histosynth.training.engine import ema_copy
+from histosynth.training.latent import first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.latent_conditions import CONDITIONINGS, resolve_path
 from histosynth.training.task import TrainingTask
-
-LR_WARMUP_START = 1e-6  # LDM's LambdaLinearScheduler f_start
-
-
-def ldm_warmup_factor(step: int, warmup: int) -> float:
-    """LDM's LambdaLinearScheduler: linear from LR_WARMUP_START to 1 over ``warmup`` steps, then constant."""
-    warmup = max(0, warmup)
-    return 1.0 if step >= warmup else LR_WARMUP_START + (1.0 - LR_WARMUP_START) * step / warmup
-
-
-def shared_latent_cache(accelerator, cache_dir: Path, vae, store, indices, *, progress: bool, **build) -> np.memmap:
-    """The latent cache of store patches ``indices`` (diffusion/latent_cache.py): the main process builds it, then
-    every process opens it memory-mapped. ``build``: latent_cache's flips= and inputs=."""
-    if accelerator.is_main_process:
-        cache.latent_cache(cache_dir, vae, store, indices, progress=progress, **build)
-    accelerator.wait_for_everyone()
-    return cache.latent_cache(cache_dir, vae, store, indices, build=False, **build)
-
 
 class LatentDenoiser(torch.nn.Module):
     """What is trained: the UNet, and the conditioning's trainable part (e.g. the class embedding) if it has one."""
@@ -69,17 +52,6 @@ class LatentDenoiser(torch.nn.Module):
         if self.condition_encoder is not None:
             condition = self.condition_encoder(condition).embeddings
         return self.unet(latents, t, encoder_hidden_states=condition).sample
-
-
-def make_unet(recipe: LatentDiffusionRecipe, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
-    u = recipe.unet
-    return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
-        block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
-        attention_head_dim=tuple(u.attention_head_dim), cross_attention_dim=u.cross_attention_dim,
-        transformer_layers_per_block=u.transformer_layers_per_block, norm_num_groups=u.norm_num_groups,
-    )
 
 
 def training_patches(store: PatchStore, captions: Path):
@@ -119,12 +91,9 @@ class PathLDMTask(TrainingTask):
     def __init__(self, recipe: LatentDiffusionRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
         t_cfg = recipe.train
-        self.store = PatchStore(data)
-        self.check_patch_size(self.store)
+        self.store = self.open_store(data)
         # inputs are loaded and checked before the run directory is touched
-        self.vae = cache.load_autoencoder(resolve_path(recipe.autoencoder.path, data))
-        scaling = recipe.autoencoder.scaling_factor
-        self.scaling = float(self.vae.config.scaling_factor if scaling is None else scaling)
+        self.vae, self.scaling = first_stage(recipe.autoencoder, data)
         captions = resolve_path(recipe.conditioner.captions, data)
         self.indices, rows = training_patches(self.store, captions)
         self.conditioning = CONDITIONINGS[recipe.conditioner.kind](recipe, data)

@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from histosynth.errors import HistosynthError
+from histosynth.data.store import PatchStore
+from histosynth.errors import DataError, HistosynthError
 
 
 class TrainingTask:
@@ -26,8 +27,13 @@ class TrainingTask:
     plot_columns: dict[str, str] = {"loss": "loss"}
     #: custom DataLoader collate function (None: torch's default)
     collate_fn = None
+    #: the recipe type this task trains (another one is refused before anything is read)
+    recipe_type: type | None = None
 
     def __init__(self, recipe, data: Path, *, progress: bool = True):
+        if self.recipe_type is not None and not isinstance(recipe, self.recipe_type):
+            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not a "
+                                  f"{self.recipe_type.METHOD!r} recipe (method: {getattr(recipe, 'method', '?')})")
         self.recipe, self.data, self.progress = recipe, Path(data), progress
 
     @property
@@ -43,6 +49,21 @@ class TrainingTask:
         if store.patch_size != self.recipe.patch_size:
             raise HistosynthError(f"the store holds {store.patch_size} px patches but recipe {self.recipe.name} trains "
                                   f"at {self.recipe.patch_size} px", store.path)
+
+    def check_magnification(self, store) -> None:
+        """The store's patches must be at the recipe's ``magnification`` where it names one (None: any store)."""
+        wanted = getattr(self.recipe, "magnification", None)
+        if wanted is not None and str(store.magnification) != wanted:
+            raise DataError(f"the store's patches are at {store.magnification}, recipe {self.recipe.name} trains at "
+                            f"{wanted}", store.path)
+
+    def open_store(self, data: Path, *, magnification: bool = False) -> PatchStore:
+        """The patch store at ``data``, checked by :meth:`check_patch_size` (and :meth:`check_magnification`)."""
+        store = PatchStore(data)
+        self.check_patch_size(store)
+        if magnification:
+            self.check_magnification(store)
+        return store
 
     # ------------------------------------------------------------------------------------------- hooks
     def setup(self, accelerator, run: Path, resuming: bool) -> None:

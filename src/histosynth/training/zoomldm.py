@@ -35,7 +35,7 @@ from histosynth.pipelines.zoomldm import ZoomLDMPipeline
 from histosynth.recipes.zoomldm import ZoomLDMRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import ldm_warmup_factor, make_unet, shared_latent_cache
+from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
@@ -107,8 +107,7 @@ class ZoomLDMTask(TrainingTask):
 
     def __init__(self, recipe: ZoomLDMRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
-        self.store = PatchStore(data)
-        self.check_patch_size(self.store)
+        self.store = self.open_store(data)
         have = store_levels(self.store)
         self.magnifications = list(recipe.magnifications or have)
         missing = [m for m in self.magnifications if m not in have]
@@ -116,12 +115,7 @@ class ZoomLDMTask(TrainingTask):
             raise DataError(f"recipe {recipe.name} trains {', '.join(missing)}, which the store does not have "
                             f"(it has {', '.join(have)})", data)
         self.embeddings = SlideEmbeddings.open(data, recipe.embeddings)
-        self.vae = cache.load_autoencoder(resolve_path(recipe.autoencoder.path, data))
-        if not cache.is_vq(self.vae):
-            raise HistosynthError(f"autoencoder.path must be a VQ autoencoder (ZoomLDM's first stage is VQ-f4), found a "
-                                  f"{type(self.vae).__name__}", recipe.autoencoder.path)
-        scaling = recipe.autoencoder.scaling_factor
-        self.scaling = float(self.vae.config.scaling_factor if scaling is None else scaling)
+        self.vae, self.scaling = first_stage(recipe.autoencoder, data, vq_for="ZoomLDM")
         self.indices, self.levels = train_patches(self.store, self.magnifications)
         self.noise_scheduler = ddpm_scheduler(recipe.diffusion)
         t_cfg = recipe.train
@@ -166,8 +160,7 @@ class ZoomLDMTask(TrainingTask):
         t_cfg = self.recipe.train
         pos = batch["position"].tolist()
         b = len(pos)
-        k = torch.randint(0, cache.NUM_FLIPS, (b,), generator=g) if t_cfg.random_flips else torch.zeros(b, dtype=torch.long)
-        z = torch.from_numpy(np.stack([self.stats[p, int(kk)] for p, kk in zip(pos, k)])) * self.scaling
+        z, k = cached_latents(self.stats, pos, self.scaling, t_cfg.random_flips, g)
         rows = self.store.records
         grids = [torch.from_numpy(np.ascontiguousarray(flip_grid(self.embeddings.grid(rows[self.indices[p]]), int(kk)),
                                                        dtype=np.float32)) for p, kk in zip(pos, k)]

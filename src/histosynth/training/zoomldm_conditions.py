@@ -33,7 +33,7 @@ from histosynth.pipelines.zoomldm import ZoomLDMPipeline
 from histosynth.recipes.zoomldm import ZoomConditionsRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.pathldm import ldm_warmup_factor
+from histosynth.training.latent import ldm_warmup_factor
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 from histosynth.training.zoomldm import train_patches
