@@ -27,8 +27,6 @@ __all__ = ["COMMANDS", "fid", "fid_per_magnification", "kid", "is_"]
 
 
 # ------------------------------------------------------------------------------------------------ options
-
-
 _real = option_group(
     click.option("--real", type=click.Path(path_type=Path), default=None,
                  help="Real images: a patch store or a folder of images."),

@@ -46,7 +46,6 @@ __all__ = ["COMMANDS", "recon"]
 def recon(autoencoder, data, split, num, seed, batch_size, device, features, features_weights, out, grid, overwrite):
     """Reconstruction quality (SSIM, PSNR, MSE; PathLDM Table 2; optionally rFD) of an autoencoder on a store's
     patches; for a joint (image + labels) first stage also distance-map MAE, mask Dice and PQ / mPQ."""
-
     from histosynth.evaluate.reconstruction import evaluate_reconstruction
     from histosynth.models.autoencoders import load_autoencoder
     from histosynth.viz import save_grid

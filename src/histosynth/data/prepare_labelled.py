@@ -1,7 +1,7 @@
 """Labelled regions into a patch store: :func:`prepare_nuclei` (NASDM Sec. 3.1) and :func:`write_regions`.
 
 Each record (a nuclei-labelled region, or DISC's image + region mask) is stain-normalised once when asked, cut
-into patches (:mod:`histosynth.data.patches`) and streamed into a :class:`~histosynth.data.store.PatchStoreWriter`.
+into patches (:mod:`histosynth.data.patches`) and streamed into a :class:`~histosynth.data.store_writer.PatchStoreWriter`.
 Hold-out: each region's 7.5 % block; where a region's block is smaller than one crop, whole regions are held out
 instead (a note on stderr, store.json ``meta.whole_region_holdout``), so the test split is empty only when asked
 (``holdout=0``).

@@ -70,7 +70,7 @@ def run_region_classifier(store: str | Path, out: str | Path, *, synthetic: str 
 
     Raises:
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
-        DataError / HistosynthError: as :func:`train_region_classifier`; a store without test patches (checked first).
+        DataError / HistosynthError: as :func:`~histosynth.evaluate.region_classifier.train_region_classifier`; a store without test patches (checked first).
     """
     from histosynth.atomic import atomic_folder
     from histosynth.errors import OutputExistsError

@@ -1,34 +1,25 @@
-"""What every histosynth pipeline shares: loading from a saved pipeline folder, a training run (its ``RUN/pipeline``)
-or a Hugging Face Hub id (:class:`RunPipeline`), and the latent scaling factor default."""
+"""What every histosynth pipeline shares: loading from a saved pipeline folder or a training run (its ``RUN/pipeline``)
+(:class:`RunPipeline`), and the latent scaling factor default."""
 
 from __future__ import annotations
 
 import json
-import re
 from pathlib import Path
 
 from diffusers import DiffusionPipeline
 
 from histosynth.errors import HistosynthError
 
-_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")  # "owner/name", as the Hub spells repository ids
-
-
 def pipeline_directory(path, cls) -> Path:
-    """The folder holding ``cls``'s saved pipeline: ``path`` itself or ``path/pipeline`` (a training run); a path
-    that does not exist here but reads as ``owner/name`` is downloaded from the Hugging Face Hub first.
+    """The folder holding ``cls``'s saved pipeline: ``path`` itself or ``path/pipeline`` (a training run). Local only:
+    a pipeline on the Hugging Face Hub is downloaded first (``huggingface_hub.snapshot_download``), so that a
+    mistyped local path never reaches the network.
 
-    Raises HistosynthError naming the file: no model_index.json, a pipeline of another class, a Hub id that cannot
-    be downloaded."""
+    Raises HistosynthError naming the file: no such folder, no model_index.json, a pipeline of another class."""
     path = Path(path)
-    if not path.exists() and _HUB_ID.fullmatch(str(path)):
-        from huggingface_hub import snapshot_download
-
-        try:
-            path = Path(snapshot_download(str(path)))
-        except Exception as exc:  # offline, unknown repository, no access: one line naming what was asked for
-            raise HistosynthError(f"not found here, and not downloadable from the Hugging Face Hub "
-                                  f"({type(exc).__name__})", path) from exc
+    if not path.exists():
+        raise HistosynthError("no such folder (a saved pipeline or a training run; a Hugging Face Hub pipeline: "
+                              "download it with huggingface_hub.snapshot_download and pass the folder)", path)
     if (path / "pipeline" / "model_index.json").is_file():
         path = path / "pipeline"
     index = path / "model_index.json"
@@ -52,4 +43,9 @@ class RunPipeline(DiffusionPipeline):
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, **kwargs):
+        """``pretrained_model_name_or_path``: a folder written by ``save_pretrained`` or a training run directory (its
+        EMA pipeline in ``RUN/pipeline``); ``kwargs`` as diffusers' (e.g. ``torch_dtype``)."""
+        if cls is RunPipeline:
+            raise HistosynthError("load with a method's pipeline class (e.g. NASDMPipeline.from_pretrained), or "
+                                  "histosynth.methods.load_pipeline, which reads the class from the folder")
         return super().from_pretrained(str(pipeline_directory(pretrained_model_name_or_path, cls)), **kwargs)

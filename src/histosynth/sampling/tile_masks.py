@@ -104,7 +104,7 @@ def assign_labels(m_freq: np.ndarray, labels: Sequence[int], weights: Sequence[f
     annotations are common), and the most intricate drawings would be lost.
 
     Args:
-        m_freq: shape ranks 0..S-1 (:func:`frequency_relabel`), any shape.
+        m_freq: shape ranks 0..S-1 (:func:`~histosynth.sampling.shape_bank.frequency_relabel`), any shape.
         labels: label values to put on the shapes, distinct (e.g. ``[1, 3, 0]``: GG3, GG5, non-cancer).
         weights: one weight per label.
 

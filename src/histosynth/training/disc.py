@@ -168,6 +168,7 @@ def _write_json(path: Path, value: dict) -> None:
 
 class DISCTask(TrainingTask):
     plot_columns = {"loss": "latent ε MSE", "l_ldm": "L_LDM (real)", "l_disc": "L_DISC (fused)"}
+    recipe_type = DISCRecipe
 
     def __init__(self, recipe: DISCRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)

@@ -85,6 +85,7 @@ class CountDenoiser(torch.nn.Module):
 
 class HistoSmithTask(TrainingTask):
     plot_columns = {"loss": "latent ε MSE"}
+    recipe_type = HistoSmithRecipe
 
     def __init__(self, recipe: HistoSmithRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)

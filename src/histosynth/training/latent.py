@@ -13,7 +13,6 @@ from diffusers import UNet2DConditionModel
 from histosynth.diffusion import latent_cache as cache
 from histosynth.errors import HistosynthError
 from histosynth.recipes.latent import AutoencoderConfig
-from histosynth.recipes.pathldm import LatentDiffusionRecipe
 from histosynth.training.latent_conditions import resolve_path
 
 LR_WARMUP_START = 1e-6  # LDM's LambdaLinearScheduler f_start
@@ -56,7 +55,9 @@ def cached_latents(stats: np.ndarray, positions: list[int], scaling: float, rand
     return z, k
 
 
-def make_unet(recipe: LatentDiffusionRecipe, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+def make_unet(recipe, latent_channels: int, latent_size: int) -> UNet2DConditionModel:
+    """The cross-attention UNet of a latent recipe's ``unet`` section (PathLDM, ZoomLDM, DISC), for latents of
+    ``latent_channels`` × ``latent_size``²."""
     u = recipe.unet
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,

@@ -59,6 +59,7 @@ def random_dihedral(x: torch.Tensor, c: torch.Tensor, g: torch.Generator):
 
 class NASDMTask(TrainingTask):
     plot_columns = NASDM_LOSS_COLUMNS
+    recipe_type = NASDMRecipe
 
     def __init__(self, recipe: NASDMRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)

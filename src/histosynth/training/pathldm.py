@@ -87,6 +87,7 @@ class _Positions(Dataset):
 
 class PathLDMTask(TrainingTask):
     plot_columns = {"loss": "latent ε MSE"}
+    recipe_type = LatentDiffusionRecipe
 
     def __init__(self, recipe: LatentDiffusionRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)

@@ -125,6 +125,7 @@ class SegmenterTask(TrainingTask):
 
     plot_columns = {"loss": "total", "ce": "type cross-entropy", "mse": "distance MSE", "dice": "soft Dice"}
     collate_fn = staticmethod(keep_items)
+    recipe_type = SegmenterRecipe
 
     def __init__(self, recipe: SegmenterRecipe, data, *, progress: bool = True, extra_train: Sequence | None = None):
         self.store = data if isinstance(data, PatchStore) else PatchStore(data)

@@ -32,8 +32,9 @@ class TrainingTask:
 
     def __init__(self, recipe, data: Path, *, progress: bool = True):
         if self.recipe_type is not None and not isinstance(recipe, self.recipe_type):
-            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} is not a "
-                                  f"{self.recipe_type.METHOD!r} recipe (method: {getattr(recipe, 'method', '?')})")
+            wanted = getattr(self.recipe_type, "METHOD", "") or self.recipe_type.__name__
+            raise HistosynthError(f"recipe {getattr(recipe, 'name', recipe)!r} (method: {getattr(recipe, 'method', '?')}) "
+                                  f"cannot be trained by {type(self).__name__}: it trains method {wanted!r}")
         self.recipe, self.data, self.progress = recipe, Path(data), progress
 
     @property

@@ -104,6 +104,7 @@ class ZoomDenoiser(torch.nn.Module):
 
 class ZoomLDMTask(TrainingTask):
     plot_columns = {"loss": "latent ε MSE"}
+    recipe_type = ZoomLDMRecipe
 
     def __init__(self, recipe: ZoomLDMRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)

@@ -75,6 +75,7 @@ def token_statistics(tokens: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray,
 
 class ZoomConditionsTask(TrainingTask):
     plot_columns = {"loss": "condition x0 MSE"}
+    recipe_type = ZoomConditionsRecipe
 
     def __init__(self, recipe: ZoomConditionsRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
