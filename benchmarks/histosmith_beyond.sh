@@ -7,7 +7,8 @@
 #  3. single-stage vs two-stage at an equal training budget: HistoSmith's image (joint model) against NASDM's image
 #     drawn for HistoSmith's labels, both at 64 px; FD against real test patches, label<->image consistency
 #     (`evaluate mask-adherence`: for the two-stage output its reference row is the segmenter on HistoSmith's own
-#     images of the same labels).
+#     images of the same labels), and downstream: `evaluate augment` with each set's 64 pairs added to the real train
+#     patches.
 #   bash benchmarks/histosmith_beyond.sh [SHARED_DATA_DIR] [OUT_DIR] [NASDM_STEPS]
 # Needs an idle machine (two torch jobs on 2 cores slow each other tenfold). About an hour on 2 cores.
 set -euo pipefail
@@ -94,5 +95,11 @@ for s in single two; do
     --generated "$OUT/$s" --out "$OUT/fd-$s.json" --overwrite
   stage "adherence-$s" histosynth evaluate mask-adherence --generated "$OUT/$s" --segmenter "$OUT/seg" \
     --real "$OUT/store-64" --out "$OUT/adherence-$s.json"
+done
+# downstream: the segmenter trained on real (128 px store) vs real + the 64 generated pairs of each set, 64 px crops
+RATIO=$(python -c "import json; print(64 / json.load(open('$OUT/store-128/store.json'))['counts']['train']['patches'])")
+for s in single two; do
+  stage "augment-$s" histosynth evaluate augment --real "$OUT/store-128" --synthetic "$OUT/$s" --ratio "$RATIO" \
+    --steps 800 --crop 64 --out "$OUT/augment-$s" --overwrite
 done
 grep -h "wall" "$OUT"/*.time
