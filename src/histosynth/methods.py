@@ -18,7 +18,6 @@ from typing import Literal
 
 from histosynth.errors import HistosynthError
 from histosynth.recipes import register_recipe_type
-from histosynth.training.run_dir import PIPELINE
 
 
 @dataclass(frozen=True)
@@ -68,11 +67,12 @@ def methods() -> list[Method]:
 
 def pipeline_folder(model: str | Path) -> Path:
     """The pipeline folder of a training run (RUN/pipeline) or a saved pipeline."""
-    model = Path(model)
-    for folder in (model / PIPELINE, model):
-        if (folder / "model_index.json").is_file():
-            return folder
-    raise HistosynthError("not a training run or saved pipeline (no model_index.json)", model)
+    from histosynth.pipelines.loading import find_pipeline
+
+    folder = find_pipeline(model)
+    if folder is None:
+        raise HistosynthError("not a training run or saved pipeline (no model_index.json)", model)
+    return folder
 
 
 def method_of_model(model: str | Path) -> Method:

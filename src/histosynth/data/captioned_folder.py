@@ -33,7 +33,7 @@ import numpy as np
 from histosynth.data.images import list_images, load_image
 from histosynth.data.patches import Patch, format_magnification, resize_image
 from histosynth.data.store import PatchStore
-from histosynth.data.store_writer import PatchStoreWriter
+from histosynth.data.store_writer import PatchStoreWriter, command_list
 from histosynth.data.tables import read_rows
 from histosynth.errors import DataError, HistosynthError, OutputExistsError
 
@@ -177,7 +177,7 @@ def prepare_captioned(
     held = held_out_groups(list(group.values()), holdout, seed)
     meta = {"kind": "captioned", "folder": str(folder), "table": str(table), "holdout": holdout, "seed": seed,
             "group_column": group_column, "label_columns": list(label_columns), **left_out,
-            "command": command if command is None or isinstance(command, str) else list(command)}
+            "command": command_list(command)}
     from tqdm.auto import tqdm
 
     captions: list[str] = []

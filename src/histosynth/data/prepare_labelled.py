@@ -20,7 +20,7 @@ import numpy as np
 from histosynth.data.patches import choose_whole_regions, extract_patches, format_magnification
 from histosynth.data.record import NucleiRecord, RegionRecord
 from histosynth.data.store import PatchStore
-from histosynth.data.store_writer import PatchStoreWriter
+from histosynth.data.store_writer import PatchStoreWriter, command_list
 from histosynth.errors import DataError, OutputExistsError
 
 
@@ -93,7 +93,7 @@ def nuclei_meta(patch, overlap, magnification, holdout, source_magnification, st
         "stain_normalization": _stain_name(stain_normalizer),
         "stain_target": getattr(stain_normalizer, "target", None),
         "seed": seed,
-        "command": command if command is None or isinstance(command, str) else list(command),
+        "command": command_list(command),
         "args": {
             "patch": patch,
             "overlap": overlap,

@@ -267,7 +267,7 @@ def prepare_slides(
     :func:`histosynth.data.zoom_store.prepare_zoom_slides`.
     """
     from histosynth.data.store import PatchStore
-    from histosynth.data.store_writer import PatchStoreWriter
+    from histosynth.data.store_writer import PatchStoreWriter, command_list
 
     check_tiling_args(patch, overlap, tissue_threshold)
     format_magnification(magnification)  # bad flags fail before any slide is opened
@@ -307,11 +307,6 @@ def slides_to_store(slides, out: Path, overwrite: bool, source_magnification, mp
     if not paths:
         raise DataError("no slides to prepare", out)
     return paths
-
-
-def command_list(command: str | Sequence[str] | None) -> str | list[str] | None:
-    """The command line as store.json records it (a string as given, argv as a list)."""
-    return command if command is None or isinstance(command, str) else list(command)
 
 
 def tile_progress(total: int, unit: str, progress: bool):

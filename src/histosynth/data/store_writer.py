@@ -30,7 +30,12 @@ from histosynth.data.store import (
 )
 from histosynth.errors import DataError, DiskFullError, OutputExistsError, is_disk_full
 
-__all__ = ["PatchStoreWriter", "default_shard_size", "patch_bytes"]
+__all__ = ["PatchStoreWriter", "command_list", "default_shard_size", "patch_bytes"]
+
+
+def command_list(command: str | Sequence[str] | None) -> str | list[str] | None:
+    """The command line as store.json records it (a string as given, argv as a list)."""
+    return command if command is None or isinstance(command, str) else list(command)
 
 
 def patch_bytes(patch_size: int, labels: bool = True, regions: bool = False) -> int:

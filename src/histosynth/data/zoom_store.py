@@ -33,7 +33,6 @@ from pathlib import Path
 from histosynth.data.patches import Patch, format_magnification
 from histosynth.data.slide_patches import (
     check_tiling_args,
-    command_list,
     shown_slides,
     slides_to_store,
     tile_progress,
@@ -114,7 +113,7 @@ def prepare_zoom_slides(
     and meta: the module docstring. Raises HistosynthError (bad flags), OutputExistsError, DataError.
     """
     from histosynth.data.store import PatchStore
-    from histosynth.data.store_writer import PatchStoreWriter
+    from histosynth.data.store_writer import PatchStoreWriter, command_list
 
     check_tiling_args(patch, 0.0, tissue_threshold)
     patch = int(patch)

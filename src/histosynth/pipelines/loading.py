@@ -10,6 +10,13 @@ from diffusers import DiffusionPipeline
 
 from histosynth.errors import HistosynthError
 
+def find_pipeline(path) -> Path | None:
+    """The saved pipeline at ``path``: ``path/pipeline`` (a training run) or ``path`` itself, whichever holds a
+    ``model_index.json``; None when neither does."""
+    path = Path(path)
+    return next((f for f in (path / "pipeline", path) if (f / "model_index.json").is_file()), None)
+
+
 def pipeline_directory(path, cls) -> Path:
     """The folder holding ``cls``'s saved pipeline: ``path`` itself or ``path/pipeline`` (a training run). Local only:
     a pipeline on the Hugging Face Hub is downloaded first (``huggingface_hub.snapshot_download``), so that a
@@ -20,16 +27,15 @@ def pipeline_directory(path, cls) -> Path:
     if not path.exists():
         raise HistosynthError("no such folder (a saved pipeline or a training run; a Hugging Face Hub pipeline: "
                               "download it with huggingface_hub.snapshot_download and pass the folder)", path)
-    if (path / "pipeline" / "model_index.json").is_file():
-        path = path / "pipeline"
-    index = path / "model_index.json"
-    if not index.is_file():
+    folder = find_pipeline(path)
+    if folder is None:
         method = cls.__name__.removesuffix("Pipeline")
         raise HistosynthError(f"not a {method} pipeline or a training run that made one (no model_index.json)", path)
+    index = folder / "model_index.json"
     name = json.loads(index.read_text()).get("_class_name")
     if name != cls.__name__:
         raise HistosynthError(f"this is a {name}, not a {cls.__name__}", index)
-    return path
+    return folder
 
 
 def latent_scaling(vae, value: float | None) -> float:

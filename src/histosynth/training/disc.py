@@ -172,9 +172,7 @@ class DISCTask(TrainingTask):
 
     def __init__(self, recipe: DISCRecipe, data: Path, *, progress: bool = True):
         super().__init__(recipe, data, progress=progress)
-        self.store = open_region_store(data)
-        self.check_patch_size(self.store)
-        self.check_magnification(self.store)
+        self.store = self.open_store(open_region_store(data), magnification=True)
         self.labels = tuple(self.store.class_names)
         self.teacher = None
         d = recipe.distill

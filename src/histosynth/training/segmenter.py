@@ -146,9 +146,10 @@ class SegmenterTask(TrainingTask):
         self.device, self.autocast = accelerator.device, accelerator.autocast
         identity = self.extra_identity
         path = run / EXTRA_TRAIN
-        if resuming and path.is_file() and json.loads(path.read_text()) != identity:
+        saved = json.loads(path.read_text()) if resuming and path.is_file() else identity
+        if saved != identity:
             raise HistosynthError(f"cannot resume: this run was trained with other extra items ({path.name}: "
-                                  f"{json.loads(path.read_text())['items']} items, now {identity['items']})", run)
+                                  f"{saved['items']} items, now {identity['items']})", run)
         if accelerator.is_main_process and not resuming:
             path.write_text(json.dumps(identity))
 

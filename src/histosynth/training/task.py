@@ -58,9 +58,10 @@ class TrainingTask:
             raise DataError(f"the store's patches are at {store.magnification}, recipe {self.recipe.name} trains at "
                             f"{wanted}", store.path)
 
-    def open_store(self, data: Path, *, magnification: bool = False) -> PatchStore:
-        """The patch store at ``data``, checked by :meth:`check_patch_size` (and :meth:`check_magnification`)."""
-        store = PatchStore(data)
+    def open_store(self, data: Path | PatchStore, *, magnification: bool = False) -> PatchStore:
+        """The patch store at ``data`` (or ``data`` itself, already open), checked by :meth:`check_patch_size` (and
+        :meth:`check_magnification`)."""
+        store = data if isinstance(data, PatchStore) else PatchStore(data)
         self.check_patch_size(store)
         if magnification:
             self.check_magnification(store)
