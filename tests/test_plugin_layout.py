@@ -144,7 +144,7 @@ def test_a_toy_method_trains_resumes_and_samples_through_the_cli(hgsc_store, tmp
     assert [r["prompt"] for r in rows] == ["a", "b", "c"] and len(list((tmp_path / "s" / "images").iterdir())) == 3
     res = cli.invoke(main, ["sample", "--model", str(tmp_path / "whole"), "--masks", str(hgsc_store), "--out",
                             str(tmp_path / "s2")])
-    assert res.exit_code == 2 and "give --prompts FILE" in res.output
+    assert res.exit_code == 2 and "give --prompts FILE, not --masks" in res.output
 
 
 class _SlowItems(torch.utils.data.Dataset):

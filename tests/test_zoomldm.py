@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from diffusers import DDIMScheduler, DDPMScheduler, UNet2DConditionModel, VQModel
 from PIL import Image
 
+from histosynth.diffusion.schedulers import sampling_scheduler
 from histosynth.errors import HistosynthError
 from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.models.zoom_summariser import EmbeddingSummariser
@@ -99,10 +100,56 @@ def test_condition_sampler_overfits_a_few_real_summaries():
     ddim = DDIMScheduler(num_train_timesteps=1000, beta_schedule="linear", prediction_type="sample", clip_sample=False)
     model.eval()
     levels = torch.tensor([0, 1, 2, 0, 1, 2])
-    drawn = sample_condition_tokens(model, ddim.config, levels, 50, torch.Generator().manual_seed(3))
+    drawn = sample_condition_tokens(model, ddim, levels, 50, torch.Generator().manual_seed(3))
     err = (drawn - targets[levels]).pow(2).mean(dim=(1, 2)).sqrt()
     spread = (targets[:, None] - targets[None]).pow(2).mean(dim=(2, 3)).sqrt()
     assert float(err.max()) < 0.2 * float(spread[spread > 0].min()), (err, spread)
+    # fewer steps with a multistep solver swapped in on the same schedule land there too
+    dpm = sampling_scheduler("dpm-solver++", ddim.config)
+    drawn = sample_condition_tokens(model, dpm, levels, 10, torch.Generator().manual_seed(3))
+    err = (drawn - targets[levels]).pow(2).mean(dim=(1, 2)).sqrt()
+    assert float(err.max()) < 0.2 * float(spread[spread > 0].min()), (err, spread)
+
+
+def test_condition_sampler_runs_any_x0_scheduler_by_name_for_exactly_the_steps_asked():
+    """Every scheduler of the recipes' ConditionSchedulerName runs N model calls and gives finite tokens; DDIM equals a
+    hand-written DDIM η = 0 loop on x0 predictions; euler-ancestral (no x0 stepping in diffusers) is refused by name."""
+    import typing
+
+    from histosynth.diffusion.schedulers import SCHEDULERS
+    from histosynth.pipelines.zoomldm import sample_condition_tokens
+    from histosynth.recipes.zoomldm import ConditionSchedulerName
+
+    torch.manual_seed(0)
+    model = ConditionTransformer(num_tokens=4, token_dim=8, num_magnifications=2, width=32, depth=1, heads=4,
+                                 data_std=0.7).eval()
+    calls = []
+    forward = model.forward
+    model.forward = lambda x, t, levels: (calls.append(float(t)), forward(x, t, levels))[1]
+    trained = DDIMScheduler(beta_schedule="linear", prediction_type="sample", clip_sample=False)
+    levels = torch.tensor([0, 1, 1])
+    names = typing.get_args(ConditionSchedulerName)
+    assert set(SCHEDULERS) - set(names) == {"euler-ancestral"}
+    for name in names:
+        calls.clear()
+        tokens = sample_condition_tokens(model, sampling_scheduler(name, trained.config), levels, 7,
+                                         torch.Generator().manual_seed(1))
+        assert len(calls) == 7 and tokens.shape == (3, 4, 8) and torch.isfinite(tokens).all(), name
+    with pytest.raises(HistosynthError, match="euler-ancestral scheduler cannot step a model that predicts 'sample'"):
+        sampling_scheduler("euler-ancestral", trained.config)
+
+    # DDIM, η = 0, by hand: x0 = f(x_t); x_prev = sqrt(ᾱ_prev)·x0 + sqrt(1 − ᾱ_prev)·(x_t − sqrt(ᾱ_t)·x0)/sqrt(1 − ᾱ_t)
+    x = torch.randn((3, 4, 8), generator=torch.Generator().manual_seed(1))
+    abar = trained.alphas_cumprod.double()
+    step = 1000 // 7
+    with torch.no_grad():
+        for t in range(6 * step, -1, -step):
+            x0 = forward(x, torch.tensor(t), levels).double()
+            prev = abar[t - step] if t - step >= 0 else torch.tensor(1.0, dtype=torch.float64)
+            eps = (x.double() - abar[t].sqrt() * x0) / (1 - abar[t]).sqrt()
+            x = (prev.sqrt() * x0 + (1 - prev).sqrt() * eps).float()
+    ddim = sample_condition_tokens(model, trained, levels, 7, torch.Generator().manual_seed(1))
+    assert torch.allclose(ddim, model.unstandardise(x), atol=1e-4)
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline
@@ -284,7 +331,8 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     assert r.exit_code == 2 and "--magnification: 40x is not one of the model's magnifications" in r.output
 
     recipe = recipe_from_dict({"name": "cond-test", "method": "zoomldm-conditions", "zoomldm": str(zoom_run),
-                               "model": {"width": 32, "depth": 1, "heads": 4}, "sampling": {"num_inference_steps": 3},
+                               "model": {"width": 32, "depth": 1, "heads": 4},
+                               "sampling": {"num_inference_steps": 3, "scheduler": "unipc"},
                                "train": {"steps": 3, "batch_size": 8, "checkpoint_every": 3, "log_every": 1,
                                          "num_workers": 0, "lr_warmup_steps": 1}})
     cond_run = tmp_path / "cond"
@@ -296,6 +344,20 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
     assert [x["magnification"] for x in rows] == ["20x", "20x", "5x", "5x"]
     assert {x["condition"] for x in rows} == {"sampled"} and len(list((out / "images").glob("*.png"))) == 4
+    assert {(x["condition_scheduler"], x["condition_steps"]) for x in rows} == {("unipc", 3)}  # the recipe's
+    out = tmp_path / "gen-dpm"
+    r = runner.invoke(main, ["sample", "--model", str(cond_run), "--magnification", "10x", "--num", "2", "--steps", "2",
+                             "--condition-scheduler", "dpm-solver++", "--condition-steps", "5", "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (out / "samples.jsonl").read_text().splitlines()]
+    assert {(x["condition_scheduler"], x["condition_steps"]) for x in rows} == {("dpm-solver++", 5)}
+    r = runner.invoke(main, ["sample", "--model", str(cond_run), "--reference", str(zoom_store), "--condition-steps", "5",
+                             "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "--condition-steps: only without --reference" in r.output
+    r = runner.invoke(main, ["sample", "--model", str(cond_run), "--magnification", "5x", "--condition-steps", "1001",
+                             "--out", str(tmp_path / "z")])
+    assert r.exit_code == 2 and "--condition-steps must be within 1..999 for this model's unipc" in r.output, r.output
+    assert not (tmp_path / "z").exists()
 
 
 def test_fid_per_magnification_is_zero_on_the_real_patches_and_counts_each_level(zoom_store, tmp_path):

@@ -4,12 +4,14 @@ HistoSmith on counts, ZoomLDM at magnifications, DISC on region masks)."""
 from __future__ import annotations
 
 import contextlib
+import typing
 from pathlib import Path
 
 import click
 
 from histosynth.cli.common import SCHEDULER_NAMES, device_option, overwrite_option, seed_option, user_errors
 from histosynth.errors import HistosynthError
+from histosynth.recipes.zoomldm import ConditionSchedulerName
 
 __all__ = ["sample"]
 
@@ -34,6 +36,11 @@ __all__ = ["sample"]
 @click.option("--reference", type=click.Path(path_type=Path), default=None,
               help="ZoomLDM: condition on the real embedding grids of this store's patches (`prepare slides "
                    "--magnifications` + `embed`) instead of conditions drawn by the model's condition sampler.")
+@click.option("--condition-scheduler", default=None, type=click.Choice(typing.get_args(ConditionSchedulerName)),
+              help="ZoomLDM without --reference: the condition sampler's scheduler, swapped in on its trained schedule "
+                   "(default the recipe's, ddim; euler-ancestral cannot step its x0 predictions).")
+@click.option("--condition-steps", type=click.IntRange(min=1), default=None,
+              help="ZoomLDM without --reference: the condition sampler's steps (default the recipe's, paper 50).")
 @click.option("--regions", type=click.Path(path_type=Path), default=None,
               help="DISC: a region store (`prepare regions`) whose masks condition the tiles (its --split), or a "
                    "tile-set folder (`prepare tile-sets`: every tile of its first --num sets).")
@@ -73,8 +80,8 @@ __all__ = ["sample"]
 @click.option("--out", required=True, type=click.Path(path_type=Path))
 @overwrite_option()
 @user_errors
-def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference, regions,
-           separated, split, num, guidance, steps, scheduler, precision, compile_unet, deep_cache_interval, seed, batch_size,
+def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference,
+           condition_scheduler, condition_steps, regions, separated, split, num, guidance, steps, scheduler, precision, compile_unet, deep_cache_interval, seed, batch_size,
            device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
@@ -97,17 +104,19 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     method = method_of_model(model)
     count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
                      "boost": boost}
-    zoom_options = {"magnification": magnification, "reference": reference}
+    zoom_options = {"magnification": magnification, "reference": reference, "condition_scheduler": condition_scheduler,
+                    "condition_steps": condition_steps}
     region_options = {"store": regions, "separated": separated}
     given = {"masks": masks, "prompts": prompts,
              "regions": region_options if any(v is not None for v in region_options.values()) else None,
              "counts": count_options if any(v is not None for v in count_options.values()) else None,
              "magnifications": zoom_options if any(v is not None for v in zoom_options.values()) else None}
     wanted = method.sample_input
-    other = " or ".join(_HOW[k].split(" ")[0] for k in given if k != wanted)
-    if given[wanted] is None or any(v is not None for k, v in given.items() if k != wanted):
-        raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give {_HOW[wanted]} "
-                              f"(and no {other})", model)
+    foreign = [_flag(name) for k, v in given.items() if k != wanted and v is not None
+               for name, value in (v.items() if isinstance(v, dict) else [(k, v)]) if value is not None]
+    if given[wanted] is None or foreign:
+        raise HistosynthError(f"a {method.label} model samples {method.sample_input_help}: give {_HOW[wanted]}"
+                              + (f", not {', '.join(foreign)}" if foreign else ""), model)
     if device == "cpu":
         configure_cpu_threads(lambda line: click.echo(f"note: {line}", err=True))
     if compile_unet and deep_cache_interval > 1:
@@ -126,7 +135,13 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
         click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))
 
 
+def _flag(name: str) -> str:
+    """The option that filled ``name`` of a sample input (``given`` above), for messages."""
+    return {"masks": "--masks", "prompts": "--prompts", "store": "--regions"}.get(name, "--" + name.replace("_", "-"))
+
+
 _HOW = {"masks": "--masks STORE", "prompts": "--prompts FILE",
         "counts": "--counts-from STORE, --requests FILE or --counts TYPE=N,... [--tissue NAME]",
-        "magnifications": "--magnification LEVELS and/or --reference STORE",
+        "magnifications": "--magnification LEVELS [--condition-scheduler NAME --condition-steps N] and/or "
+                          "--reference STORE",
         "regions": "--regions STORE [--separated none|final|every-step]"}

@@ -42,11 +42,12 @@ def max_num_steps(scheduler: SchedulerMixin) -> int:
     return 0
 
 
-def check_num_steps(scheduler: SchedulerMixin, num_inference_steps: int) -> None:
+def check_num_steps(scheduler: SchedulerMixin, num_inference_steps: int,
+                    option: str = "num_inference_steps (--steps)") -> None:
     """HistosynthError unless exactly ``num_inference_steps`` distinct timesteps can run on this scheduler (checked
-    before anything is sampled, so a command fails before writing)."""
+    before anything is sampled, so a command fails before writing); ``option`` names the setting in the message."""
     if not _runs_exactly(scheduler, num_inference_steps):
-        raise HistosynthError(f"num_inference_steps (--steps) must be within 1..{max_num_steps(scheduler)} for this "
+        raise HistosynthError(f"{option} must be within 1..{max_num_steps(scheduler)} for this "
                               f"model's {scheduler_name(scheduler)} schedule (T = {scheduler.config.num_train_timesteps}), "
                               f"got {num_inference_steps}")
 

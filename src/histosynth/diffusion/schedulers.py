@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import typing
 
+import torch
 from diffusers import (DDIMScheduler, DDPMScheduler, DEISMultistepScheduler, DPMSolverMultistepScheduler,
                        EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler,
                        UniPCMultistepScheduler)
@@ -48,7 +49,26 @@ def sampling_scheduler(name: str, config) -> SchedulerMixin:
     if name not in SCHEDULERS:
         raise HistosynthError(f"unknown scheduler {name!r}; choose one of {', '.join(SCHEDULERS)}")
     cls, settings = SCHEDULERS[name]
-    return cls.from_config(config, **settings)
+    scheduler = cls.from_config(config, **settings)
+    _check_prediction_type(scheduler, name)
+    return scheduler
+
+
+def _check_prediction_type(scheduler: SchedulerMixin, name: str) -> None:
+    """HistosynthError when this solver cannot step the model's kind of output (diffusers says so only at the first
+    step: Euler-ancestral has no x0 ("sample") prediction, e.g. for ZoomLDM's condition sampler). ε is every
+    solver's, so only other prediction types are probed, with one step on a zero tensor."""
+    prediction = scheduler.config.get("prediction_type", "epsilon")
+    if prediction == "epsilon":
+        return
+    probe = type(scheduler).from_config(scheduler.config)
+    probe.set_timesteps(2)
+    x, t = torch.zeros(1, 1, 2, 2), probe.timesteps[0]
+    try:
+        probe.step(x, t, probe.scale_model_input(x, t))
+    except (NotImplementedError, ValueError) as exc:
+        raise HistosynthError(f"the {name} scheduler cannot step a model that predicts {prediction!r} "
+                              f"({str(exc).splitlines()[0]}); choose another") from None
 
 
 def scheduler_name(scheduler: SchedulerMixin) -> str:
@@ -76,13 +96,14 @@ def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start:
                          set_alpha_to_one=False, steps_offset=1, timestep_spacing="leading")
 
 
-def use_scheduler(pipe, name: str | None) -> str:
-    """Swap ``pipe.scheduler`` for the scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g.
-    NASDM's trained DDPM or a latent model's DDIM); return the name of the one in use (for manifests).
+def use_scheduler(pipe, name: str | None, component: str = "scheduler") -> str:
+    """Swap the pipeline's scheduler ``component`` (``pipe.scheduler``; ZoomLDM's ``condition_scheduler`` too) for the
+    scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g. NASDM's trained DDPM or a latent
+    model's DDIM); return the name of the one in use (for manifests).
 
     Raises:
-        HistosynthError: an unknown name.
+        HistosynthError: an unknown name, or a solver that cannot step that model's prediction type.
     """
     if name is not None:
-        pipe.scheduler = sampling_scheduler(name, pipe.scheduler.config)
-    return scheduler_name(pipe.scheduler)
+        setattr(pipe, component, sampling_scheduler(name, getattr(pipe, component).config))
+    return scheduler_name(getattr(pipe, component))

@@ -8,7 +8,8 @@ Reads top to bottom (ZoomLDM Sec. 3):
 1. The condition of each image: either the summariser's tokens of a real embedding grid (its 20x tiles' SSL
    embeddings, see conditions/slide_embeddings.py), or tokens drawn by the embedding diffusion model (EDM, Sec. 3.2):
    a transformer that predicts clean tokens x0 from noisy ones, given the magnification, run for
-   ``condition_steps`` DDIM steps (paper 50) on the linear DDPM schedule, then un-standardised.
+   ``condition_steps`` steps of ``condition_scheduler`` (paper DDIM 50; any solver that steps x0) on the linear DDPM
+   schedule, then un-standardised.
 2. DDIM (LDM's sampler, paper 50 steps) on the latent UNet with classifier-free guidance in the project's
    convention, ε̂ = ε(∅) + g·(ε(c) − ε(∅)) (paper g = 1.75, LDM's convention, which is this one), ∅ the
    summariser's learned null tokens; one batched pass for both.
@@ -25,11 +26,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from diffusers import DDIMScheduler, UNet2DConditionModel
+from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.data.patches import format_magnification, parse_magnification
 from histosynth.diffusion.latent_sampling import denoise_latents
+from histosynth.diffusion.sampling_loop import denoise
 from histosynth.errors import HistosynthError
 from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.models.zoom_summariser import EmbeddingSummariser
@@ -49,17 +52,20 @@ class ZoomLDMPipelineOutput(BaseOutput):
 
 
 @torch.no_grad()
-def sample_condition_tokens(model: ConditionTransformer, scheduler_config, levels: torch.Tensor, steps: int,
+def sample_condition_tokens(model: ConditionTransformer, scheduler: SchedulerMixin, levels: torch.Tensor, steps: int,
                             generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-    """(B, N, D) condition tokens drawn by the EDM for level indices ``levels`` (int64 (B,)): Gaussian noise, ``steps``
-    deterministic DDIM steps of x0-prediction on the model's schedule, then the training standardisation undone."""
-    scheduler = DDIMScheduler.from_config(scheduler_config)
-    scheduler.set_timesteps(steps, device=model.device)
+    """(B, N, D) condition tokens drawn by the EDM (ZoomLDM Sec. 3.2) for level indices ``levels`` (int64 (B,)):
+    Gaussian noise, exactly ``steps`` steps of ``scheduler`` on the model's x0 ("sample") predictions (the paper: DDIM
+    50, η = 0; any scheduler of :data:`~histosynth.diffusion.schedulers.SCHEDULERS` that steps x0), then the training
+    standardisation undone.
+
+    Raises:
+        HistosynthError: a step count the schedule cannot run.
+    """
     shape = (len(levels), model.config.num_tokens, model.config.token_dim)
-    x = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
+    noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     levels = levels.to(model.device)
-    for t in scheduler.timesteps:
-        x = scheduler.step(model(x, t, levels), t, x, eta=0.0).prev_sample
+    x = denoise(lambda x, t: model(x, t, levels), scheduler, steps, noise, generator=generator)
     return model.unstandardise(x)
 
 
@@ -68,7 +74,7 @@ class ZoomLDMPipeline(RunPipeline):
     _optional_components = ["condition_sampler", "condition_scheduler"]
 
     def __init__(self, unet: UNet2DConditionModel, vae, scheduler: DDIMScheduler, summariser: EmbeddingSummariser,
-                 condition_sampler: ConditionTransformer | None = None, condition_scheduler: DDIMScheduler | None = None,
+                 condition_sampler: ConditionTransformer | None = None, condition_scheduler: SchedulerMixin | None = None,
                  latent_scaling_factor: float | None = None, base_magnification: str | None = None,
                  patch_size: int | None = None, embeddings: dict | None = None, sampling: dict | None = None):
         super().__init__()
@@ -94,13 +100,16 @@ class ZoomLDMPipeline(RunPipeline):
     @torch.no_grad()
     def sample_conditions(self, levels: torch.Tensor, num_inference_steps: int | None = None,
                           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
-        """(B, N, D) summariser-space tokens drawn by the EDM for level indices ``levels`` (ZoomLDM Sec. 3.2)."""
+        """(B, N, D) summariser-space tokens drawn by the EDM for level indices ``levels`` (ZoomLDM Sec. 3.2) with
+        ``self.condition_scheduler`` (DDIM as trained; swap another in by its config, e.g. ``pipe.condition_scheduler =
+        sampling_scheduler("dpm-solver++", pipe.condition_scheduler.config)``) for ``num_inference_steps`` steps
+        (default the recipe's ``condition_steps``, paper 50)."""
         if self.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give reference grids (sample --reference "
                                   "STORE), or train one with `histosynth train --recipe zoomldm-conditions...`")
         sampling = self.config.sampling or {}
         steps = sampling.get("condition_steps", 50) if num_inference_steps is None else num_inference_steps
-        return sample_condition_tokens(self.condition_sampler, self.condition_scheduler.config, levels, steps, generator)
+        return sample_condition_tokens(self.condition_sampler, self.condition_scheduler, levels, steps, generator)
 
     @torch.no_grad()
     def __call__(
@@ -124,7 +133,8 @@ class ZoomLDMPipeline(RunPipeline):
             grids: real embedding grids, each float (2^k, 2^k, C) (the oracle condition of the paper's Table 1).
             guidance_scale: g (1 = conditional only); default the recipe's (paper 1.75).
             num_inference_steps: DDIM steps of the image model, exactly this many run; default the recipe's (50).
-            condition_steps: DDIM steps of the condition sampler (default the recipe's, paper 50).
+            condition_steps: steps of the condition sampler's ``condition_scheduler`` (default the recipe's, paper
+                DDIM 50).
             eta: DDIM's η for the image model (default the recipe's, 0).
         Raises:
             HistosynthError: an unknown magnification, a grid of the wrong width or of a side that is not 2^k of a known

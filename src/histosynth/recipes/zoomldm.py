@@ -109,9 +109,15 @@ class ConditionTrainConfig(EngineConfig):
     ema_decay: float | None = 0.999
 
 
+# the schedulers that can step an x0 ("sample") prediction: all of SchedulerName but euler-ancestral (diffusers 0.42
+# raises NotImplementedError for it; a test keeps this list and histosynth.diffusion.schedulers in step)
+ConditionSchedulerName = Literal["ddpm", "ddim", "dpm-solver++", "sde-dpm-solver++", "unipc", "deis", "euler", "lms"]
+
+
 @dataclass
 class ConditionSamplingConfig:
-    num_inference_steps: int = 50  # DDIM, as the paper
+    num_inference_steps: int = 50  # the paper: DDIM 50
+    scheduler: ConditionSchedulerName = "ddim"  # swapped in on the trained schedule, like the image model's
 
 
 @dataclass(kw_only=True)

@@ -3,14 +3,15 @@
 ``source`` (from ``histosynth sample``): ``magnification`` "5x" or "20x,5x" (the levels to draw; with a reference
 store default every level of the model the store has) and ``reference`` (a ``prepare slides --magnifications``
 store with its ``histosynth embed`` maps: the paper's "oracle" conditions, each image made from a real patch's
-embedding grid). Without a reference the model's condition sampler draws the conditions. ``num`` images per
-magnification (default 16).
+embedding grid). Without a reference the model's condition sampler draws the conditions, with ``condition_scheduler``
+and ``condition_steps`` (default the recipe's: DDIM 50). ``num`` images per magnification (default 16).
 
 Output (written atomically by the shared writer)::
 
     OUT/images/N.png     the generated patch
     OUT/reference/N.png  the real patch whose grid conditioned it (reference only)
-    OUT/samples.jsonl    per image: magnification, condition source, reference patch (index, slide, tile), seed
+    OUT/samples.jsonl    per image: magnification, condition source, reference patch (index, slide, tile) or the
+                         condition sampler's scheduler and steps, seed
     OUT/grid.png         reference | generated (reference), else the generated images, one row per level
 """
 
@@ -24,6 +25,7 @@ import torch
 from histosynth.conditions.slide_embeddings import SlideEmbeddings
 from histosynth.data.patches import format_magnification
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.sampling.prompts import image_seed
@@ -78,13 +80,16 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
                 num_inference_steps: int | None = None, scheduler: str | None = None, seed: int = 0, batch_size: int = 8,
                 overwrite: bool = False, progress: bool = True, split: str | None = None) -> Path:
     """Write ``num`` images per magnification (see the module docstring). Unset settings: the recipe's (DDIM 50,
-    g 1.75). Raises HistosynthError / DataError naming the option or file: an unknown level, a reference store
-    without the model's embeddings, no reference and no condition sampler."""
+    g 1.75; the condition sampler's DDIM 50). Raises HistosynthError / DataError naming the option or file: an unknown
+    level, a reference store without the model's embeddings, no reference and no condition sampler, condition sampler
+    settings with a reference, a solver that cannot step the condition sampler's x0 predictions."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
-    scheduler = use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
+    sampling = pipe.config.get("sampling") or {}
+    scheduler = use_scheduler(pipe, scheduler or sampling.get("scheduler"))
     num = DEFAULT_NUM if num is None else num
     levels = parse_levels(source.get("magnification"), pipe.magnifications)
     reference = source.get("reference")
+    condition = {}  # the condition sampler's settings, recorded per image
     if reference is None:
         if levels is None:
             raise HistosynthError(f"give --magnification (one or more of {', '.join(pipe.magnifications)}) or "
@@ -92,9 +97,19 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
         if pipe.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give --reference STORE (real conditions), or "
                                   "train one with `histosynth train --recipe zoomldm-conditions...`")
+        name = use_scheduler(pipe, source.get("condition_scheduler") or sampling.get("condition_scheduler"),
+                             "condition_scheduler")
+        steps = source.get("condition_steps") or sampling.get("condition_steps", 50)
+        check_num_steps(pipe.condition_scheduler, steps, option="--condition-steps")
+        condition = {"condition_scheduler": name, "condition_steps": steps}
         jobs = [(m, None) for m in levels for _ in range(num)]
         store = embeddings = None
     else:
+        given = [o for o, k in (("--condition-scheduler", "condition_scheduler"), ("--condition-steps", "condition_steps"))
+                 if source.get(k) is not None]
+        if given:
+            raise HistosynthError(f"{' and '.join(given)}: only without --reference (its conditions are the store's "
+                                  "real embedding grids; nothing is sampled for them)")
         store, embeddings, picks = reference_patches(pipe, Path(reference), levels, num, seed, split)
         jobs = [(m, i) for m, chosen in picks.items() for i in chosen]
     rows = store.records if store is not None else None
@@ -115,12 +130,14 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
             kwargs = dict(magnification=[m for m, _ in chunk], guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, generator=generators, progress=False)
             if reference is None:
+                kwargs["condition_steps"] = condition["condition_steps"]
+            if reference is None:
                 result = pipe(**kwargs)
             else:
                 result = pipe(grids=[np.asarray(embeddings.grid(rows[i]), dtype=np.float32) for _, i in chunk], **kwargs)
             for (m, i), image, s in zip(chunk, result.images, seeds):
                 row = {"magnification": m, "condition": result.condition_source, "seed": s, "base_seed": seed,
-                       "num_inference_steps": result.num_steps_run, "scheduler": scheduler}
+                       "num_inference_steps": result.num_steps_run, "scheduler": scheduler, **condition}
                 files, panels = None, None
                 if i is not None:
                     real = np.asarray(store[i]["image"])

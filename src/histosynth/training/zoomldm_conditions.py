@@ -138,5 +138,6 @@ class ZoomConditionsTask(TrainingTask):
                                                     "embeddings")}
         sampling = dict(self.pipe.config.sampling or {})
         sampling["condition_steps"] = self.recipe.sampling.num_inference_steps
+        sampling["condition_scheduler"] = self.recipe.sampling.scheduler
         pipe = ZoomLDMPipeline(**components, **config, sampling=sampling)
         ckpt.write_atomically(run / PIPELINE, lambda tmp: pipe.save_pretrained(tmp, safe_serialization=True))
