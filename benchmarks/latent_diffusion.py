@@ -35,7 +35,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
     from histosynth.training.autoencoder import make_model as make_autoencoder
     from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
     from histosynth.training.latent import make_unet
-    from histosynth.pipelines.pathldm import classifier_free_guidance
+    from histosynth.diffusion.guidance import classifier_free_guidance
     from histosynth.recipes import load_recipe
 
     ldm_name, ae_name = MODELS[model_key]
