@@ -24,12 +24,13 @@ import subprocess
 import sys
 import time
 
-from machine_info import machine, peak_memory, timed
+from machine_info import forward_flops, machine, peak_memory, timed, utilisation
 
 MODELS = {"paper": ("pathldm-256", "vq-f4"), "tiny": ("pathldm-tiny-cpu", "vq-f4-tiny-cpu")}
 
 
-def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) -> dict:
+def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, peak_tflops: float | None,
+            compile_unet: bool = False) -> dict:
     import torch
 
     from histosynth.training.autoencoder import make_model as make_autoencoder
@@ -49,6 +50,11 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
     params = sum(p.numel() for p in unet.parameters()) / 1e6
     context = torch.randn(batch, recipe.conditioner.max_tokens, recipe.unet.cross_attention_dim, device=dev)
     amp = torch.autocast(dev, dtype=torch.bfloat16, enabled=precision == "bf16")
+    with torch.no_grad():  # one UNet forward of one image (the issue's reference: 213.6 GFLOP for pathldm-256)
+        flops = forward_flops(lambda: unet(torch.randn(1, channels, size // f, size // f, device=dev),
+                                           torch.tensor([500], device=dev), encoder_hidden_states=context[:1]))
+    if compile_unet:  # `sample --compile`; the untimed warm-up call pays the compilation
+        unet = torch.compile(unet)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if phase in ("train", "train+encode"):
@@ -71,6 +77,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
 
         dt = timed(one, dev, steps)
         ips = batch * steps / dt
+        model_flops = 3 * flops  # forward + backward (2x forward) per image; the VQ encode not counted
     else:
         unet.eval().requires_grad_(False)
         null = torch.randn_like(context)
@@ -90,9 +97,12 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str) 
 
         dt = timed(lambda: generate(steps), dev, warm_up=lambda: generate(2))
         ips = batch / dt  # images per second for `steps` guided DDIM steps + decoding
+        model_flops = 2 * steps * flops  # two UNet passes ([∅; y]) per step; the decoder not counted
     return {"model": model_key, "recipe": ldm_name, "autoencoder": ae_name, "unet_params_M": round(params, 1),
             "phase": phase, "size": size, "latent": f"{size // f}x{size // f}x{channels}", "batch": batch, "steps": steps,
-            "precision": precision, "device": dev, "seconds": round(dt, 2), "images_per_s": round(ips, 3), **peak_memory(dev)}
+            "precision": precision, "compiled": compile_unet, "device": dev, "seconds": round(dt, 2),
+            "images_per_s": round(ips, 3),
+            "unet_forward_GFLOP": round(flops / 1e9, 1), **utilisation(model_flops, ips, peak_tflops), **peak_memory(dev)}
 
 
 def main() -> None:
@@ -103,6 +113,10 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps (default 2 CPU / 20 GPU)")
     ap.add_argument("--sample-steps", type=int, default=None, help="timed guided DDIM steps (default 5 CPU / 50 GPU)")
     ap.add_argument("--precision", choices=["fp32", "bf16"], default=None, help="default fp32 on CPU, bf16 on GPU")
+    ap.add_argument("--peak-tflops", type=float, default=None,
+                    help="the device's peak TFLOP/s at this precision, for MFU (default on a GPU: 800, an H200's bf16 "
+                         "dense rate as the speed issue takes it; on a CPU: none)")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (compilation in the warm-up)")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -110,10 +124,11 @@ def main() -> None:
     gpu = torch.cuda.is_available()
     batch = args.batch or (48 if gpu else 4)
     precision = args.precision or ("bf16" if gpu else "fp32")
+    peak = args.peak_tflops or (800.0 if gpu else None)
     if args._child:
         model_key, phase = args._child
         steps = args.train_steps if phase.startswith("train") else args.sample_steps
-        print(json.dumps(measure(model_key, phase, batch, steps, precision)))
+        print(json.dumps(measure(model_key, phase, batch, steps, precision, peak, args.compile)))
         return
     train_steps = args.train_steps or (20 if gpu else 2)
     sample_steps = args.sample_steps or (50 if gpu else 5)
@@ -124,6 +139,10 @@ def main() -> None:
         for phase in args.phases.split(","):
             cmd = [sys.executable, __file__, "--batch", str(batch), "--precision", precision, "--train-steps",
                    str(train_steps), "--sample-steps", str(sample_steps), "--_child", key, phase]
+            if peak:
+                cmd[-3:-3] = ["--peak-tflops", str(peak)]
+            if args.compile:
+                cmd[-3:-3] = ["--compile"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"{key} {phase}: FAILED\n{res.stderr[-2000:]}")
@@ -132,7 +151,9 @@ def main() -> None:
             what = {"train": "train images/s (cached latents)", "train+encode": "train images/s (+ VQ encode)",
                     "sample": f"sample images/s (DDIM {r['steps']} steps, CFG, + decode)"}[phase]
             print(f"{key:5s} (UNet {r['unet_params_M']} M params, latents {r['latent']}) {what}: {r['images_per_s']:.3f} "
-                  f"at {r['size']} px, batch {r['batch']}, {r['precision']}, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']})")
+                  f"at {r['size']} px, batch {r['batch']}, {r['precision']}{', compiled' if r['compiled'] else ''}, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']}); "
+                  f"UNet forward {r['unet_forward_GFLOP']} GFLOP/image, {r['model_TFLOP_per_s']} model TFLOP/s"
+                  + (f", MFU {r['mfu']:.1%} of {r['peak_TFLOP_per_s']:g}" if "mfu" in r else ""))
             print("  json:", json.dumps(r))
 
 

@@ -58,3 +58,22 @@ def timed(run, device: str, reps: int = 1, warm_up=None) -> float:
         run()
     sync()
     return time.perf_counter() - t0
+
+
+def forward_flops(run) -> float:
+    """FLOPs of one call of ``run`` as torch's FlopCounterMode counts them (matrix products, convolutions and
+    attention; 2 per multiply-add; elementwise work not counted), for model FLOP utilisation."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter:
+        run()
+    return float(counter.get_total_flops())
+
+
+def utilisation(flops_per_image: float, images_per_s: float, peak_tflops: float | None) -> dict:
+    """Achieved model TFLOP/s and, given the device's peak (TFLOP/s, the precision used), the model FLOP utilisation."""
+    achieved = flops_per_image * images_per_s / 1e12
+    out = {"model_TFLOP_per_s": round(achieved, 2)}
+    if peak_tflops:
+        out.update(peak_TFLOP_per_s=peak_tflops, mfu=round(achieved / peak_tflops, 3))
+    return out
