@@ -114,6 +114,15 @@ def output_exists(tmp, ctx):
     return _prepare(_folder(tmp / "src"), tmp)
 
 
+def output_dangling_link(tmp, ctx):
+    (tmp / "out").symlink_to(tmp / "gone")  # a link to a folder that is not there (an unmounted disk, say)
+    return ["convert", "autoencoder", str(tmp / "model.ckpt"), "--out", str(tmp / "out")]
+
+
+def _link_kept(tmp):
+    assert (tmp / "out").is_symlink() and not (tmp / "gone").exists()
+
+
 def wrapped_8bit_instances(tmp, ctx):
     hgsc = ctx["hgsc"]
     src = _folder(tmp / "src", hgsc.image, hgsc.inst_map % 256, hgsc.type_map,
@@ -286,6 +295,8 @@ CASES = [
     Case("missing-label", missing_label, ("r_inst.png", "label file missing", "r.png")),
     Case("empty-source", empty_source, ("src", "no images")),
     Case("output-exists", output_exists, ("out", "--overwrite"), earlier=True),
+    Case("output-dangling-link", output_dangling_link, ("out", "already exists", "--overwrite"), earlier=True,
+         extra=_link_kept),
     Case("wrapped-8bit-instances", wrapped_8bit_instances, ("r_inst.png", "disconnected", "--relabel-components")),
     Case("pannuke-background-first", pannuke_background_first, ("masks.npy", "channel 0 looks like the background")),
     Case("stain-single-target", stain_single_target, ("target.png", "single stain")),

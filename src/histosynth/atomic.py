@@ -8,7 +8,15 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from histosynth.errors import DiskFullError, is_disk_full, tree_bytes
+from histosynth.errors import DiskFullError, OutputExistsError, is_disk_full, tree_bytes
+
+
+def refuse_existing(path: str | Path, overwrite: bool, what: str = "output") -> None:
+    """Before any work: OutputExistsError naming ``path`` when something is there — a file, a folder or a link,
+    a dangling one too (writing would replace it) — and ``overwrite`` is false. ``what`` starts the message."""
+    path = Path(path).expanduser()
+    if not overwrite and (path.exists() or path.is_symlink()):
+        raise OutputExistsError(f"{what} already exists; pass --overwrite to replace it", path)
 
 
 @contextmanager

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import click
 
+from histosynth.atomic import refuse_existing
 from histosynth.cli.common import overwrite_option, user_errors
-from histosynth.errors import OutputExistsError
 
 __all__ = ["convert"]
 
@@ -42,8 +42,7 @@ def convert_autoencoder(ckpt, out, kind, norm_num_groups, scaling_factor, overwr
     from histosynth.diffusion.checkpoint import write_atomically
     from histosynth.models.compvis_autoencoder import convert_compvis_first_stage
 
-    if out.exists() and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite)
     config = {"norm_num_groups": norm_num_groups}
     if scaling_factor is not None:
         config["scaling_factor"] = scaling_factor

@@ -20,8 +20,9 @@ from pathlib import Path
 
 import click
 
+from histosynth.atomic import refuse_existing
 from histosynth.cli.common import device_option, option_group, overwrite_option, torch_device, user_errors
-from histosynth.errors import HistosynthError, OutputExistsError
+from histosynth.errors import HistosynthError
 
 __all__ = ["COMMANDS", "fid", "fid_per_magnification", "kid", "is_"]
 
@@ -64,8 +65,8 @@ _common = option_group(
 
 # ------------------------------------------------------------------------------------------------ helpers
 def _check_out(out: Path | None, overwrite: bool) -> None:
-    if out is not None and out.exists() and not overwrite:
-        raise OutputExistsError("file already exists; pass --overwrite to replace it", out)
+    if out is not None:
+        refuse_existing(out, overwrite, "file")
 
 
 def _check_real(real, real_stats, save_stats, generated) -> None:

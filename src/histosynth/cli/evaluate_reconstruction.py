@@ -14,8 +14,9 @@ from pathlib import Path
 
 import click
 
+from histosynth.atomic import refuse_existing
 from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
-from histosynth.errors import HistosynthError, OutputExistsError
+from histosynth.errors import HistosynthError
 
 __all__ = ["COMMANDS", "recon"]
 
@@ -52,8 +53,7 @@ def recon(autoencoder, data, split, num, seed, batch_size, device, features, fea
 
     grid = grid or out.with_suffix(".png")
     for path in (out, grid):
-        if path.exists() and not overwrite:
-            raise OutputExistsError("file already exists; pass --overwrite to replace it", path)
+        refuse_existing(path, overwrite, "file")
     ae, report = load_autoencoder(autoencoder)
     if report is not None:
         for line in report.summary():

@@ -16,9 +16,9 @@ from pathlib import Path
 import click
 import numpy as np
 
-from histosynth.atomic import atomic_folder
+from histosynth.atomic import atomic_folder, refuse_existing
 from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
-from histosynth.errors import HistosynthError, OutputExistsError
+from histosynth.errors import HistosynthError
 
 __all__ = ["seg", "predict_to_folder"]
 
@@ -80,8 +80,8 @@ def evaluate_cmd(model, data, split, out, batch_size, device, overwrite):
     """Score the segmenter on a split of DATA: Dice, AJI, PQ+, mPQ+ and PQ per type (CoNIC conventions)."""
     from histosynth.evaluate.segmenter import evaluate_segmenter, load_segmenter
 
-    if out is not None and out.exists() and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    if out is not None:
+        refuse_existing(out, overwrite)
     scores = evaluate_segmenter(load_segmenter(model, torch_device(device), batch_size=batch_size), data, split, progress=True)
     scores = {"segmenter": str(model), "data": str(data), **scores}
     text = json.dumps(scores, indent=2)
@@ -111,8 +111,7 @@ def predict_to_folder(segmenter, source: Path, out: Path, *, split: str | None =
     from histosynth.evaluate.fid import resolve_generated
     from histosynth.viz import colour_mask, save_grid
 
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite)
     source = Path(source)
     if (source / "samples.jsonl").is_file():
         source = resolve_generated(source)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.atomic import refuse_existing
 from histosynth.conditions.report_summaries import read_summary_cache
 from histosynth.data.tables import read_rows
 from histosynth.errors import DataError, HistosynthError
@@ -321,11 +322,9 @@ def read_reports(path: str | os.PathLike, *, id_column: str = "id", text_column:
 
 def write_jsonl(rows: Iterable[Mapping], path: str | os.PathLike, *, overwrite: bool = False) -> Path:
     """Write rows as JSON lines, atomically (temporary file renamed into place)."""
-    from histosynth.errors import OutputExistsError
 
     path = Path(path)
-    if path.exists() and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", path)
+    refuse_existing(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{os.getpid()}"
     try:

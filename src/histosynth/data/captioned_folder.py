@@ -30,12 +30,13 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.images import list_images, load_image
 from histosynth.data.patches import Patch, format_magnification, resize_image
 from histosynth.data.store import PatchStore
 from histosynth.data.store_writer import PatchStoreWriter, command_list
 from histosynth.data.tables import read_rows
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.errors import DataError, HistosynthError
 
 __all__ = ["CAPTIONS_FILE", "prepare_captioned"]
 
@@ -153,8 +154,7 @@ def prepare_captioned(
         HistosynthError: bad ``patch`` / ``holdout``.
     """
     folder, table, out = Path(folder), Path(table), Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite)
     if patch < 8 or not 0.0 <= holdout < 1.0:
         raise HistosynthError(f"--patch must be at least 8 (got {patch}) and --holdout in [0, 1) (got {holdout})")
     format_magnification(magnification)

@@ -17,11 +17,12 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.patches import choose_whole_regions, extract_patches, format_magnification
 from histosynth.data.record import NucleiRecord, RegionRecord
 from histosynth.data.store import PatchStore
 from histosynth.data.store_writer import PatchStoreWriter, command_list
-from histosynth.errors import DataError, OutputExistsError
+from histosynth.errors import DataError
 
 
 def _progress(records: Iterable, enabled: bool):
@@ -61,8 +62,7 @@ def prepare_nuclei(
     :func:`histosynth.data.sources.prepare_sources`.
     """
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:  # fail before reading any data
-        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
+    refuse_existing(out, overwrite)  # fail before reading any data
     iterator = iter(records)
     first = next(iterator, None)
     if first is None:

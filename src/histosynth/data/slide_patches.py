@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.patches import Patch, format_magnification, parse_magnification, resize_image
 from histosynth.data.slides import (
     LEVEL_TOLERANCE,
@@ -43,7 +44,7 @@ from histosynth.data.slides import (
     tissue_mask,
     to_level0,
 )
-from histosynth.errors import DataError, OutputExistsError
+from histosynth.errors import DataError
 
 __all__ = ["SlidePlan", "check_tiling_args", "iter_plan", "plan_slide", "prepare_slides", "tile_slide"]
 
@@ -301,8 +302,7 @@ def prepare_slides(
 def slides_to_store(slides, out: Path, overwrite: bool, source_magnification, mpp) -> list[str]:
     """The slide paths to tile into ``out``. An existing ``out`` without ``overwrite`` is refused before any slide is
     read (OutputExistsError); no slide at all is a DataError. PNG / JPEG files count only with a resolution override."""
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
+    refuse_existing(out, overwrite)
     paths = expand_slides(slides, plain_images=source_magnification is not None or mpp is not None)
     if not paths:
         raise DataError("no slides to prepare", out)

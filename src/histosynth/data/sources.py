@@ -49,6 +49,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.class_mapping import ClassMapping, parse_class_list, parse_class_map
 from histosynth.data.formats import READERS, read_nuclei
 from histosynth.data.patches import Patch, format_magnification, parse_magnification
@@ -56,7 +57,7 @@ from histosynth.data.record import NucleiRecord
 from histosynth.data.prepare_labelled import nuclei_meta, write_regions
 from histosynth.data.store import ROW_KEYS, PatchStore
 from histosynth.data.store_writer import PatchStoreWriter
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.errors import DataError, HistosynthError
 
 __all__ = ["NucleiSource", "prepare_sources", "read_sources_file", "reader_options"]
 
@@ -238,8 +239,8 @@ def prepare_sources(
     if not sources:
         raise HistosynthError("no sources to prepare")
     old = _store_to_extend(out, overwrite) if append else None
-    if old is None and (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
+    if old is None:
+        refuse_existing(out, overwrite)
     if classes is None and old is not None:
         classes = old.class_names
     if classes is None and len(sources) > 1:

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.patches import SPLITS, Patch, format_magnification
 from histosynth.data.store import (
     ARRAYS,
@@ -28,7 +29,7 @@ from histosynth.data.store import (
     region_fractions,
     shard_file,
 )
-from histosynth.errors import DataError, DiskFullError, OutputExistsError, is_disk_full
+from histosynth.errors import DataError, DiskFullError, is_disk_full
 
 __all__ = ["PatchStoreWriter", "command_list", "default_shard_size", "patch_bytes"]
 
@@ -115,8 +116,7 @@ class PatchStoreWriter:
         self._write_error: BaseException | None = None  # an OSError of a shard write, judged by the space left
 
     def _check_output(self) -> None:
-        if (self.path.exists() or self.path.is_symlink()) and not self.overwrite:
-            raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", self.path)
+        refuse_existing(self.path, self.overwrite)
 
     @property
     def buffered_bytes(self) -> int:

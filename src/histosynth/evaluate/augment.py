@@ -22,9 +22,9 @@ from typing import Any
 
 import numpy as np
 
-from histosynth.atomic import atomic_folder
+from histosynth.atomic import atomic_folder, refuse_existing
 from histosynth.diffusion.checkpoint import CHECKPOINTS
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.errors import DataError, HistosynthError
 
 __all__ = ["SyntheticPairs", "augmentation_benefit"]
 
@@ -122,8 +122,7 @@ def augmentation_benefit(
     from histosynth.evaluate.segmenter import evaluate_segmenter, load_segmenter, train_segmenter
 
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite)
     if not ratio > 0:
         raise HistosynthError(f"--ratio must be > 0 (synthetic pairs per real train patch), got {ratio}")
     store = PatchStore(real_store)

@@ -34,7 +34,8 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.atomic import refuse_existing
+from histosynth.errors import DataError, HistosynthError
 
 __all__ = ["dominant_type", "classification_accuracy_score"]
 
@@ -131,8 +132,7 @@ def classification_accuracy_score(
 
     if out is not None:
         out = Path(out)
-        if out.exists() and not overwrite:
-            raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+        refuse_existing(out, overwrite)
     store = PatchStore(real_store)
     names = tuple(store.class_names) if store.class_names else ()
     pairs = SyntheticPairs(synthetic, num_classes=len(names) or None)

@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from histosynth.atomic import refuse_existing
 from histosynth.data.images import (
     DEFAULT_EXCLUDE,
     DEFAULT_PATTERNS,
@@ -53,7 +54,7 @@ from histosynth.data.images import (
     open_store_split,
     resolve_image_folder,
 )
-from histosynth.errors import DataError, HistosynthError, OutputExistsError
+from histosynth.errors import DataError, HistosynthError
 from histosynth.evaluate.distribution_metrics import (  # the metric maths, re-exported
     feature_statistics,
     frechet_distance,
@@ -256,8 +257,7 @@ def save_statistics(
     from histosynth import __version__
 
     out = Path(path).expanduser()
-    if out.exists() and not overwrite:
-        raise OutputExistsError("statistics file already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite, "statistics file")
     stats = reference_statistics(features, protocol, source_description, max_rows, seed)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
@@ -413,8 +413,8 @@ def evaluate_distribution(
         raise HistosynthError("FID / KID need the real images (--real) or their saved statistics (--real-stats)")
     if generated is None and save_stats is None:
         raise HistosynthError("no generated images given (--generated)")
-    if save_stats is not None and Path(save_stats).expanduser().exists() and not overwrite:  # before any work
-        raise OutputExistsError("statistics file already exists; pass --overwrite to replace it", save_stats)
+    if save_stats is not None:  # before any work
+        refuse_existing(save_stats, overwrite, "statistics file")
     gen_root = resolve_generated(generated) if generated is not None else None
 
     if isinstance(features, FeatureExtractor):

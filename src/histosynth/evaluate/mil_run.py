@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from histosynth.data.regions import open_region_store
-from histosynth.errors import HistosynthError, OutputExistsError
+from histosynth.errors import HistosynthError
 from histosynth.evaluate.balance import parse_balances
 
 __all__ = ["evaluate_mil", "plot_lambda_sweep", "plot_mil_losses"]
@@ -76,7 +76,7 @@ def evaluate_mil(
         HistosynthError / DataError: naming the option or file: bad λ, architecture or classes, not a region store,
             a bad sets.jsonl, λ > 0 without synthetic sets, no test slides.
     """
-    from histosynth.atomic import atomic_folder
+    from histosynth.atomic import atomic_folder, refuse_existing
     from histosynth.data.io import read_rgb
     from histosynth.evaluate.mil import ARCHITECTURES, build_mil_model, lambda_sweep
     from histosynth.evaluate.mil_bags import (cached_features, encode_tiles, read_tile_sets, region_store_bags,
@@ -84,8 +84,7 @@ def evaluate_mil(
     from histosynth.models.ssl_encoder import load_tile_encoder
 
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite (overwrite=True) to replace it", out)
+    refuse_existing(out, overwrite)
     lams = parse_balances(balances)
     if architecture not in ARCHITECTURES:
         raise HistosynthError(f"unknown --architecture {architecture!r}: one of {', '.join(ARCHITECTURES)}")

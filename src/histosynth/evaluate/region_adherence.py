@@ -25,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from histosynth.errors import DataError, OutputExistsError
+from histosynth.atomic import refuse_existing
+from histosynth.errors import DataError
 from histosynth.evaluate.region_classifier import confusion_matrix, read_region_tiles
 
 __all__ = ["agreement", "region_adherence"]
@@ -79,10 +80,8 @@ def region_adherence(classifier, samples: str | Path, *, out: str | Path | None 
 
     out = None if out is None else Path(out)
     png = None if out is None else out.with_suffix(".png")
-    if out is not None and not overwrite:
-        for path in (out, png):
-            if path.exists() or path.is_symlink():
-                raise OutputExistsError("output already exists; pass --overwrite to replace it", path)
+    for path in (out, png) if out is not None else ():
+        refuse_existing(path, overwrite)
     tiles = read_region_tiles(samples)
     names = list(classifier.label_names)
     if list(tiles.label_names) != names:

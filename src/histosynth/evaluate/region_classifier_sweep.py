@@ -72,12 +72,10 @@ def run_region_classifier(store: str | Path, out: str | Path, *, synthetic: str 
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
         DataError / HistosynthError: as :func:`~histosynth.evaluate.region_classifier.train_region_classifier`; a store without test patches (checked first).
     """
-    from histosynth.atomic import atomic_folder
-    from histosynth.errors import OutputExistsError
+    from histosynth.atomic import atomic_folder, refuse_existing
 
     out = Path(out)
-    if (out.exists() or out.is_symlink()) and not overwrite:
-        raise OutputExistsError("output already exists; pass --overwrite to replace it", out)
+    refuse_existing(out, overwrite)
     balances = parse_balances(balance)
     if synthetic is None and any(b > 0 for b in balances):
         raise HistosynthError(f"--balance {balance}: λ > 0 weights synthetic tiles, give --synthetic FOLDER")
