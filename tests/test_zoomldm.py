@@ -380,4 +380,9 @@ def test_fid_per_magnification_is_zero_on_the_real_patches_and_counts_each_level
     result = json.loads(r.output[r.output.index("{"):])["per_magnification"]
     assert sorted(result) == ["10x", "5x"]
     assert (result["10x"]["generated"], result["10x"]["real"], result["5x"]["real"]) == (16, 16, 4)
+    # a manifest cut off mid-line (a copy interrupted, say): one line naming the file and the line, no traceback
+    (tmp_path / "gen" / "samples.jsonl").write_text(rows[0] + "\n" + rows[1][:20] + "\n")
+    r = CliRunner().invoke(main, ["evaluate", "fid-per-magnification", "--real", str(zoom_store), "--generated",
+                                  str(tmp_path / "gen"), "--features", "effnet-lite0", "--device", "cpu"])
+    assert r.exit_code == 2 and "samples.jsonl" in r.stderr and "line 2 is not JSON" in r.stderr, r.output
     assert abs(result["10x"]["fd"]) < 1e-3 and abs(result["5x"]["fd"]) < 1e-3

@@ -9,7 +9,6 @@ compare runs only at equal numbers of images (the counts are in the result).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 
 from histosynth.data.images import load_image
 from histosynth.data.store import PatchStore
+from histosynth.data.tables import numbered_json_lines
 from histosynth.errors import DataError
 from histosynth.evaluate.distribution_metrics import feature_statistics, frechet_distance
 
@@ -47,14 +47,16 @@ def fd_per_magnification(generated: str | Path, real: str | Path, extractor, *, 
         extractor: a FeatureExtractor (uint8 (B, 3, H, W) in, features out).
         max_real: at most this many real patches per level, drawn by ``seed`` (None: all).
     Raises:
-        DataError naming the folder or store: no samples.jsonl, no level in common.
+        DataError naming the folder, store or manifest: no samples.jsonl, a line that is not a sample row, no level
+        in common.
     """
     generated, manifest = Path(generated), Path(generated) / "samples.jsonl"
     if not manifest.is_file():
         raise DataError("no samples.jsonl: not a `histosynth sample` output", generated)
     by_level: dict[str, list[Path]] = {}
-    for line in manifest.read_text().splitlines():
-        row = json.loads(line)
+    for n, row in numbered_json_lines(manifest):
+        if not isinstance(row, dict) or "image" not in row:
+            raise DataError(f"line {n} is not a sample row (no 'image')", manifest)
         by_level.setdefault(row.get("magnification"), []).append(generated / row["image"])
     store = PatchStore(real)
     real_by_level = store.indices_by_magnification(split)
