@@ -35,7 +35,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int) -> dict:
     from histosynth.diffusion.joint_autoencoder_loss import joint_autoencoder_loss
     from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
     from histosynth.recipes import load_recipe
-    from histosynth.training.histosmith import make_unet
+    from histosynth.training.histosmith import make_count_unet
     from histosynth.training.histosmith_autoencoder import make_joint_model
 
     ldm_name, ae_name = MODELS[model_key]
@@ -45,7 +45,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int) -> dict:
     ae = make_joint_model(ae_recipe, CLASSES).to(dev)
     f, c = 2 ** (len(ae.config.block_out_channels) - 1), ae_recipe.model.diffusion_channels
     width = k + 1
-    unet = make_unet(recipe, c, size // f, width).to(dev)
+    unet = make_count_unet(recipe, c, size // f, width).to(dev)
     params = {"unet_params_M": round(sum(p.numel() for p in unet.parameters()) / 1e6, 1),
               "ae_params_M": round(sum(p.numel() for p in ae.parameters()) / 1e6, 1)}
     if dev == "cuda":

@@ -32,7 +32,7 @@ from histosynth.pipelines.histosmith import HistoSmithPipeline
 from histosynth.recipes.histosmith import HistoSmithRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, shared_latent_cache
+from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
@@ -57,18 +57,12 @@ def make_conditioner(recipe: HistoSmithRecipe, class_names, counts: np.ndarray, 
         injection=c.injection, num_tokens=c.num_tokens, token_dim=recipe.unet.cross_attention_dim)
 
 
-def make_unet(recipe: HistoSmithRecipe, latent_channels: int, latent_size: int, width: int) -> UNet2DConditionModel:
-    u, embedding = recipe.unet, recipe.condition.injection != "cross-attention"
-    return UNet2DConditionModel(
-        sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
-        down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
-        mid_block_type=u.mid_block_type, block_out_channels=tuple(u.block_out_channels),
-        layers_per_block=u.layers_per_block, attention_head_dim=tuple(u.attention_head_dim),
-        cross_attention_dim=u.cross_attention_dim, transformer_layers_per_block=u.transformer_layers_per_block,
-        norm_num_groups=u.norm_num_groups,
-        class_embed_type="projection" if embedding else None,
-        projection_class_embeddings_input_dim=width if embedding else None,
-    )
+def make_count_unet(recipe: HistoSmithRecipe, latent_channels: int, latent_size: int, width: int) -> UNet2DConditionModel:
+    """The recipe's latent UNet; with counts injected as an embedding, a projection of the count vector (``width``)
+    added to the timestep embedding."""
+    embedding = recipe.condition.injection != "cross-attention"
+    return make_unet(recipe, latent_channels, latent_size, class_embed_type="projection" if embedding else None,
+                     projection_class_embeddings_input_dim=width if embedding else None)
 
 
 class CountDenoiser(torch.nn.Module):
@@ -118,7 +112,7 @@ class HistoSmithTask(TrainingTask):
 
     def build_model(self, accelerator, run, resuming):
         shape = self.stats.shape
-        unet = make_unet(self.recipe, shape[2], shape[-1], self.conditioner_template.width)
+        unet = make_count_unet(self.recipe, shape[2], shape[-1], self.conditioner_template.width)
         return CountDenoiser(unet, copy.deepcopy(self.conditioner_template))
 
     def lr_factor(self, step: int) -> float:
