@@ -4,16 +4,18 @@
 # under $OUT, so one that fails or runs long costs only its own minutes.
 #
 #   here:    bash benchmarks/gpu_wheels.sh
-#   device:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=560)
-#            (GPU_STEPS="pathldm nasdm" runs some steps only, e.g. for a rerun)
+#   device:  run(command="bash benchmarks/gpu_session.sh", carry=[".whl"], timeout_s=580)
+#            GPU_STEPS="disc compile" runs some steps only: a rerun must come at once, while the machine is warm
+#            (30 s); a new machine needs at least 4 of the session's 15 minutes left
 #
-# Steps (the sum of the limits is 540 s; expect about half):
+# Steps (the sum of the limits is 530 s, plus the wheels' install and two imports; expect about half):
 #   pathldm  pathldm-256 (400.9 M UNet, 64x64x3 latents, 154x512 context), bf16, batch 48: training images/s and
 #            DDIM 50 + guidance images/s, with model FLOP utilisation (speed issue, item 6)
 #   nasdm    the paper NASDM UNet at 128 px, bf16, batch 40: training and 50 guided steps (item 6)
 #   disc     disc-256, bf16, batch 16: training (SD, CoTrain) and SD / SD-SC / SD-SC every step at 1 and 4 labels
 #            (DISC issue: SC ≤ labels × SD + 10 %)
-#   compile  pathldm-256 sampling with torch.compile (item 2; the compilation is in the untimed warm-up)
+#   compile  pathldm-256 sampling under torch.compile, batch 16, DDIM 20 (item 2; the compilation, not yet tried at
+#            this size, is in the untimed warm-up: compare with the eager rate of the pathldm step per step)
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"
@@ -36,6 +38,7 @@ step() {  # name, limit in seconds, command...
   echo "== $name: exit ${PIPESTATUS[0]} at $(date -u +%T)"
 }
 step pathldm 150 python3 benchmarks/latent_diffusion.py --model paper --phases train,sample
-step nasdm   120 python3 benchmarks/nasdm.py --model paper --size 128
+step nasdm   100 python3 benchmarks/nasdm.py --model paper --size 128
 step disc    150 python3 benchmarks/disc.py --model paper --labels 1,4
-step compile 120 python3 benchmarks/latent_diffusion.py --model paper --phases sample --compile
+step compile 130 python3 benchmarks/latent_diffusion.py --model paper --phases sample --compile --batch 16 \
+  --sample-steps 20

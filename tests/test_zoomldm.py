@@ -116,6 +116,7 @@ def test_condition_sampler_runs_any_x0_scheduler_by_name_for_exactly_the_steps_a
     hand-written DDIM η = 0 loop on x0 predictions; euler-ancestral (no x0 stepping in diffusers) is refused by name."""
     import typing
 
+    from histosynth.diffusion.runtime import precision
     from histosynth.diffusion.schedulers import SCHEDULERS
     from histosynth.pipelines.zoomldm import sample_condition_tokens
     from histosynth.recipes.zoomldm import ConditionSchedulerName
@@ -150,6 +151,11 @@ def test_condition_sampler_runs_any_x0_scheduler_by_name_for_exactly_the_steps_a
             x = (prev.sqrt() * x0 + (1 - prev).sqrt() * eps).float()
     ddim = sample_condition_tokens(model, trained, levels, 7, torch.Generator().manual_seed(1))
     assert torch.allclose(ddim, model.unstandardise(x), atol=1e-4)
+    # `sample --precision bf16` autocasts the image UNet only: the condition sampler stays in fp32
+    with precision("bf16"):
+        assert torch.equal(sample_condition_tokens(model, trained, levels, 7, torch.Generator().manual_seed(1)), ddim)
+    with pytest.raises(HistosynthError, match=r"condition_steps \(--condition-steps\) must be within 1\.\.1000"):
+        sample_condition_tokens(model, trained, levels, 0)
 
 
 # ------------------------------------------------------------------------------------------------------ pipeline
@@ -353,7 +359,7 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     assert {(x["condition_scheduler"], x["condition_steps"]) for x in rows} == {("dpm-solver++", 5)}
     r = runner.invoke(main, ["sample", "--model", str(cond_run), "--reference", str(zoom_store), "--condition-steps", "5",
                              "--out", str(tmp_path / "z")])
-    assert r.exit_code == 2 and "--condition-steps: only without --reference" in r.output
+    assert r.exit_code == 2 and "--condition-steps: only without a reference store (--reference)" in r.output
     r = runner.invoke(main, ["sample", "--model", str(cond_run), "--magnification", "5x", "--condition-steps", "1001",
                              "--out", str(tmp_path / "z")])
     assert r.exit_code == 2 and "--condition-steps must be within 1..999 for this model's unipc" in r.output, r.output

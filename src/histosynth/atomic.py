@@ -14,9 +14,9 @@ from histosynth.errors import DiskFullError, OutputExistsError, is_disk_full, tr
 def refuse_existing(path: str | Path, overwrite: bool, what: str = "output") -> None:
     """Before any work: OutputExistsError naming ``path`` when something is there — a file, a folder or a link,
     a dangling one too (writing would replace it) — and ``overwrite`` is false. ``what`` starts the message."""
-    path = Path(path).expanduser()
+    path = Path(path)
     if not overwrite and (path.exists() or path.is_symlink()):
-        raise OutputExistsError(f"{what} already exists; pass --overwrite to replace it", path)
+        raise OutputExistsError(f"{what} already exists; pass --overwrite (overwrite=True) to replace it", path)
 
 
 @contextmanager

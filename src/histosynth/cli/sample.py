@@ -104,8 +104,10 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     method = method_of_model(model)
     count_options = {"counts_from": counts_from, "requests": requests_file, "counts": counts, "tissue": tissue,
                      "boost": boost}
-    zoom_options = {"magnification": magnification, "reference": reference, "condition_scheduler": condition_scheduler,
-                    "condition_steps": condition_steps}
+    zoom_options = {"magnification": magnification, "reference": reference}
+    # only when given: a partial run from before these options continues (its saved settings lack the keys)
+    zoom_options.update({k: v for k, v in (("condition_scheduler", condition_scheduler),
+                                           ("condition_steps", condition_steps)) if v is not None})
     region_options = {"store": regions, "separated": separated}
     given = {"masks": masks, "prompts": prompts,
              "regions": region_options if any(v is not None for v in region_options.values()) else None,

@@ -414,7 +414,7 @@ def evaluate_distribution(
     if generated is None and save_stats is None:
         raise HistosynthError("no generated images given (--generated)")
     if save_stats is not None:  # before any work
-        refuse_existing(save_stats, overwrite, "statistics file")
+        refuse_existing(Path(save_stats).expanduser(), overwrite, "statistics file")
     gen_root = resolve_generated(generated) if generated is not None else None
 
     if isinstance(features, FeatureExtractor):

@@ -57,7 +57,7 @@ def sample_condition_tokens(model: ConditionTransformer, scheduler: SchedulerMix
     """(B, N, D) condition tokens drawn by the EDM (ZoomLDM Sec. 3.2) for level indices ``levels`` (int64 (B,)):
     Gaussian noise, exactly ``steps`` steps of ``scheduler`` on the model's x0 ("sample") predictions (the paper: DDIM
     50, η = 0; any scheduler of :data:`~histosynth.diffusion.schedulers.SCHEDULERS` that steps x0), then the training
-    standardisation undone.
+    standardisation undone. It runs in the model's dtype: ``--precision`` autocasts the image UNet only.
 
     Raises:
         HistosynthError: a step count the schedule cannot run.
@@ -65,7 +65,8 @@ def sample_condition_tokens(model: ConditionTransformer, scheduler: SchedulerMix
     shape = (len(levels), model.config.num_tokens, model.config.token_dim)
     noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     levels = levels.to(model.device)
-    x = denoise(lambda x, t: model(x, t, levels), scheduler, steps, noise, generator=generator)
+    x = denoise(lambda x, t: model(x, t, levels), scheduler, steps, noise, generator=generator, autocast=False,
+                steps_option="condition_steps (--condition-steps)")
     return model.unstandardise(x)
 
 
@@ -101,9 +102,11 @@ class ZoomLDMPipeline(RunPipeline):
     def sample_conditions(self, levels: torch.Tensor, num_inference_steps: int | None = None,
                           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """(B, N, D) summariser-space tokens drawn by the EDM for level indices ``levels`` (ZoomLDM Sec. 3.2) with
-        ``self.condition_scheduler`` (DDIM as trained; swap another in by its config, e.g. ``pipe.condition_scheduler =
-        sampling_scheduler("dpm-solver++", pipe.condition_scheduler.config)``) for ``num_inference_steps`` steps
-        (default the recipe's ``condition_steps``, paper 50)."""
+        ``self.condition_scheduler`` for ``num_inference_steps`` steps (default the recipe's ``condition_steps``, paper
+        50). The saved pipeline holds the DDIM it was trained with; ``histosynth sample`` swaps in the recipe's
+        ``sampling.condition_scheduler`` (or ``--condition-scheduler``), as it does the image model's scheduler; in
+        Python swap one in by its config, e.g. ``pipe.condition_scheduler = sampling_scheduler("dpm-solver++",
+        pipe.condition_scheduler.config)``."""
         if self.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give reference grids (sample --reference "
                                   "STORE), or train one with `histosynth train --recipe zoomldm-conditions...`")

@@ -99,17 +99,18 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
                                   "train one with `histosynth train --recipe zoomldm-conditions...`")
         name = use_scheduler(pipe, source.get("condition_scheduler") or sampling.get("condition_scheduler"),
                              "condition_scheduler")
-        steps = source.get("condition_steps") or sampling.get("condition_steps", 50)
-        check_num_steps(pipe.condition_scheduler, steps, option="--condition-steps")
+        steps = source.get("condition_steps")
+        steps = sampling.get("condition_steps", 50) if steps is None else steps
+        check_num_steps(pipe.condition_scheduler, steps, option="condition_steps (--condition-steps)")
         condition = {"condition_scheduler": name, "condition_steps": steps}
         jobs = [(m, None) for m in levels for _ in range(num)]
         store = embeddings = None
     else:
-        given = [o for o, k in (("--condition-scheduler", "condition_scheduler"), ("--condition-steps", "condition_steps"))
+        given = [f"{k} (--{k.replace('_', '-')})" for k in ("condition_scheduler", "condition_steps")
                  if source.get(k) is not None]
         if given:
-            raise HistosynthError(f"{' and '.join(given)}: only without --reference (its conditions are the store's "
-                                  "real embedding grids; nothing is sampled for them)")
+            raise HistosynthError(f"{' and '.join(given)}: only without a reference store (--reference): its "
+                                  "conditions are the store's real embedding grids, nothing is sampled for them")
         store, embeddings, picks = reference_patches(pipe, Path(reference), levels, num, seed, split)
         jobs = [(m, i) for m, chosen in picks.items() for i in chosen]
     rows = store.records if store is not None else None
