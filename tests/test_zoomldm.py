@@ -366,6 +366,35 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
     assert not (tmp_path / "z").exists()
 
 
+def test_a_killed_reference_run_saved_the_settings_of_earlier_versions_and_continues(zoom_store, zoom_run, tmp_path,
+                                                                                     monkeypatch):
+    """The condition-sampler options are saved only when given, so a partial run written before they existed (source
+    = magnification + reference) is continued by the same command, not refused as "other settings"."""
+    from histosynth.cli import main
+    from histosynth.pipelines.zoomldm import ZoomLDMPipeline
+    from histosynth.sampling.writer import RESUME, partial_folder
+
+    real_call, calls = ZoomLDMPipeline.__call__, []
+
+    def crash_on_second(self, *a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("killed")
+        return real_call(self, *a, **k)
+
+    out = tmp_path / "ref"
+    args = ["sample", "--model", str(zoom_run), "--reference", str(zoom_store), "--num", "2", "--steps", "2",
+            "--batch-size", "2", "--out", str(out)]
+    monkeypatch.setattr(ZoomLDMPipeline, "__call__", crash_on_second)
+    assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
+    saved = json.loads((partial_folder(out) / RESUME / "settings.json").read_text())
+    assert sorted(saved["source"]) == ["magnification", "reference"]
+    monkeypatch.setattr(ZoomLDMPipeline, "__call__", real_call)
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 0, r.output
+    assert len((out / "samples.jsonl").read_text().splitlines()) == 6
+
+
 def test_fid_per_magnification_is_zero_on_the_real_patches_and_counts_each_level(zoom_store, tmp_path):
     """A 'generated' folder holding exactly the store's 10x and 5x patches: FD 0 at both levels (the real side is all
     of that level), the image counts per level as stored; a level only one side has is left out."""
