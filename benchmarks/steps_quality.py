@@ -32,7 +32,7 @@ from machine_info import machine
 def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, steps, seed, num, batch, split,
              has_masks) -> dict:
     from histosynth.evaluate.fid import evaluate_distribution
-    from histosynth.evaluate.sweep import _contrast
+    from histosynth.evaluate.sweep import sample_contrast
 
     t0 = time.perf_counter()
     if not (sub / "samples.jsonl").is_file():
@@ -45,7 +45,7 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
     row = {"scheduler": scheduler, "steps": steps, "seed": seed, "fd": fd["fid"], "n": fd["n_generated"],
            "seconds_sampling": round(seconds, 1)}
     if has_masks:
-        row["contrast"], row["contrast_real"] = _contrast(sub)
+        row["contrast"], row["contrast_real"] = sample_contrast(sub)
     return row
 
 

@@ -28,10 +28,10 @@ def parse_levels(text: str) -> tuple[tuple[int, str], ...]:
             out.append((int(count), word.strip()))
         except ValueError:
             raise HistosynthError(f"--levels must look like '0:no,1:few,10:many', got {text!r}") from None
-    from histosynth.conditions.captions import _check_levels
+    from histosynth.conditions.captions import check_levels
 
     try:
-        return tuple(_check_levels(out))
+        return tuple(check_levels(out))
     except ValueError as exc:
         raise HistosynthError(f"--levels: {exc}") from None
 

@@ -41,6 +41,7 @@ __all__ = [
     "LABEL_LEVELS",
     "PATHLDM_CLASSES",
     "build_captions",
+    "check_levels",
     "choose_summary",
     "label_caption",
     "label_captions_from_store",
@@ -182,7 +183,12 @@ def nuclei_counts(inst_map: np.ndarray, type_map: np.ndarray, class_names: Seque
     return nuclei_per_type(inst, types, class_names)
 
 
-def _check_levels(levels: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+def check_levels(levels: Sequence[tuple[int, str]]) -> list[tuple[int, str]]:
+    """Caption count levels as [(minimum count, word), ...]: the first at 0, minimums strictly increasing.
+
+    Raises:
+        ValueError: levels that do not start at 0 or do not increase.
+    """
     out = [(int(m), str(w)) for m, w in levels]
     if not out or out[0][0] != 0 or any(a[0] >= b[0] for a, b in zip(out, out[1:])):
         raise ValueError(f"levels must start at 0 and increase strictly, got {levels}")
@@ -217,7 +223,7 @@ def label_caption(counts, class_names: Sequence[str], *, levels: Sequence[tuple[
     unknown = sorted(set(exclude) - set(names))
     if unknown:
         raise ValueError(f"cannot exclude unknown types {unknown}; class names are {names}")
-    table = _check_levels(levels)
+    table = check_levels(levels)
     clauses = []
     for name in names:
         if name in exclude:

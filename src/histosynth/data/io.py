@@ -27,8 +27,9 @@ def _check_file(path: Path) -> None:
         raise DataError("file is empty (0 bytes)", path)
 
 
-def _open_decoded(path: Path) -> Image.Image:
-    """Open and fully decode: PIL decodes lazily, so a truncated file would otherwise pass ``open``."""
+def open_decoded(path: Path) -> Image.Image:
+    """The PIL image of ``path``, opened and fully decoded: PIL decodes lazily, so a truncated file would otherwise
+    pass ``open``. Raises DataError naming the file: missing, empty, corrupt or not an image."""
     _check_file(path)
     try:
         im = Image.open(path)
@@ -44,7 +45,7 @@ def read_rgb(path: str | Path) -> np.ndarray:
     Every place that reads a user's image (prepare, evaluate, the segmenter, stain targets) reads it through here.
     Raises DataError naming the file: missing, empty, corrupt, or a pixel type the rule refuses."""
     path = Path(path)
-    return to_rgb_uint8(_open_decoded(path), path)
+    return to_rgb_uint8(open_decoded(path), path)
 
 
 # integer modes of one 16/32-bit channel: scaled by their bit depth, not clipped at 255
@@ -97,7 +98,7 @@ def read_label_png(path: str | Path) -> np.ndarray:
     A multi-channel (RGB) label is refused rather than guessed at: colour-coded masks would need a palette.
     """
     path = Path(path)
-    im = _open_decoded(path)
+    im = open_decoded(path)
     if im.mode not in _LABEL_MODES:
         raise DataError(
             f"label image must be single-channel 8/16-bit integers, got PIL mode {im.mode!r} "

@@ -53,11 +53,11 @@ class SyntheticPairs:
         return SyntheticPairs(self.root, [self.rows[int(i)] for i in indices], self.num_classes)
 
     def __getitem__(self, i: int) -> dict:
-        from histosynth.evaluate.controllability import _labels, _read
+        from histosynth.evaluate.controllability import read_labels, read_listed
 
         row = self.rows[i]
-        image = _read(self.root / row["image"], "image")
-        inst, types = _labels(self.root, row, self.num_classes or 255)
+        image = read_listed(self.root / row["image"], "image")
+        inst, types = read_labels(self.root, row, self.num_classes or 255)
         if image.shape[:2] != inst.shape:
             raise DataError(f"generated image {image.shape[:2]} and its label map {inst.shape} differ in size",
                             self.root / row["image"])

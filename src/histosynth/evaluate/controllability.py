@@ -51,7 +51,8 @@ from histosynth.evaluate.instance_metrics import (
     PQAccumulator, aggregated_jaccard_index, bland_altman, bland_altman_plot, counts_per_type, dice, pearson_r,
 )
 
-__all__ = ["read_samples", "sample_class_names", "check_segmenter_classes", "segment_samples", "mask_adherence",
+__all__ = ["read_samples", "sample_class_names", "segmenter_class_names", "read_listed", "read_labels",
+           "check_segmenter_classes", "segment_samples", "mask_adherence",
            "count_agreement", "is_count_conditioned", "segmenter_ceiling"]
 
 MANIFEST = "samples.jsonl"
@@ -111,7 +112,12 @@ def sample_class_names(sample_dir: str | Path, rows: Sequence[dict] | None = Non
     return None
 
 
-def _segmenter_class_names(segmenter) -> tuple[str, ...]:
+def segmenter_class_names(segmenter) -> tuple[str, ...]:
+    """The nucleus type names of a segmenter (its ``class_names``, type 1 first; a leading background name dropped).
+
+    Raises:
+        HistosynthError: the segmenter names no classes.
+    """
     names = getattr(segmenter, "class_names", None)
     if names is None:
         raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} has no class_names")
@@ -135,7 +141,7 @@ def check_segmenter_classes(sample_dir: str | Path, rows: Sequence[dict], segmen
     When the directory does not say its classes, the segmenter's are used (with a warning) and the label maps
     are checked against their number as they are read.
     """
-    seg_names = _segmenter_class_names(segmenter)
+    seg_names = segmenter_class_names(segmenter)
     names = sample_class_names(sample_dir, rows)
     if names is None:
         warnings.warn(f"{sample_dir}: the samples do not name their classes (no class_names, store.json or "
@@ -150,7 +156,12 @@ def check_segmenter_classes(sample_dir: str | Path, rows: Sequence[dict], segmen
     return names
 
 
-def _read(path: Path, kind: str) -> np.ndarray:
+def read_listed(path: Path, kind: str) -> np.ndarray:
+    """A file a sample manifest lists: ``kind`` "image" → uint8 (H, W, 3) RGB; a label map → int64 (H, W).
+
+    Raises:
+        DataError naming the file: missing, or unreadable.
+    """
     if not path.is_file():
         raise DataError(f"missing {kind} listed in {MANIFEST}", path)
     try:
@@ -162,9 +173,14 @@ def _read(path: Path, kind: str) -> np.ndarray:
         raise DataError(f"cannot read {kind}: {exc}", path) from None
 
 
-def _labels(root: Path, row: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
-    inst = _read(root / row["inst_map"], "instance map")
-    types = _read(root / row["type_map"], "type map")
+def read_labels(root: Path, row: dict, num_classes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(instance map, type map), int64 (H, W) each, of a manifest row (its ``inst_map`` / ``type_map`` under ``root``).
+
+    Raises:
+        DataError naming the file: missing or unreadable, the two maps' shapes differ, a type id above ``num_classes``.
+    """
+    inst = read_listed(root / row["inst_map"], "instance map")
+    types = read_listed(root / row["type_map"], "type map")
     if inst.shape != types.shape or inst.ndim != 2:
         raise DataError(f"instance map {inst.shape} and type map {types.shape} differ", root / row["type_map"])
     if types.size and types.max() > num_classes:
@@ -184,14 +200,14 @@ def segment_samples(sample_dir: str | Path, segmenter, which: str = "image", bat
         raise HistosynthError(f"batch size must be >= 1, got {batch_size}")
     root = Path(sample_dir)
     rows = read_samples(root) if rows is None else rows
-    k = len(_segmenter_class_names(segmenter)) if num_classes is None else num_classes
+    k = len(segmenter_class_names(segmenter)) if num_classes is None else num_classes
     batch: list[tuple[dict, np.ndarray]] = []
 
     def flush():
         images = np.stack([img for _, img in batch])
         pred_inst, pred_type = _predict(segmenter, images)
         for (row, _), pi, pt in zip(batch, pred_inst, pred_type):
-            ti, tt = _labels(root, row, k)
+            ti, tt = read_labels(root, row, k)
             if ti.shape != pi.shape:
                 raise DataError(f"label maps {ti.shape} differ in size from the image {pi.shape}", root / row[which])
             yield row, ti, tt, pi, pt
@@ -199,7 +215,7 @@ def segment_samples(sample_dir: str | Path, segmenter, which: str = "image", bat
     for n, row in enumerate(rows, start=1):
         if not row.get(which):
             raise DataError(f"line {n} lists no {which!r} image", root / MANIFEST)
-        img = _read(root / row[which], "image")
+        img = read_listed(root / row[which], "image")
         if batch and (len(batch) == batch_size or img.shape != batch[0][1].shape):
             yield from flush()
             batch = []

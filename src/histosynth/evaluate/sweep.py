@@ -28,7 +28,7 @@ import numpy as np
 
 from histosynth.errors import HistosynthError
 
-__all__ = ["SWEEP_PARAMS", "guidance_sweep", "parse_values", "plot_sweep", "value_dir_name"]
+__all__ = ["SWEEP_PARAMS", "guidance_sweep", "parse_values", "plot_sweep", "sample_contrast", "value_dir_name"]
 
 #: sweepable parameters → the sample_store argument they set
 SWEEP_PARAMS = {"guidance": "guidance_scale", "steps": "num_inference_steps"}
@@ -100,8 +100,9 @@ def _distribution(f_real: np.ndarray, f_gen: np.ndarray, logits_gen, extractor, 
     return out
 
 
-def _contrast(sample_dir: Path) -> tuple[float, float]:
-    """Nuclei contrast (generated, real) over the rows of a sample directory."""
+def sample_contrast(sample_dir: Path) -> tuple[float, float]:
+    """Nuclei contrast (generated, real) over the rows of a NASDM sample directory: the mean grey level (0–255)
+    outside minus inside the conditioned nuclei (:func:`histosynth.evaluate.adherence.nuclei_contrast`)."""
     from PIL import Image
 
     from histosynth.data.images import load_image
@@ -183,9 +184,9 @@ def guidance_sweep(
     pipe = pipe.to(device)
     if segmenter is not None:  # fail before sampling anything
         from histosynth.data.store import PatchStore
-        from histosynth.evaluate.controllability import _segmenter_class_names
+        from histosynth.evaluate.controllability import segmenter_class_names
 
-        seg_names = _segmenter_class_names(segmenter)
+        seg_names = segmenter_class_names(segmenter)
         store_names = PatchStore(masks_store).class_names
         if list(seg_names) != list(store_names):
             raise HistosynthError(f"the store's classes {list(store_names)} differ from the segmenter's "
@@ -220,7 +221,7 @@ def guidance_sweep(
             row: dict[str, Any] = {param: value, "dir": sub.name, "guidance_scale": float(g),
                                    "num_inference_steps": int(k), "scheduler": scheduler, "seed": seed}
             row.update(_distribution(f_real, f_gen, logits_gen, extractor))
-        row["nuclei_contrast_generated"], row["nuclei_contrast_real"] = _contrast(sub)
+        row["nuclei_contrast_generated"], row["nuclei_contrast_real"] = sample_contrast(sub)
         if segmenter is not None:
             from histosynth.evaluate.controllability import mask_adherence
 

@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth.data.gleason.labels import LabelMapping, build_mapping, parse_labels, snap_to_values
-from histosynth.data.io import IMAGE_EXTS, _open_decoded, child_dir, list_images, read_rgb
+from histosynth.data.io import IMAGE_EXTS, open_decoded, child_dir, list_images, read_rgb
 from histosynth.data.record import RegionRecord
 from histosynth.errors import DataError, HistosynthError
 
@@ -102,7 +102,7 @@ def _stem(name) -> str:
 
 def _read_mask(path: Path, tolerance: int) -> np.ndarray:
     """The grey levels of a mask (uint8 or wider, (H, W)); an RGB mask must be grey."""
-    im = _open_decoded(path)
+    im = open_decoded(path)
     arr = np.asarray(im)
     if arr.ndim == 3:
         if im.mode not in ("RGB", "RGBA") or arr.dtype != np.uint8:
