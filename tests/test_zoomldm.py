@@ -389,10 +389,12 @@ def test_a_killed_reference_run_saved_the_settings_of_earlier_versions_and_conti
     assert isinstance(CliRunner().invoke(main, args).exception, RuntimeError)
     saved = json.loads((partial_folder(out) / RESUME / "settings.json").read_text())
     assert sorted(saved["source"]) == ["magnification", "reference"]
-    monkeypatch.setattr(ZoomLDMPipeline, "__call__", real_call)
+    calls.clear()
+    monkeypatch.setattr(ZoomLDMPipeline, "__call__", lambda self, *a, **k: (calls.append(1), real_call(self, *a, **k))[1])
     r = CliRunner().invoke(main, args)
     assert r.exit_code == 0, r.output
     assert len((out / "samples.jsonl").read_text().splitlines()) == 6
+    assert len(calls) == 2  # the finished first batch (of 3) is kept, not drawn again
 
 
 def test_fid_per_magnification_is_zero_on_the_real_patches_and_counts_each_level(zoom_store, tmp_path):

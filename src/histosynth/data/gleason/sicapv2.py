@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from histosynth.data.gleason.labels import LabelMapping, build_mapping, parse_labels, snap_to_values
-from histosynth.data.io import IMAGE_EXTS, open_decoded, child_dir, list_images, read_rgb
+from histosynth.data.io import IMAGE_EXTS, child_dir, list_images, open_decoded, read_rgb
 from histosynth.data.record import RegionRecord
 from histosynth.errors import DataError, HistosynthError
 
