@@ -71,13 +71,6 @@ class CountConditionConfig:
     default_tissue: str = "tissue"
 
 
-@dataclass
-class HistoSmithUNetConfig(latent.UNetConfig):
-    """diffusers ``UNet2DConditionModel``; with injection "embedding" use blocks without CrossAttn."""
-
-    mid_block_type: Literal["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"] = "UNetMidBlock2DCrossAttn"
-
-
 @dataclass(kw_only=True)
 class HistoSmithRecipe(Recipe):
     METHOD = "histosmith"
@@ -86,7 +79,7 @@ class HistoSmithRecipe(Recipe):
     autoencoder: latent.AutoencoderConfig  # a run of `train autoencoder --recipe histosmith-vq...` (its JointVQModel)
     train: latent.LatentTrainConfig
     condition: CountConditionConfig = field(default_factory=CountConditionConfig)
-    unet: HistoSmithUNetConfig = field(default_factory=HistoSmithUNetConfig)
+    unet: latent.UNetConfig = field(default_factory=latent.UNetConfig)  # injection "embedding": no CrossAttn blocks
     diffusion: latent.LatentDiffusionConfig = field(default_factory=latent.LatentDiffusionConfig)
     sampling: latent.SamplingConfig = field(default_factory=lambda: latent.SamplingConfig(num_inference_steps=50, guidance_scale=2.0))
 

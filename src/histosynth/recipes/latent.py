@@ -38,6 +38,8 @@ class UNetConfig:
     down_block_types: tuple[str, ...] = ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                          "CrossAttnDownBlock2D")
     up_block_types: tuple[str, ...] = ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D")
+    # diffusers' default; HistoSmith's count embedding without tokens needs the plain UNetMidBlock2D
+    mid_block_type: Literal["UNetMidBlock2DCrossAttn", "UNetMidBlock2D"] = "UNetMidBlock2DCrossAttn"
     transformer_layers_per_block: int = 1
     norm_num_groups: int = 32
 

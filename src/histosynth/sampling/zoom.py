@@ -131,9 +131,7 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
             kwargs = dict(magnification=[m for m, _ in chunk], guidance_scale=guidance_scale,
                           num_inference_steps=num_inference_steps, generator=generators, progress=False)
             if reference is None:
-                kwargs["condition_steps"] = condition["condition_steps"]
-            if reference is None:
-                result = pipe(**kwargs)
+                result = pipe(condition_steps=condition["condition_steps"], **kwargs)
             else:
                 result = pipe(grids=[np.asarray(embeddings.grid(rows[i]), dtype=np.float32) for _, i in chunk], **kwargs)
             for (m, i), image, s in zip(chunk, result.images, seeds):

@@ -57,14 +57,14 @@ def cached_latents(stats: np.ndarray, positions: list[int], scaling: float, rand
 
 def make_unet(recipe, latent_channels: int, latent_size: int, **extra) -> UNet2DConditionModel:
     """The cross-attention UNet of a latent recipe's ``unet`` section (PathLDM, ZoomLDM, DISC, HistoSmith), for latents
-    of ``latent_channels`` × ``latent_size``²; its ``mid_block_type`` where the section has one (HistoSmith), and
-    ``extra`` UNet2DConditionModel settings of the method (HistoSmith's class-embedding projection)."""
+    of ``latent_channels`` × ``latent_size``², with ``extra`` UNet2DConditionModel settings of the method (HistoSmith's
+    class-embedding projection)."""
     u = recipe.unet
-    mid = {"mid_block_type": u.mid_block_type} if hasattr(u, "mid_block_type") else {}
     return UNet2DConditionModel(
         sample_size=latent_size, in_channels=latent_channels, out_channels=latent_channels,
         down_block_types=tuple(u.down_block_types), up_block_types=tuple(u.up_block_types),
         block_out_channels=tuple(u.block_out_channels), layers_per_block=u.layers_per_block,
         attention_head_dim=tuple(u.attention_head_dim), cross_attention_dim=u.cross_attention_dim,
-        transformer_layers_per_block=u.transformer_layers_per_block, norm_num_groups=u.norm_num_groups, **mid, **extra,
+        transformer_layers_per_block=u.transformer_layers_per_block, norm_num_groups=u.norm_num_groups,
+        mid_block_type=u.mid_block_type, **extra,
     )
