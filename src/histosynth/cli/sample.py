@@ -81,8 +81,8 @@ __all__ = ["sample"]
 @overwrite_option()
 @user_errors
 def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference,
-           condition_scheduler, condition_steps, regions, separated, split, num, guidance, steps, scheduler, precision, compile_unet, deep_cache_interval, seed, batch_size,
-           device, out, overwrite):
+           condition_scheduler, condition_steps, regions, separated, split, num, guidance, steps, scheduler, precision,
+           compile_unet, deep_cache_interval, seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
     ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones), DISC on
