@@ -276,6 +276,24 @@ def test_ddim_runs_exactly_the_steps_asked(steps):
         pipe([0], num_inference_steps=0, progress=False)
 
 
+def test_unset_settings_come_from_the_saved_recipe_and_given_ones_win():
+    """pipe(...) in Python samples as the recipe says (the saved ``sampling`` section), like `histosynth sample`;
+    without that section the method's defaults (DDIM 50, g 1.75) run."""
+    def passes(pipe, **kw):
+        calls = []
+        forward = pipe.unet.forward
+        pipe.unet.forward = lambda x, t, **k: calls.append(x.shape[0]) or forward(x, t, **k)
+        out = pipe([0, 1], progress=False, **kw)
+        pipe.unet.forward = forward
+        return out.num_steps_run, len(calls), set(calls)
+
+    pipe = _class_pipeline()
+    assert passes(pipe) == (50, 50, {4})  # defaults: 50 steps, guided ([∅; y] batched)
+    pipe.register_to_config(sampling={"num_inference_steps": 3, "guidance_scale": 1.0, "eta": 0.0})
+    assert passes(pipe) == (3, 3, {2})  # the recipe's: 3 steps, g = 1 (conditional only)
+    assert passes(pipe, num_inference_steps=4, guidance_scale=2.0) == (4, 4, {4})
+
+
 def test_batched_guidance_equals_two_separate_passes():
     """One UNet pass on the stacked [∅; y] pair per step gives the latents of two passes (∅, then y) combined by
     ε(∅) + g·(ε(y) − ε(∅)), stepped by a DDIM of the same config (4 steps, g = 2.5)."""

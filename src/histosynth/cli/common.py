@@ -6,6 +6,7 @@ import functools
 import re
 import sys
 import typing
+from pathlib import Path
 
 import click
 
@@ -72,6 +73,11 @@ def balance_option():
     return click.option("--balance", default="0", show_default=True,
                         help="λ of DISC eq. 4, L = (1-λ)·L_real + λ·L_synth; several comma-separated (e.g. 0,0.3,0.6,0.9) "
                              "train one model each.")
+
+
+def result_out_option(help: str = "Also write the result to this JSON file."):
+    """``--out`` of a command that prints its result (default None: print only); it writes the same result there."""
+    return click.option("--out", type=click.Path(path_type=Path), default=None, help=help)
 
 
 def device_option(help: str = "torch device: cpu, cuda, cuda:1 (default: cuda if available, else cpu)."):

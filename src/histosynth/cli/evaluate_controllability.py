@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import SCHEDULER_NAMES, device_option, overwrite_option, seed_option, torch_device, user_errors
+from histosynth.cli.common import SCHEDULER_NAMES, device_option, overwrite_option, result_out_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "mask_adherence_cmd", "counts_cmd", "sweep_cmd", "report_cmd"]
 
@@ -45,7 +45,7 @@ _batch = click.option("--batch-size", default=16, show_default=True, help="Image
 @click.command("mask-adherence")
 @_generated
 @_segmenter
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file.")
+@result_out_option("Also write the metrics to this JSON file.")
 @click.option("--real", type=click.Path(path_type=Path), default=None,
               help="A labelled patch store: the segmenter's own scores on its real --real-split patches (its ceiling), "
                    "next to the generated numbers.")

@@ -21,7 +21,7 @@ from pathlib import Path
 import click
 
 from histosynth.atomic import refuse_existing
-from histosynth.cli.common import device_option, option_group, overwrite_option, torch_device, user_errors
+from histosynth.cli.common import device_option, option_group, overwrite_option, result_out_option, torch_device, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["COMMANDS", "fid", "fid_per_magnification", "kid", "is_"]
@@ -58,7 +58,7 @@ _common = option_group(
                  help="timm architecture of a --features weight file (e.g. vit_large_patch16_224)."),
     click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1)),
     device_option(),
-    click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the metrics to this JSON file."),
+    result_out_option("Also write the metrics to this JSON file."),
     overwrite_option("Replace an existing --out / --save-stats file."),
 )
 

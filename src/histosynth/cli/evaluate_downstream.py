@@ -12,7 +12,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
+from histosynth.cli.common import device_option, overwrite_option, result_out_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "augment_cmd", "cas_cmd"]
 
@@ -51,7 +51,7 @@ def augment_cmd(real, synthetic, ratio, steps, batch_size, crop, seed, device, o
 @click.option("--batch-size", default=32, show_default=True)
 @seed_option()
 @device_option()
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the result to this JSON file.")
+@result_out_option()
 @overwrite_option()
 @user_errors
 def cas_cmd(real, synthetic, label, real_labels, features, batch_size, seed, device, out, overwrite):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import click
 
-from histosynth.cli.common import balance_option, device_option, overwrite_option, seed_option, torch_device, user_errors
+from histosynth.cli.common import balance_option, device_option, overwrite_option, result_out_option, seed_option, torch_device, user_errors
 
 __all__ = ["COMMANDS", "region_adherence_cmd", "region_classifier_cmd"]
 
@@ -57,8 +57,8 @@ def region_classifier_cmd(store, out, synthetic, balance, steps, batch_size, lr,
               help="A classifier trained on real tiles (`evaluate region-classifier` --out, or its classifier/).")
 @click.option("--samples", required=True, type=click.Path(path_type=Path),
               help="A `histosynth sample --regions` output (images/, masks/, real/, classes.txt).")
-@click.option("--out", type=click.Path(path_type=Path), default=None,
-              help="Write the result JSON here and tile | mask | prediction rows to the same name with .png.")
+@result_out_option("Also write the result to this JSON file, and tile | mask | prediction rows to the same name "
+                   "with .png.")
 @click.option("--batch-size", default=8, show_default=True)
 @device_option()
 @overwrite_option()

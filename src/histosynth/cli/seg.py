@@ -17,7 +17,7 @@ import click
 import numpy as np
 
 from histosynth.atomic import atomic_folder, refuse_existing
-from histosynth.cli.common import device_option, overwrite_option, seed_option, torch_device, user_errors
+from histosynth.cli.common import device_option, overwrite_option, result_out_option, seed_option, torch_device, user_errors
 from histosynth.errors import HistosynthError
 
 __all__ = ["seg", "predict_to_folder"]
@@ -71,7 +71,7 @@ def train_cmd(data, out, steps, batch_size, lr, crop, seed, no_imagenet, device,
 @click.option("--model", required=True, type=click.Path(path_type=Path), help="A folder written by `seg train`.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="A labelled patch store.")
 @click.option("--split", default="test", show_default=True)
-@click.option("--out", type=click.Path(path_type=Path), default=None, help="Also write the scores to this JSON file.")
+@result_out_option("Also write the scores to this JSON file.")
 @click.option("--batch-size", default=8, show_default=True)
 @device_option()
 @overwrite_option()

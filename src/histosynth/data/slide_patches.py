@@ -176,16 +176,9 @@ def tile_footprint(plan: SlidePlan, x0: int, y0: int) -> tuple[slice, slice]:
     return footprint(plan.thumbnail_size, plan.thumbnail_scale, x0, y0, plan.crop0)
 
 
-def tile_slide(
-    path: str | Path,
-    patch: int = 256,
-    magnification: str | float = "10x",
-    tissue_threshold: float = 0.5,
-    overlap: float = 0.0,
-    *,
-    source_magnification: str | float | None = None,
-    mpp: float | None = None,
-) -> Iterator[tuple[np.ndarray, dict]]:
+def tile_slide(path: str | Path, patch: int = 256, magnification: str | float = "10x", tissue_threshold: float = 0.5,
+               overlap: float = 0.0, *, source_magnification: str | float | None = None,
+               mpp: float | None = None) -> Iterator[tuple[np.ndarray, dict]]:
     """Tissue tiles of one slide, one at a time: (uint8 (patch, patch, 3) image, metadata dict).
 
     The slide is opened and checked now (missing, corrupt, no resolution, target above the slide's: a
@@ -241,21 +234,10 @@ def iter_plan(
 _PATCH_FIELDS = ("path", "x", "y", "crop", "magnification")
 
 
-def prepare_slides(
-    slides: Sequence[str | Path] | Iterable[str | Path],
-    out: str | Path,
-    *,
-    patch: int = 256,
-    magnification: str | float = "10x",
-    overlap: float = 0.0,
-    tissue_threshold: float = 0.5,
-    source_magnification: str | float | None = None,
-    overwrite: bool = False,
-    progress: bool = True,
-    command: str | Sequence[str] | None = None,
-    shard_size: int | None = None,
-    mpp: float | None = None,
-):
+def prepare_slides(slides: Sequence[str | Path] | Iterable[str | Path], out: str | Path, *, patch: int = 256,
+                   magnification: str | float = "10x", overlap: float = 0.0, tissue_threshold: float = 0.5,
+                   source_magnification: str | float | None = None, overwrite: bool = False, progress: bool = True,
+                   command: str | Sequence[str] | None = None, shard_size: int | None = None, mpp: float | None = None):
     """Tile whole-slide images into an image-only patch store (PathLDM: 256 px at 10x) and open it.
 
     Every slide is opened and checked before any tile is written, so a bad file fails the run at once.

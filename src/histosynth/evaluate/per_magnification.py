@@ -64,8 +64,8 @@ def fd_per_magnification(generated: str | Path, real: str | Path, extractor, *, 
     if not common:
         raise DataError(f"no magnification with >= 2 images on both sides (generated: {sorted(by_level)}, real: "
                         f"{sorted(k for k in real_by_level if k)})", generated)
-    rng = np.random.default_rng(seed)
     out = {}
+    rng = np.random.default_rng(seed)  # draws each level's real subsample, level after level
     for m in common:
         idx = real_by_level[m]
         if max_real is not None and len(idx) > max_real:

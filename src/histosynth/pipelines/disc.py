@@ -37,6 +37,8 @@ from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_mas
 from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
 SEPARATED = ("none", "final", "every-step")
+# what a setting left unset becomes when the saved recipe has no sampling section (the paper: DDIM 200, g 1.75)
+DEFAULT_SAMPLING = {"guidance_scale": 1.75, "num_inference_steps": 200, "separated": "none", "eta": 0.0}
 
 
 def downsample_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -111,16 +113,10 @@ class DISCPipeline(RunPipeline):
         return tokens, concat
 
     @torch.no_grad()
-    def __call__(
-        self,
-        masks,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        separated: str | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        progress: bool = True,
-    ) -> DISCPipelineOutput:
+    def __call__(self, masks, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 separated: str | None = None, eta: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 progress: bool = True) -> DISCPipelineOutput:
         """Generate one tile per mask.
 
         Args:
@@ -134,11 +130,9 @@ class DISCPipeline(RunPipeline):
             HistosynthError: masks of the wrong size or with labels outside 0..K-1, an unknown ``separated``, a step
                 count outside 1..T.
         """
-        sampling = self.config.sampling or {}
-        g_scale = sampling.get("guidance_scale", 1.75) if guidance_scale is None else guidance_scale
-        steps = sampling.get("num_inference_steps", 200) if num_inference_steps is None else num_inference_steps
-        separated = sampling.get("separated", "none") if separated is None else separated
-        eta = sampling.get("eta", 0.0) if eta is None else eta
+        g_scale, steps, separated, eta = self.sampling_settings(
+            DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, separated=separated,
+            eta=eta)
         if separated not in SEPARATED:
             raise HistosynthError(f"separated must be one of {', '.join(SEPARATED)}, got {separated!r}")
         masks = self._check_masks(masks)

@@ -25,6 +25,9 @@ from histosynth.errors import HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel
 from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
+# what a setting left unset becomes when the saved recipe has no sampling section
+DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 50, "eta": 0.0}
+
 
 @dataclass
 class HistoSmithPipelineOutput(BaseOutput):
@@ -64,17 +67,10 @@ class HistoSmithPipeline(RunPipeline):
         return list(self.conditioner.config.tissues)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        counts,
-        tissue: str | list[str] | None = None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        progress: bool = True,
-        warn_out_of_range: bool = True,
-    ) -> HistoSmithPipelineOutput:
+    def __call__(self, counts, tissue: str | list[str] | None = None, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, eta: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, progress: bool = True,
+                 warn_out_of_range: bool = True) -> HistoSmithPipelineOutput:
         """Generate one image and its labels per request.
 
         Args:
@@ -89,10 +85,8 @@ class HistoSmithPipeline(RunPipeline):
             HistosynthError: a wrong-length vector, a negative count, an unknown type or tissue, a step count
                 outside 1..T. Requests outside the training range warn (the range is in the message).
         """
-        sampling = self.config.sampling or {}
-        g_scale = sampling.get("guidance_scale", 2.0) if guidance_scale is None else guidance_scale
-        steps = sampling.get("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
-        eta = sampling.get("eta", 0.0) if eta is None else eta
+        g_scale, steps, eta = self.sampling_settings(DEFAULT_SAMPLING, guidance_scale=guidance_scale,
+                                                     num_inference_steps=num_inference_steps, eta=eta)
         # 1. the requests → condition vectors (B, K+T) and their null
         if isinstance(counts, dict):
             counts = [counts]

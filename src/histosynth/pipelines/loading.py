@@ -1,5 +1,5 @@
 """What every histosynth pipeline shares: loading from a saved pipeline folder or a training run (its ``RUN/pipeline``)
-(:class:`RunPipeline`), and the latent scaling factor default."""
+(:class:`RunPipeline`), the sampling defaults read from the saved recipe, and the latent scaling factor default."""
 
 from __future__ import annotations
 
@@ -55,3 +55,11 @@ class RunPipeline(DiffusionPipeline):
             raise HistosynthError("load with a method's pipeline class (e.g. NASDMPipeline.from_pretrained), or "
                                   "histosynth.methods.load_pipeline, which reads the class from the folder")
         return super().from_pretrained(str(pipeline_directory(pretrained_model_name_or_path, cls)), **kwargs)
+
+    def sampling_settings(self, fallback: dict, **given) -> tuple:
+        """The values of ``given`` (keyword order) with each None replaced by the saved recipe's ``sampling`` section,
+        else by ``fallback`` (the method's published setting; also what a pipeline saved without that section uses).
+        The one place a pipeline's ``__call__`` reads its defaults, so ``pipe(...)`` in Python samples as the recipe
+        says, like ``histosynth sample``."""
+        saved = self.config.get("sampling") or {}
+        return tuple(saved.get(k, fallback[k]) if v is None else v for k, v in given.items())

@@ -13,6 +13,9 @@ histosynth.diffusion.sampling_loop; a learned-variance DDPM steps with [ε, v], 
 Guidance: ``guidance_scale`` is diffusers' g, as everywhere in histosynth (g = 1: the conditional model
 alone, one pass per step). NASDM's eq. 7 writes the same combination with s = g − 1: the paper's s = 1
 is ``guidance_scale=2.0``, the default.
+
+Defaults (:data:`DEFAULT_SAMPLING`): g = 2 and the trained DDPM at 50 steps, which matched the paper's 250 within
+noise (FD and mask adherence, docs/benchmarks.md "Quality vs sampling steps"): 5x fewer UNet passes.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ from histosynth.diffusion.sampling_loop import denoise, uses_learned_variance
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
 from histosynth.pipelines.loading import RunPipeline
+
+DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 50, "eta": 0.0}
 
 
 @dataclass
@@ -57,27 +62,23 @@ class NASDMPipeline(RunPipeline):
         return torch.from_numpy(np.stack([nuclei_condition(np.asarray(i), np.asarray(t), self.num_classes) for i, t in masks]))
 
     @torch.no_grad()
-    def __call__(
-        self,
-        masks,
-        guidance_scale: float = 2.0,
-        num_inference_steps: int = 50,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        progress: bool = True,
-    ) -> NASDMPipelineOutput:
+    def __call__(self, masks, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 eta: float | None = None, generator: torch.Generator | list[torch.Generator] | None = None,
+                 output_type: str = "np", progress: bool = True) -> NASDMPipelineOutput:
         """Generate one image per condition with ``self.scheduler`` (the trained DDPM; swap another in by its config,
         e.g. ``pipe.scheduler = sampling_scheduler("dpm-solver++", pipe.scheduler.config)``).
 
         Args:
             masks: a (B, K+1, H, W) condition tensor, or (inst_map, type_map) pairs of int arrays (H, W).
-            guidance_scale: g (NASDM's s = g − 1; 2.0 is the paper's s = 1).
-            num_inference_steps: exactly this many steps run (paper: DDPM 250; 50 matched it within noise, docs/benchmarks.md).
-            eta: DDIM's η (0 with any other scheduler).
+            guidance_scale: g (NASDM's s = g − 1); default 2.0, the paper's s = 1.
+            num_inference_steps: exactly this many steps run; default 50 (paper: DDPM 250; 50 matched it within noise,
+                docs/benchmarks.md).
+            eta: DDIM's η (0 with any other scheduler); default 0.
         Raises:
             HistosynthError: a condition of the wrong shape, a step count the schedule cannot run, η ≠ 0 without DDIM.
         """
+        guidance_scale, num_inference_steps, eta = self.sampling_settings(
+            DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta)
         # 1. conditions: either ready tensors (B, K+1, H, W) or (inst_map, type_map) pairs
         cond = masks if isinstance(masks, torch.Tensor) else self.conditions_from_masks(masks)
         if cond.ndim != 4 or cond.shape[1] != self.unet.config.cond_channels:

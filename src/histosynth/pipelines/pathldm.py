@@ -43,6 +43,8 @@ from histosynth.errors import HistosynthError
 from histosynth.pipelines.loading import RunPipeline, latent_scaling, pipeline_directory
 
 CONDITIONER_DIR = "conditioner"
+# what a setting left unset becomes when the saved recipe has no sampling section (the paper: DDIM 50, g 1.75, η 0)
+DEFAULT_SAMPLING = {"guidance_scale": 1.75, "num_inference_steps": 50, "eta": 0.0}
 
 
 @dataclass
@@ -101,16 +103,17 @@ class PathLDMPipeline(RunPipeline):
 
     # ------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
-    def __call__(
-        self,
-        prompts: str | Sequence,
-        guidance_scale: float = 1.75,
-        num_inference_steps: int = 50,
-        eta: float = 0.0,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        output_type: str = "np",
-        progress: bool = True,
-    ) -> PathLDMPipelineOutput:
+    def __call__(self, prompts: str | Sequence, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, eta: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np",
+                 progress: bool = True) -> PathLDMPipelineOutput:
+        """Generate one image per prompt. ``guidance_scale`` (g), ``num_inference_steps`` (DDIM steps, exactly this
+        many run) and ``eta``: default the saved recipe's ``sampling`` (:data:`DEFAULT_SAMPLING` without one).
+
+        Raises:
+            HistosynthError: no prompts, a prompt the conditioner cannot take, a step count outside 1..T."""
+        guidance_scale, num_inference_steps, eta = self.sampling_settings(
+            DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta)
         # 1. conditions: captions (text model) or class indices / names (class baseline), and the null condition
         prompts = [prompts] if isinstance(prompts, (str, int)) else list(prompts)
         if not prompts:

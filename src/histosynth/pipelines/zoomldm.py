@@ -38,6 +38,9 @@ from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.models.zoom_summariser import EmbeddingSummariser
 from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
+# what a setting left unset becomes when the saved recipe has no sampling section (the paper: DDIM 50 for both models)
+DEFAULT_SAMPLING = {"guidance_scale": 1.75, "num_inference_steps": 50, "eta": 0.0, "condition_steps": 50}
+
 
 @dataclass
 class ZoomLDMPipelineOutput(BaseOutput):
@@ -110,23 +113,15 @@ class ZoomLDMPipeline(RunPipeline):
         if self.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give reference grids (sample --reference "
                                   "STORE), or train one with `histosynth train --recipe zoomldm-conditions...`")
-        sampling = self.config.sampling or {}
-        steps = sampling.get("condition_steps", 50) if num_inference_steps is None else num_inference_steps
+        (steps,) = self.sampling_settings(DEFAULT_SAMPLING, condition_steps=num_inference_steps)
         return sample_condition_tokens(self.condition_sampler, self.condition_scheduler, levels, steps, generator)
 
     @torch.no_grad()
-    def __call__(
-        self,
-        magnification: str | list[str] | None = None,
-        num_images: int | None = None,
-        grids: list | None = None,
-        guidance_scale: float | None = None,
-        num_inference_steps: int | None = None,
-        condition_steps: int | None = None,
-        eta: float | None = None,
-        generator: torch.Generator | list[torch.Generator] | None = None,
-        progress: bool = True,
-    ) -> ZoomLDMPipelineOutput:
+    def __call__(self, magnification: str | list[str] | None = None, num_images: int | None = None,
+                 grids: list | None = None, guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                 condition_steps: int | None = None, eta: float | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 progress: bool = True) -> ZoomLDMPipelineOutput:
         """Generate patches.
 
         Args:
@@ -143,10 +138,8 @@ class ZoomLDMPipeline(RunPipeline):
             HistosynthError: an unknown magnification, a grid of the wrong width or of a side that is not 2^k of a known
                 level, no condition sampler and no grids, a step count outside 1..T.
         """
-        sampling = self.config.sampling or {}
-        g_scale = sampling.get("guidance_scale", 1.75) if guidance_scale is None else guidance_scale
-        steps = sampling.get("num_inference_steps", 50) if num_inference_steps is None else num_inference_steps
-        eta = sampling.get("eta", 0.0) if eta is None else eta
+        g_scale, steps, eta = self.sampling_settings(DEFAULT_SAMPLING, guidance_scale=guidance_scale,
+                                                     num_inference_steps=num_inference_steps, eta=eta)
         # 1. the condition tokens: from real grids, or drawn by the condition sampler
         if grids is not None:
             grids = [np.asarray(g) for g in grids]

@@ -12,12 +12,11 @@ from histosynth.conditions.nuclei_mask import nuclei_condition
 from histosynth.data.store import PatchStore
 from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError
+from histosynth.pipelines.nasdm import DEFAULT_SAMPLING
 from histosynth.sampling.writer import SampleWriter, run_settings
 from histosynth.viz import colour_mask
 
-# NASDM: s = 1 is g = 2; the trained DDPM at 50 steps, which matched the paper's 250 within noise (FD and mask
-# adherence, docs/benchmarks.md "Quality vs sampling steps"): 5x fewer UNet passes
-DEFAULT_NUM, DEFAULT_GUIDANCE, DEFAULT_STEPS = 16, 2.0, 50
+DEFAULT_NUM = 16  # masks sampled when --num is not given
 
 
 def choose_patches(store: PatchStore, split: str | None, num: int | None, seed: int) -> list[int]:
@@ -31,30 +30,18 @@ def choose_patches(store: PatchStore, split: str | None, num: int | None, seed: 
     return [pool[i] for i in sorted(picked)]
 
 
-def sample_store(
-    pipe,
-    store_path: str | Path,
-    out: str | Path,
-    *,
-    split: str | None = "test",
-    num: int | None = DEFAULT_NUM,
-    guidance_scale: float | None = None,
-    num_inference_steps: int | None = None,
-    scheduler: str | None = None,
-    seed: int = 0,
-    batch_size: int = 16,
-    overwrite: bool = False,
-    progress: bool = True,
-    grid_rows: int = 8,
-) -> Path:
+def sample_store(pipe, store_path: str | Path, out: str | Path, *, split: str | None = "test",
+                 num: int | None = DEFAULT_NUM, guidance_scale: float | None = None,
+                 num_inference_steps: int | None = None, scheduler: str | None = None, seed: int = 0,
+                 batch_size: int = 16, overwrite: bool = False, progress: bool = True, grid_rows: int = 8) -> Path:
     """Writes OUT/images/N.png (generated), OUT/masks/N.png (the condition, coloured), OUT/labels/N_{inst,type}.png
     (the label maps given), OUT/real/N.png (the real patch of that mask), OUT/samples.jsonl and OUT/grid.png
     (rows: mask | generated | real). ``guidance_scale`` is g (default 2.0 = NASDM's s = 1), steps default 50 (paper 250);
     ``scheduler``: a name of histosynth.diffusion.schedulers.SCHEDULERS swapped into ``pipe`` (default its trained DDPM)."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     out, store = Path(out), PatchStore(store_path)
-    g_scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-    steps = num_inference_steps or DEFAULT_STEPS
+    g_scale, steps = pipe.sampling_settings(DEFAULT_SAMPLING, guidance_scale=guidance_scale,
+                                            num_inference_steps=num_inference_steps)
     if not store.has_labels:
         raise DataError("this store has no nuclei masks to condition on (it was made by `prepare slides`)", store_path)
     if list(store.class_names) != list(pipe.config.class_names):

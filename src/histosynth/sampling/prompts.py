@@ -19,6 +19,7 @@ import torch
 
 from histosynth.conditions.patch_captions import read_prompts
 from histosynth.diffusion.schedulers import use_scheduler
+from histosynth.pipelines.pathldm import DEFAULT_SAMPLING
 from histosynth.sampling.writer import SampleWriter, run_settings
 
 
@@ -26,23 +27,11 @@ def image_seed(seed: int, n: int) -> int:
     return int(seed) * 1_000_003 + int(n)
 
 
-def sample_prompts(
-    pipe,
-    prompts_file: str | Path,
-    out: str | Path,
-    *,
-    num: int | None = None,
-    guidance_scale: float | None = None,
-    num_inference_steps: int | None = None,
-    scheduler: str | None = None,
-    eta: float | None = None,
-    seed: int = 0,
-    batch_size: int = 8,
-    overwrite: bool = False,
-    progress: bool = True,
-    grid_size: tuple[int, int] = (4, 8),
-    split: str | None = None,
-) -> Path:
+def sample_prompts(pipe, prompts_file: str | Path, out: str | Path, *, num: int | None = None,
+                   guidance_scale: float | None = None, num_inference_steps: int | None = None,
+                   scheduler: str | None = None, eta: float | None = None, seed: int = 0, batch_size: int = 8,
+                   overwrite: bool = False, progress: bool = True, grid_size: tuple[int, int] = (4, 8),
+                   split: str | None = None) -> Path:
     """Writes OUT/images/N.png, OUT/samples.jsonl (prompt, class, seed, scheduler settings per image) and OUT/grid.png.
     Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 50 steps, g 1.75, η 0). ``split`` is
     accepted for the common sampling signature and unused (a prompts file has no split).
@@ -52,9 +41,8 @@ def sample_prompts(
     """
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     defaults = pipe.config.get("sampling") or {}
-    guidance_scale = defaults.get("guidance_scale", 1.75) if guidance_scale is None else guidance_scale
-    num_inference_steps = num_inference_steps or defaults.get("num_inference_steps", 50)
-    eta = defaults.get("eta", 0.0) if eta is None else eta
+    guidance_scale, num_inference_steps, eta = pipe.sampling_settings(
+        DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta)
     scheduler = use_scheduler(pipe, scheduler or defaults.get("scheduler"))
     out, prompts_file = Path(out), Path(prompts_file)
     entries = read_prompts(prompts_file)
