@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 from scipy import ndimage as ndi
 
-__all__ = ["PostprocessConfig", "distance_targets", "instances_from_maps"]
+__all__ = ["PostprocessConfig", "distance_targets", "drop_small_and_relabel", "instances_from_maps"]
 
 
 def distance_targets(inst_map: np.ndarray) -> np.ndarray:
@@ -127,7 +127,7 @@ def instances_from_maps(
     leftover, n_left = ndi.label(foreground & (inst == 0))
     if n_left:
         inst = np.where(leftover > 0, leftover + inst.max(), inst)
-    inst = _drop_small_and_relabel(inst, cfg.min_area)
+    inst = drop_small_and_relabel(inst, cfg.min_area)
 
     # majority vote of the per-pixel most likely nucleus type (1..K) inside each instance
     pixel_type = probs[1:].argmax(0) + 1
@@ -140,7 +140,7 @@ def instances_from_maps(
     return inst.astype(np.int32), inst_type[inst].astype(np.int32)
 
 
-def _drop_small_and_relabel(inst: np.ndarray, min_area: int) -> np.ndarray:
+def drop_small_and_relabel(inst: np.ndarray, min_area: int) -> np.ndarray:
     """Instances of fewer than ``min_area`` px set to 0, the others renumbered 1..N keeping their order."""
     sizes = np.bincount(inst.ravel())
     keep = sizes >= max(min_area, 1)

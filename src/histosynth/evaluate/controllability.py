@@ -53,7 +53,8 @@ from histosynth.evaluate.instance_metrics import (
 
 __all__ = ["read_samples", "sample_class_names", "segmenter_class_names", "read_listed", "read_labels",
            "check_segmenter_classes", "segment_samples", "mask_adherence",
-           "count_agreement", "is_count_conditioned", "segmenter_ceiling"]
+           "count_agreement", "is_count_conditioned", "segmenter_ceiling", "segmenter_name", "counting_protocol",
+           "file_safe", "json_default"]
 
 MANIFEST = "samples.jsonl"
 MATCH_IOU = 0.5
@@ -120,14 +121,16 @@ def segmenter_class_names(segmenter) -> tuple[str, ...]:
     """
     names = getattr(segmenter, "class_names", None)
     if names is None:
-        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} has no class_names")
+        raise HistosynthError(f"the segmenter {segmenter_name(segmenter)} has no class_names")
     names = tuple(str(n) for n in names)
     if names and names[0].lower() in ("background", "bg"):  # a list that also names type 0
         names = names[1:]
     return names
 
 
-def _segmenter_name(segmenter) -> str:
+def segmenter_name(segmenter) -> str:
+    """How results and messages name a segmenter: its ``path`` (a loaded checkpoint), else its ``name``, else its
+    class name."""
     for attr in ("path", "name"):
         value = getattr(segmenter, attr, None)
         if value:
@@ -150,7 +153,7 @@ def check_segmenter_classes(sample_dir: str | Path, rows: Sequence[dict], segmen
     if list(names) != list(seg_names):
         raise HistosynthError(
             f"the samples' classes {list(names)} differ from the segmenter's {list(seg_names)} "
-            f"({_segmenter_name(segmenter)}); use a segmenter trained on the same classes",
+            f"({segmenter_name(segmenter)}); use a segmenter trained on the same classes",
             Path(sample_dir) / MANIFEST,
         )
     return names
@@ -229,11 +232,11 @@ def _predict(segmenter, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     try:
         inst, types = out
     except (TypeError, ValueError):
-        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} must return (inst, type) maps") from None
+        raise HistosynthError(f"the segmenter {segmenter_name(segmenter)} must return (inst, type) maps") from None
     inst, types = np.asarray(inst), np.asarray(types)
     expected = images.shape[:3]
     if inst.shape != expected or types.shape != expected:
-        raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)} returned maps of shape {inst.shape} "
+        raise HistosynthError(f"the segmenter {segmenter_name(segmenter)} returned maps of shape {inst.shape} "
                               f"and {types.shape} for images {images.shape}; expected {expected}")
     return inst.astype(np.int64), types.astype(np.int64)
 
@@ -253,7 +256,7 @@ def _score(sample_dir, segmenter, which, names, rows, batch_size) -> dict[str, A
         try:
             r, f = counts_per_type(ti, tt, k), counts_per_type(pi, pt, k)
         except ValueError as exc:
-            raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)}: {exc}") from None
+            raise HistosynthError(f"the segmenter {segmenter_name(segmenter)}: {exc}") from None
         requested += r
         found += f
         abs_diff += np.abs(f - r)
@@ -298,7 +301,7 @@ def mask_adherence(sample_dir: str | Path, segmenter, batch_size: int = 16, *, r
     counts = is_count_conditioned(rows, root)
     real_store = None if real is None else _real_store(real, real_split, names)  # checked before any work
     result: dict[str, Any] = {"kind": "mask_adherence", "sample_dir": str(root), "class_names": list(names),
-                              "n_images": len(rows), "segmenter": _segmenter_name(segmenter),
+                              "n_images": len(rows), "segmenter": segmenter_name(segmenter),
                               "conditioning": "counts" if counts else "masks",
                               "compares": ("segmenter on the generated images vs the labels generated with them "
                                            "(label-image consistency)" if counts else
@@ -307,7 +310,7 @@ def mask_adherence(sample_dir: str | Path, segmenter, batch_size: int = 16, *, r
     has_real = all(r.get("real") for r in rows)
     result["real"] = _score(root, segmenter, "real", names, rows, batch_size) if has_real else None
     result["real_test"] = segmenter_ceiling(segmenter, real_store, real_split) if real is not None else None
-    result["protocol"] = _protocol(rows, segmenter)
+    result["protocol"] = counting_protocol(rows, segmenter)
     if not has_real:
         note = ("no reference row: the rows have no `real` patch"
                 + (" (count-conditioned samples have none)" if counts else ""))
@@ -344,10 +347,12 @@ def segmenter_ceiling(segmenter, store, split: str = "test") -> dict[str, Any]:
     return {**scores, "store": str(opened.path)}
 
 
-def _protocol(rows: Sequence[dict], segmenter) -> dict[str, Any]:
+def counting_protocol(rows: Sequence[dict], segmenter) -> dict[str, Any]:
+    """The "protocol" block of a counts / adherence result: the segmenter, matching IoU and metric definitions, and the
+    sampling settings of the first manifest row (so results from different settings are not compared unknowingly)."""
     first = rows[0]
     return {
-        "segmenter": _segmenter_name(segmenter),
+        "segmenter": segmenter_name(segmenter),
         "match_iou": MATCH_IOU,
         "instance_type": "majority pixel type",
         "dice": "binary foreground Dice per image, mean over images (HoVer-Net DICE1)",
@@ -360,7 +365,8 @@ def _protocol(rows: Sequence[dict], segmenter) -> dict[str, Any]:
 
 
 # ------------------------------------------------------------------------------------------------ counts
-def _safe(name: str) -> str:
+def file_safe(name: str) -> str:
+    """A class name as a file-name part (runs of other characters → ``_``; ``type`` when nothing is left)."""
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_") or "type"
 
 
@@ -373,7 +379,7 @@ def _per_image_counts(sample_dir, segmenter, which, names, rows, batch_size) -> 
         try:
             found.append(counts_per_type(pi, pt, k))
         except ValueError as exc:
-            raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)}: {exc}") from None
+            raise HistosynthError(f"the segmenter {segmenter_name(segmenter)}: {exc}") from None
     return np.stack(req), np.stack(found)
 
 
@@ -452,7 +458,7 @@ def count_agreement(sample_dir: str | Path, segmenter, out_dir: str | Path, batc
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     for t, name in enumerate(names, start=1):
-        plots[name] = str(bland_altman_plot(req[:, t], found[:, t], out / f"bland_altman_{_safe(name)}.png",
+        plots[name] = str(bland_altman_plot(req[:, t], found[:, t], out / f"bland_altman_{file_safe(name)}.png",
                                             title=f"{name}: generated vs requested nuclei"))
     plots["scatter"] = str(_scatter(req, found, names, stats, out / "counts_scatter.png"))
     ref = None
@@ -461,22 +467,23 @@ def count_agreement(sample_dir: str | Path, segmenter, out_dir: str | Path, batc
         _, real_found = _per_image_counts(root, segmenter, "real", names, rows, batch_size)
         ref = _agreement(req, real_found, names)
     with open(out / "counts.csv", "w", encoding="utf-8") as f:
-        header = ["name"] + [f"requested_{_safe(n)}" for n in names] + [f"found_{_safe(n)}" for n in names]
-        header += ["found_untyped"] + ([f"real_found_{_safe(n)}" for n in names] if real_found is not None else [])
+        header = ["name"] + [f"requested_{file_safe(n)}" for n in names] + [f"found_{file_safe(n)}" for n in names]
+        header += ["found_untyped"] + ([f"real_found_{file_safe(n)}" for n in names] if real_found is not None else [])
         f.write(",".join(header) + "\n")
         for i, row in enumerate(rows):
             values = [str(row.get("name", i))] + [str(v) for v in req[i, 1:]] + [str(v) for v in found[i, 1:]]
             values += [str(found[i, 0])] + ([str(v) for v in real_found[i, 1:]] if real_found is not None else [])
             f.write(",".join(values) + "\n")
     result = {"kind": "count_agreement", "sample_dir": str(root), "class_names": list(names), "n_images": len(rows),
-              "segmenter": _segmenter_name(segmenter), "per_type": stats, "reference": ref, "plots": plots,
-              "protocol": {**_protocol(rows, segmenter), "difference": "found − requested, per image",
+              "segmenter": segmenter_name(segmenter), "per_type": stats, "reference": ref, "plots": plots,
+              "protocol": {**counting_protocol(rows, segmenter), "difference": "found − requested, per image",
                            "limits": "mean ± 1.96 SD (ddof=1)"}}
-    (out / "counts.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    (out / "counts.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n", encoding="utf-8")
     return result
 
 
-def _json_default(o):
+def json_default(o):
+    """``json.dumps(default=...)`` for results: numpy scalars as Python numbers, anything else as its ``str``."""
     if isinstance(o, np.generic):
         return o.item()
     return str(o)

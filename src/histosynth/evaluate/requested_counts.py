@@ -17,7 +17,7 @@ import numpy as np
 
 from histosynth.errors import DataError, HistosynthError
 from histosynth.evaluate.controllability import (
-    MANIFEST, _json_default, _protocol, _safe, _segmenter_name, segment_samples,
+    MANIFEST, counting_protocol, file_safe, json_default, segment_samples, segmenter_name,
 )
 from histosynth.evaluate.instance_metrics import bland_altman, bland_altman_plot, counts_per_type, pearson_r
 
@@ -163,7 +163,7 @@ def requested_agreement(root: Path, out: Path, rows, names, segmenter, batch_siz
         try:
             found.append(counts_per_type(pi, pt, k))
         except ValueError as exc:
-            raise HistosynthError(f"the segmenter {_segmenter_name(segmenter)}: {exc}") from None
+            raise HistosynthError(f"the segmenter {segmenter_name(segmenter)}: {exc}") from None
     labels, found = np.stack(labels), np.stack(found)
     _check_realised(root, rows, names, labels)
     req = np.concatenate([np.zeros((len(rows), 1)), requested], axis=1)  # no untyped nuclei are requested
@@ -181,10 +181,10 @@ def requested_agreement(root: Path, out: Path, rows, names, segmenter, batch_siz
     out.mkdir(parents=True, exist_ok=True)
     plots = {}
     for t, name in enumerate(names, start=1):
-        plots[name] = str(bland_altman_plot(req[:, t], found[:, t], out / f"bland_altman_{_safe(name)}.png",
+        plots[name] = str(bland_altman_plot(req[:, t], found[:, t], out / f"bland_altman_{file_safe(name)}.png",
                                             title=f"{name}: segmenter on generated image vs requested"))
         plots[f"labels: {name}"] = str(bland_altman_plot(
-            req[:, t], labels[:, t], out / f"bland_altman_labels_{_safe(name)}.png",
+            req[:, t], labels[:, t], out / f"bland_altman_labels_{file_safe(name)}.png",
             title=f"{name}: generated labels vs requested"))
     plots["scatter"] = str(_requested_scatter(requested, measured, stats, names, rng, inside,
                                               out / "counts_scatter.png"))
@@ -193,7 +193,7 @@ def requested_agreement(root: Path, out: Path, rows, names, segmenter, batch_siz
                                                        out / "bland_altman_by_range.png"))
 
     with open(out / "counts.csv", "w", encoding="utf-8") as f:
-        safe = [_safe(n) for n in names]
+        safe = [file_safe(n) for n in names]
         header = (["name", "tissue"] + [f"requested_{n}" for n in safe] + [f"realised_{n}" for n in safe]
                   + ["realised_untyped"] + [f"found_{n}" for n in safe] + ["found_untyped"]
                   + ([f"inside_{n}" for n in safe] if inside is not None else []))
@@ -206,7 +206,7 @@ def requested_agreement(root: Path, out: Path, rows, names, segmenter, batch_siz
             f.write(",".join(values) + "\n")
 
     tissues = sorted({str(r.get("tissue")) for r in rows if r.get("tissue")})
-    protocol = {**_protocol(rows, segmenter), "tissues": tissues,
+    protocol = {**counting_protocol(rows, segmenter), "tissues": tissues,
                 "requested": "samples.jsonl `requested`: the counts asked of the model",
                 "realised (labels)": "nuclei per type in the generated label maps (inst_map / type_map)",
                 "found (segmenter)": "nuclei per type the segmenter finds in the generated image",
@@ -216,11 +216,11 @@ def requested_agreement(root: Path, out: Path, rows, names, segmenter, batch_siz
         protocol["training_range"] = (f"{rng['source']} ({rng['from']}); inside: min ≤ requested ≤ max of the "
                                       "type, 'all nuclei': inside for every type, else beyond")
     result = {"kind": "count_agreement", "conditioning": "counts", "sample_dir": str(root), "class_names": list(names),
-              "n_images": len(rows), "segmenter": _segmenter_name(segmenter),
+              "n_images": len(rows), "segmenter": segmenter_name(segmenter),
               "per_type": stats["segmenter"], "per_type_labels": stats["labels"],
               "labels_vs_segmenter": _agreement_of(labels, found, names),
               "reference": None, "training_range": rng, "by_range": by_range, "plots": plots, "protocol": protocol}
-    (out / "counts.json").write_text(json.dumps(result, indent=2, default=_json_default) + "\n", encoding="utf-8")
+    (out / "counts.json").write_text(json.dumps(result, indent=2, default=json_default) + "\n", encoding="utf-8")
     return result
 
 

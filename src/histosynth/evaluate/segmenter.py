@@ -40,8 +40,8 @@ from scipy import ndimage as ndi
 
 from histosynth.data.nuclei_maps import (
     PostprocessConfig,
-    _drop_small_and_relabel,
     distance_targets,
+    drop_small_and_relabel,
     instances_from_maps,
 )
 from histosynth.errors import DataError
@@ -328,7 +328,7 @@ def otsu_baseline(images, type_id: int, min_area: int = 10) -> tuple[np.ndarray,
         hema = rgb2hed(image)[..., 0]
         fg = hema > threshold_otsu(hema) if np.ptp(hema) > 0 else np.zeros(hema.shape, bool)
         inst, _ = ndi.label(ndi.binary_fill_holes(fg))
-        inst = _drop_small_and_relabel(inst, min_area).astype(np.int32)
+        inst = drop_small_and_relabel(inst, min_area).astype(np.int32)
         insts.append(inst)
         types.append(np.where(inst > 0, type_id, 0).astype(np.int32))
     return np.stack(insts), np.stack(types)
