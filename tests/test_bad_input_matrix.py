@@ -222,6 +222,11 @@ def sampler_steps_out_of_range(tmp, ctx):
             "--steps", "5000", "--out", str(tmp / "out")]
 
 
+def sampler_steps_zero(tmp, ctx):
+    return ["sample", "--model", str(_tiny_nasdm(tmp, ctx)), "--masks", str(ctx["hgsc_store"]), "--num", "1",
+            "--steps", "0", "--out", str(tmp / "out")]
+
+
 def recipe_typo(tmp, ctx):
     raw = yaml.safe_load((Path(__file__).resolve().parents[1] / "src/histosynth/recipes/nasdm-tiny-cpu.yaml").read_text())
     raw["train"]["learning_rte"] = 1e-4
@@ -309,6 +314,7 @@ CASES = [
                                                                            "--mpp")),
     Case("checkpoint-without-weights", checkpoint_without_weights, ("model.ckpt", "no first-stage autoencoder weights", "keys start with")),
     Case("sampler-steps-out-of-range", sampler_steps_out_of_range, ("--steps", "5000")),
+    Case("sampler-steps-zero", sampler_steps_zero, ("--steps must be within 1..1000", "got 0")),
     Case("sample-into-existing", sample_into_existing, ("out", "--overwrite"), earlier=True),
     Case("recipe-typo", recipe_typo, ("typo.yaml", "train.learning_rte")),
     Case("nan-loss", nan_loss, ("run", "loss is nan", "last good checkpoint"), out="run/segmenter", extra=_no_export),

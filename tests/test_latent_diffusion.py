@@ -276,22 +276,25 @@ def test_ddim_runs_exactly_the_steps_asked(steps):
         pipe([0], num_inference_steps=0, progress=False)
 
 
-def test_unset_settings_come_from_the_saved_recipe_and_given_ones_win():
+def test_unset_settings_come_from_the_saved_recipe_and_given_ones_win(monkeypatch):
     """pipe(...) in Python samples as the recipe says (the saved ``sampling`` section), like `histosynth sample`;
-    without that section the method's defaults (DDIM 50, g 1.75) run."""
-    def passes(pipe, **kw):
-        calls = []
-        forward = pipe.unet.forward
-        pipe.unet.forward = lambda x, t, **k: calls.append(x.shape[0]) or forward(x, t, **k)
-        out = pipe([0, 1], progress=False, **kw)
-        pipe.unet.forward = forward
-        return out.num_steps_run, len(calls), set(calls)
+    without that section the method's defaults (DDIM 50, g 1.75, η 0) run; given settings win over both."""
+    import histosynth.pipelines.pathldm as module
 
+    used, real = [], module.denoise_latents
+
+    def recording(unet, scheduler, steps, batch, guidance_scale, **kw):
+        used.append((steps, guidance_scale, kw["eta"], kw["encoder_hidden_states"].shape[0]))
+        return real(unet, scheduler, steps, batch, guidance_scale, **kw)
+
+    monkeypatch.setattr(module, "denoise_latents", recording)
     pipe = _class_pipeline()
-    assert passes(pipe) == (50, 50, {4})  # defaults: 50 steps, guided ([∅; y] batched)
-    pipe.register_to_config(sampling={"num_inference_steps": 3, "guidance_scale": 1.0, "eta": 0.0})
-    assert passes(pipe) == (3, 3, {2})  # the recipe's: 3 steps, g = 1 (conditional only)
-    assert passes(pipe, num_inference_steps=4, guidance_scale=2.0) == (4, 4, {4})
+    assert pipe([0, 1], progress=False).num_steps_run == 50
+    pipe.register_to_config(sampling={"num_inference_steps": 3, "guidance_scale": 1.0, "eta": 0.5})
+    assert pipe([0, 1], progress=False).num_steps_run == 3
+    pipe([0, 1], num_inference_steps=4, guidance_scale=2.5, eta=0.0, progress=False)
+    # (steps, g, η, context rows): guided runs batch [∅; y]; g = 1 runs the conditional model alone
+    assert used == [(50, 1.75, 0.0, 4), (3, 1.0, 0.5, 2), (4, 2.5, 0.0, 4)]
 
 
 def test_batched_guidance_equals_two_separate_passes():

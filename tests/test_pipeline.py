@@ -103,6 +103,26 @@ def test_guidance_runs_the_null_condition_and_changes_only_when_asked():
     assert not torch.allclose(s0.images, s2.images)
 
 
+def test_unset_settings_are_nasdm_defaults_g2_ddpm50(monkeypatch):
+    """A NASDM pipeline (its recipe saves no sampling section) samples with g = 2 (the paper's s = 1), 50 steps, η 0."""
+    import histosynth.pipelines.nasdm as module
+
+    used, denoise, guided = {}, module.denoise, module.guided_model_output
+
+    def recording_denoise(predict, scheduler, steps, noise, eta, **kw):
+        used.update(steps=steps, eta=eta)
+        return denoise(predict, scheduler, steps, noise, eta=eta, **kw)
+
+    def recording_guidance(out_u, out_c, scale, channels):
+        used["g"] = scale
+        return guided(out_u, out_c, scale, channels)
+
+    monkeypatch.setattr(module, "denoise", recording_denoise)
+    monkeypatch.setattr(module, "guided_model_output", recording_guidance)
+    out = _pipe()(_cond(1), progress=False)
+    assert out.num_steps_run == 50 and used == {"steps": 50, "eta": 0.0, "g": 2.0}
+
+
 def test_bad_condition_shape_and_steps_are_clear_errors():
     pipe = _pipe()
     with pytest.raises(HistosynthError, match="expects"):

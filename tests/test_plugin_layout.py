@@ -52,16 +52,16 @@ def test_lower_layers_never_import_upper_ones():
     assert not bad, bad
 
 
-
 def test_no_module_imports_another_modules_private_names():
     """What one module uses of another is public (named in its docs and ``__all__``), benchmarks included."""
     bad = []
     for path in [*SRC.rglob("*.py"), *(SRC.parents[1] / "benchmarks").glob("*.py")]:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("histosynth"):
-                bad += [f"{path.name}:{node.lineno} {node.module}.{a.name}" for a in node.names
+                bad += [f"{path.relative_to(SRC.parents[1])}:{node.lineno} {node.module}.{a.name}" for a in node.names
                         if a.name.startswith("_") and not a.name.startswith("__")]
     assert not bad, bad
+
 
 # ------------------------------------------------------------------------------------------------ a toy method
 @dataclass(kw_only=True)

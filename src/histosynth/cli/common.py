@@ -76,7 +76,7 @@ def balance_option():
 
 
 def result_out_option(help: str = "Also write the result to this JSON file."):
-    """``--out`` of a command that prints its result (default None: print only); it writes the same result there."""
+    """``--out`` of a command that prints its result (default None: print only); it writes the full result there."""
     return click.option("--out", type=click.Path(path_type=Path), default=None, help=help)
 
 

@@ -27,8 +27,10 @@ import torch
 
 from histosynth.data.formats.writers import write_class_names, write_folder_item, write_hovernet_item
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import scheduler_name, use_scheduler
 from histosynth.errors import DataError, HistosynthError
+from histosynth.pipelines.histosmith import DEFAULT_SAMPLING
 from histosynth.sampling.writer import SampleWriter, run_settings
 from histosynth.viz import counts_panel, label_overlay
 
@@ -149,6 +151,9 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
     """Generate one labelled image per request into ``out`` (layout in the module docstring)."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
+    guidance_scale, num_inference_steps = pipe.sampling_settings(DEFAULT_SAMPLING, guidance_scale=guidance_scale,
+                                                                 num_inference_steps=num_inference_steps)
+    check_num_steps(pipe.scheduler, num_inference_steps)  # before anything is written
     table, tissues = build_requests(pipe, source, num, seed, split)
     names = pipe.class_names
     with SampleWriter(out, overwrite, grid_rows=grid_rows, settings=run_settings(pipe, arguments)) as writer:
@@ -172,8 +177,7 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
                        "inst_map": f"{FOLDER}/{name}_inst.png", "type_map": f"{FOLDER}/{name}_type.png",
                        "magnification": pipe.config.magnification, "seed": seed, "batch_seed": batch_seed,
                        "num_inference_steps": result.num_steps_run, "scheduler": scheduler_name(pipe.scheduler),
-                       "guidance_scale": guidance_scale if guidance_scale is not None
-                       else (pipe.config.sampling or {}).get("guidance_scale")}
+                       "guidance_scale": guidance_scale}
                 grid = None
                 if writer.count < grid_rows:  # the writer keeps the first grid_rows panels only
                     grid = [image, label_overlay(image, inst, types), counts_panel(requested, realised, names, image.shape[0])]

@@ -10,6 +10,7 @@ import torch
 
 from histosynth.conditions.nuclei_mask import nuclei_condition
 from histosynth.data.store import PatchStore
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError
 from histosynth.pipelines.nasdm import DEFAULT_SAMPLING
@@ -49,6 +50,7 @@ def sample_store(pipe, store_path: str | Path, out: str | Path, *, split: str | 
             f"the store's classes {list(store.class_names)} differ from the model's {list(pipe.config.class_names)}", store_path
         )
     scheduler = use_scheduler(pipe, scheduler)
+    check_num_steps(pipe.scheduler, steps)  # before anything is written
     chosen = choose_patches(store, split, num, seed)
     k = len(store.class_names)
     with SampleWriter(out, overwrite, grid_rows=grid_rows, settings=run_settings(pipe, arguments)) as writer:

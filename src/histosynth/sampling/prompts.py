@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from histosynth.conditions.patch_captions import read_prompts
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.pipelines.pathldm import DEFAULT_SAMPLING
 from histosynth.sampling.writer import SampleWriter, run_settings
@@ -44,6 +45,7 @@ def sample_prompts(pipe, prompts_file: str | Path, out: str | Path, *, num: int 
     guidance_scale, num_inference_steps, eta = pipe.sampling_settings(
         DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta)
     scheduler = use_scheduler(pipe, scheduler or defaults.get("scheduler"))
+    check_num_steps(pipe.scheduler, num_inference_steps)  # before anything is written
     out, prompts_file = Path(out), Path(prompts_file)
     entries = read_prompts(prompts_file)
     model_prompts = [pipe.conditioner.prompt_for_row(e, prompts_file) for e in entries]

@@ -28,8 +28,10 @@ import torch
 from histosynth.data.io import read_label_png
 from histosynth.data.regions import open_region_store, read_classes
 from histosynth.data.store import STORE_JSON, region_fractions
+from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import scheduler_name, use_scheduler
 from histosynth.errors import DataError, HistosynthError
+from histosynth.pipelines.disc import DEFAULT_SAMPLING
 from histosynth.sampling.masks import choose_patches
 from histosynth.sampling.prompts import image_seed
 from histosynth.sampling.writer import SampleWriter, run_settings
@@ -52,6 +54,7 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
     """
     settings = run_settings(pipe, locals())  # the run's settings (a rerun continues a run with the same)
     use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
+    check_num_steps(pipe.scheduler, *pipe.sampling_settings(DEFAULT_SAMPLING, num_inference_steps=num_inference_steps))
     if source.get("store") is None:
         raise HistosynthError("a DISC model samples tiles on region masks: give --regions STORE")
     store_path = Path(source["store"])

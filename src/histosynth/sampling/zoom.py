@@ -28,6 +28,7 @@ from histosynth.data.store import PatchStore
 from histosynth.diffusion.sampling_loop import check_num_steps
 from histosynth.diffusion.schedulers import use_scheduler
 from histosynth.errors import DataError, HistosynthError
+from histosynth.pipelines.zoomldm import DEFAULT_SAMPLING
 from histosynth.sampling.prompts import image_seed
 from histosynth.sampling.writer import SampleWriter, run_settings
 
@@ -99,8 +100,7 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
                                   "train one with `histosynth train --recipe zoomldm-conditions...`")
         name = use_scheduler(pipe, source.get("condition_scheduler") or sampling.get("condition_scheduler"),
                              "condition_scheduler")
-        steps = source.get("condition_steps")
-        steps = sampling.get("condition_steps", 50) if steps is None else steps
+        (steps,) = pipe.sampling_settings(DEFAULT_SAMPLING, condition_steps=source.get("condition_steps"))
         check_num_steps(pipe.condition_scheduler, steps, option="condition_steps (--condition-steps)")
         condition = {"condition_scheduler": name, "condition_steps": steps}
         jobs = [(m, None) for m in levels for _ in range(num)]
