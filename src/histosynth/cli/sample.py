@@ -54,7 +54,8 @@ __all__ = ["sample"]
 @click.option("--num", type=click.IntRange(min=1), default=None,
               help="Masks: how many to draw (default 16). Prompts: draw this many at random with replacement "
                    "(default: each prompt once, in order). Counts: images (default 16; --requests: each row once, "
-                   "or cycled to this many). ZoomLDM: images per magnification (default 16). Regions: masks (default 16).")
+                   "or cycled to this many). ZoomLDM: images per magnification (default 16). Regions: masks (default 16), or sets of a "
+                   "tile-set folder (default all).")
 @click.option("--guidance", type=float, default=None,
               help="Classifier-free guidance scale g, the same for every model: ε(∅) + g·(ε(y) − ε(∅)); 1 = conditional "
                    "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith, ZoomLDM "
