@@ -261,6 +261,33 @@ def test_pipeline_save_load_round_trip_gives_the_same_images(vq_dir, minilm, tmp
     assert loaded.config.magnification == "10x" and loaded.conditioner.max_tokens == 16
 
 
+def test_the_export_saves_the_recipes_scheduler_and_ddim_comes_back_exactly(store, vq_dir, tmp_path):
+    """A recipe's ``sampling.scheduler`` is what the exported pipeline holds (so ``pipe(...)`` in Python samples with
+    it); derived from LDM's DDIM, so ``ddim`` swapped back in by name is LDM's sampler again, after a save and load."""
+    from diffusers import DPMSolverMultistepScheduler
+
+    from histosynth.diffusion.schedulers import sampling_scheduler, scheduler_name
+    from histosynth.training.latent import export_scheduler
+
+    recipe = ldm_recipe(vq_dir, kind="class", steps=2, checkpoint_every=2)
+    recipe.sampling = replace(recipe.sampling, scheduler="dpm-solver++")
+    train_latent(recipe, store, tmp_path / "run", progress=False)
+    pipe = PathLDMPipeline.from_pretrained(tmp_path / "run")
+    assert isinstance(pipe.scheduler, DPMSolverMultistepScheduler) and scheduler_name(pipe.scheduler) == "dpm-solver++"
+    assert pipe([0, 1], num_inference_steps=3, progress=False).images.shape == (2, 32, 32, 3)
+
+    d = recipe.diffusion
+    ldm = ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type)
+    back = sampling_scheduler("ddim", pipe.scheduler.config)
+    for s in (ldm, back):
+        s.set_timesteps(7)
+    assert back.timesteps.tolist() == ldm.timesteps.tolist()  # 1 + k·⌊1000/7⌋, "leading", steps_offset 1
+    assert float(back.final_alpha_cumprod) == float(ldm.final_alpha_cumprod)  # set_alpha_to_one false survives
+    assert not back.config.clip_sample
+    recipe.sampling = replace(recipe.sampling, scheduler="ddim")
+    assert dict(export_scheduler(recipe).config) == dict(ldm.config)  # the default export is LDM's DDIM itself
+
+
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_ddim_runs_exactly_the_steps_asked(steps):
     pipe = _class_pipeline()

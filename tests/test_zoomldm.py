@@ -343,6 +343,11 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
                                          "num_workers": 0, "lr_warmup_steps": 1}})
     cond_run = tmp_path / "cond"
     fit(ZoomConditionsTask(recipe, zoom_store, progress=False), cond_run, progress=False)
+    from histosynth.diffusion.schedulers import scheduler_name
+    from histosynth.pipelines.zoomldm import ZoomLDMPipeline
+
+    saved = ZoomLDMPipeline.from_pretrained(cond_run).condition_scheduler
+    assert scheduler_name(saved) == "unipc"  # the recipe's, saved: pipe(...) in Python samples with it too
     out = tmp_path / "gen"
     r = runner.invoke(main, ["sample", "--model", str(cond_run), "--magnification", "20x,5x", "--num", "2",
                              "--steps", "2", "--out", str(out)])

@@ -59,9 +59,8 @@ class RunPipeline(DiffusionPipeline):
     def sampling_settings(self, fallback: dict, **given) -> tuple:
         """The values of ``given`` (keyword order) with each None replaced by the saved recipe's ``sampling`` section,
         else by ``fallback`` (the method's published setting; also what a pipeline saved without that section uses).
-        The one place a pipeline's ``__call__`` reads its defaults, so ``pipe(...)`` in Python takes the recipe's
-        guidance, steps and η as ``histosynth sample`` does. The scheduler is the one saved with the pipeline (the DDIM
-        it was trained with); ``histosynth sample`` also swaps in the recipe's ``sampling.scheduler`` (built-in
-        recipes: ddim), and Python callers do so with ``use_scheduler``."""
+        The one place a pipeline's ``__call__`` reads its defaults, so ``pipe(...)`` in Python samples as the recipe
+        says, like ``histosynth sample``: guidance, steps and η from here, and the scheduler is the one the export saved
+        (the recipe's ``sampling.scheduler`` on the trained schedule)."""
         saved = self.config.get("sampling") or {}
         return tuple(saved.get(k, fallback[k]) if v is None else v for k, v in given.items())

@@ -106,10 +106,9 @@ class ZoomLDMPipeline(RunPipeline):
                           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """(B, N, D) summariser-space tokens drawn by the EDM for level indices ``levels`` (ZoomLDM Sec. 3.2) with
         ``self.condition_scheduler`` for ``num_inference_steps`` steps (default the recipe's ``condition_steps``, paper
-        50). The saved pipeline holds the DDIM it was trained with; ``histosynth sample`` swaps in the recipe's
-        ``sampling.condition_scheduler`` (or ``--condition-scheduler``), as it does the image model's scheduler; in
-        Python swap one in by its config, e.g. ``pipe.condition_scheduler = sampling_scheduler("dpm-solver++",
-        pipe.condition_scheduler.config)``."""
+        50). The saved pipeline holds the recipe's ``sampling.scheduler`` (the paper's DDIM by default);
+        ``--condition-scheduler`` swaps another in, and in Python so does its config, e.g.
+        ``pipe.condition_scheduler = sampling_scheduler("dpm-solver++", pipe.condition_scheduler.config)``."""
         if self.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give reference grids (sample --reference "
                                   "STORE), or train one with `histosynth train --recipe zoomldm-conditions...`")

@@ -25,14 +25,14 @@ from histosynth.conditions.counts import CountConditioner
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
-from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
+from histosynth.diffusion.schedulers import ddpm_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel, joint_batch
 from histosynth.pipelines.histosmith import HistoSmithPipeline
 from histosynth.recipes.histosmith import HistoSmithRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
+from histosynth.training.latent import cached_latents, export_scheduler, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
@@ -137,10 +137,10 @@ class HistoSmithTask(TrainingTask):
 
     def export(self, model, ema, run):
         """``RUN/pipeline``: a ready-to-sample HistoSmithPipeline with the EMA weights."""
-        denoiser, d = ema_copy(model, ema), self.recipe.diffusion
+        denoiser = ema_copy(model, ema)
         pipe = HistoSmithPipeline(
             unet=denoiser.unet, vae=copy.deepcopy(self.vae).cpu(), conditioner=denoiser.conditioner,
-            scheduler=ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type),
+            scheduler=export_scheduler(self.recipe),
             latent_scaling_factor=self.scaling, magnification=self.store.magnification,
             patch_size=self.store.patch_size, sampling=asdict(self.recipe.sampling),
         )

@@ -11,6 +11,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from histosynth.diffusion import latent_cache as cache
+from histosynth.diffusion.schedulers import ldm_ddim_scheduler, sampling_scheduler
 from histosynth.errors import HistosynthError
 from histosynth.recipes.latent import AutoencoderConfig
 from histosynth.training.latent_conditions import resolve_path
@@ -53,6 +54,16 @@ def cached_latents(stats: np.ndarray, positions: list[int], scaling: float, rand
     k = torch.randint(0, cache.NUM_FLIPS, (b,), generator=g) if random_flips else torch.zeros(b, dtype=torch.long)
     z = torch.from_numpy(np.stack([stats[p, int(kk)] for p, kk in zip(positions, k)])) * scaling
     return z, k
+
+
+def export_scheduler(recipe):
+    """The scheduler a latent method's exported pipeline holds: the recipe's ``sampling.scheduler`` on the trained
+    schedule (``diffusion``), derived from LDM's DDIM, so that ``pipe(...)`` in Python samples with the recipe's choice
+    and swapping ``ddim`` back in by name gives LDM's sampler exactly (its settings stay in the saved config)."""
+    d = recipe.diffusion
+    ddim = ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type)
+    name = recipe.sampling.scheduler
+    return ddim if name == "ddim" else sampling_scheduler(name, ddim.config)
 
 
 def make_unet(recipe, latent_channels: int, latent_size: int, **extra) -> UNet2DConditionModel:

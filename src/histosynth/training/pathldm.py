@@ -29,12 +29,12 @@ from histosynth.conditions.patch_captions import match_captions, read_caption_ro
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
-from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
+from histosynth.diffusion.schedulers import ddpm_scheduler
 from histosynth.errors import DataError
 from histosynth.pipelines.pathldm import PathLDMPipeline
 from histosynth.recipes.pathldm import LatentDiffusionRecipe
 from histosynth.training.engine import ema_copy
-from histosynth.training.latent import first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
+from histosynth.training.latent import export_scheduler, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.latent_conditions import CONDITIONINGS, resolve_path
 from histosynth.training.task import TrainingTask
@@ -165,10 +165,10 @@ class PathLDMTask(TrainingTask):
 
     def export(self, model, ema, run):
         """``RUN/pipeline``: a ready-to-sample PathLDMPipeline with the EMA weights."""
-        denoiser, d = ema_copy(model, ema), self.recipe.diffusion
+        denoiser = ema_copy(model, ema)
         pipe = PathLDMPipeline(
             unet=denoiser.unet, vae=copy.deepcopy(self.vae).cpu(),
-            scheduler=ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type),
+            scheduler=export_scheduler(self.recipe),
             conditioner=self.conditioning.conditioner(denoiser.condition_encoder), latent_scaling_factor=self.scaling,
             magnification=self.store.magnification, patch_size=self.store.patch_size, sampling=asdict(self.recipe.sampling),
             **self.conditioning.pipeline_config(),

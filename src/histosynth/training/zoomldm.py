@@ -28,14 +28,14 @@ from histosynth.conditions.slide_embeddings import SlideEmbeddings
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
-from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
+from histosynth.diffusion.schedulers import ddpm_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.models.zoom_summariser import EmbeddingSummariser
 from histosynth.pipelines.zoomldm import ZoomLDMPipeline
 from histosynth.recipes.zoomldm import ZoomLDMRecipe
 from histosynth.training.engine import ema_copy
 from histosynth.training.latent_conditions import resolve_path
-from histosynth.training.latent import cached_latents, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
+from histosynth.training.latent import cached_latents, export_scheduler, first_stage, ldm_warmup_factor, make_unet, shared_latent_cache
 from histosynth.training.run_dir import PIPELINE
 from histosynth.training.task import PositionDataset, TrainingTask
 
@@ -200,11 +200,11 @@ class ZoomLDMTask(TrainingTask):
 
     def export(self, model, ema, run):
         """``RUN/pipeline``: a ZoomLDMPipeline with the EMA weights (no condition sampler yet)."""
-        denoiser, d = ema_copy(model, ema), self.recipe.diffusion
+        denoiser = ema_copy(model, ema)
         self.recalibrate_batch_norm(denoiser.summariser)
         pipe = ZoomLDMPipeline(
             unet=denoiser.unet, vae=copy.deepcopy(self.vae).cpu(), summariser=denoiser.summariser.eval(),
-            scheduler=ldm_ddim_scheduler(d.num_train_timesteps, d.beta_schedule, d.beta_start, d.beta_end, d.prediction_type),
+            scheduler=export_scheduler(self.recipe),
             latent_scaling_factor=self.scaling, base_magnification=self.store.meta.get("base_magnification"),
             patch_size=self.store.patch_size, sampling=asdict(self.recipe.sampling),
             embeddings={"name": self.embeddings.name, "encoder": self.embeddings.encoder, "dim": self.embeddings.dim},

@@ -26,7 +26,7 @@ from histosynth.conditions.slide_embeddings import SlideEmbeddings
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
-from histosynth.diffusion.schedulers import ddpm_scheduler
+from histosynth.diffusion.schedulers import ddpm_scheduler, sampling_scheduler
 from histosynth.errors import DataError
 from histosynth.models.condition_sampler import ConditionTransformer
 from histosynth.pipelines.zoomldm import ZoomLDMPipeline
@@ -127,11 +127,15 @@ class ZoomConditionsTask(TrainingTask):
         return torch.nn.functional.mse_loss(pred.float(), x0), {}, len(pos)
 
     def export(self, model, ema, run):
-        """``RUN/pipeline``: the ZoomLDM pipeline with this condition sampler (EMA weights) and its DDIM scheduler."""
+        """``RUN/pipeline``: the ZoomLDM pipeline with this condition sampler (EMA weights) and the recipe's
+        ``sampling.scheduler`` on its schedule (the paper's DDIM by default; derived from that DDIM, so that ``ddim``
+        swapped back in by name is it exactly)."""
         d = self.recipe.diffusion
         scheduler = DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                   beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
                                   clip_sample=False)
+        if self.recipe.sampling.scheduler != "ddim":
+            scheduler = sampling_scheduler(self.recipe.sampling.scheduler, scheduler.config)
         components = dict(self.pipe.components)
         components.update(condition_sampler=ema_copy(model, ema), condition_scheduler=scheduler)
         config = {k: self.pipe.config[k] for k in ("latent_scaling_factor", "base_magnification", "patch_size",
