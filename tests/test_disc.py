@@ -367,6 +367,9 @@ def test_distillation_losses_and_the_resumable_sc_set(region_store, sd_run, tmp_
     resumed = DISCTask(recipe, region_store, progress=False)
     picks, flips, seeds = resumed.distill_draws()
     made = []
+    from histosynth.diffusion.schedulers import use_scheduler
+
+    use_scheduler(teacher, "dpm-solver++")  # a teacher whose recipe chose another scheduler: the set is DDIM's still
     DistillSet(run / DISTILL).generate(teacher, lambda chunk: made.append(chunk) or resumed.distill_masks(
         picks[chunk], flips[chunk]), 5, seeds, state["settings"], progress=False)
     assert [(c.start, c.stop) for c in made] == [(2, 4), (4, 5)]  # only the unfinished batches

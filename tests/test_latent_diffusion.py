@@ -288,6 +288,27 @@ def test_the_export_saves_the_recipes_scheduler_and_ddim_comes_back_exactly(stor
     assert dict(export_scheduler(recipe).config) == dict(ldm.config)  # the default export is LDM's DDIM itself
 
 
+def test_any_saved_scheduler_swaps_to_any_other_as_if_from_the_trained_ddim(tmp_path):
+    """What a pipeline saved with the recipe's scheduler gives for every ``--scheduler`` name is what the same name gives
+    on LDM's DDIM (the old saved scheduler): same timesteps, same final ᾱ, and no solver refuses another's config."""
+    from histosynth.diffusion.schedulers import SCHEDULERS, sampling_scheduler
+
+    ldm = ldm_ddim_scheduler(1000, "scaled_linear", 0.0015, 0.0195)
+    wrong = []
+    for saved_name in SCHEDULERS:
+        saved = sampling_scheduler(saved_name, ldm.config)
+        saved.save_pretrained(tmp_path / saved_name)
+        loaded = type(saved).from_pretrained(tmp_path / saved_name)
+        for name in SCHEDULERS:
+            a, b = sampling_scheduler(name, loaded.config), sampling_scheduler(name, ldm.config)
+            a.set_timesteps(7)
+            b.set_timesteps(7)
+            if a.timesteps.tolist() != b.timesteps.tolist() or \
+                    float(getattr(a, "final_alpha_cumprod", 0)) != float(getattr(b, "final_alpha_cumprod", 0)):
+                wrong.append(f"{saved_name} → {name}")
+    assert not wrong, wrong
+
+
 @pytest.mark.parametrize("steps", [1, 7, 50])
 def test_ddim_runs_exactly_the_steps_asked(steps):
     pipe = _class_pipeline()

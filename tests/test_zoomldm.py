@@ -348,6 +348,10 @@ def test_sample_cli_with_reference_and_with_the_condition_sampler(zoom_store, zo
 
     saved = ZoomLDMPipeline.from_pretrained(cond_run).condition_scheduler
     assert scheduler_name(saved) == "unipc"  # the recipe's, saved: pipe(...) in Python samples with it too
+    back = sampling_scheduler("ddim", saved.config)  # --condition-scheduler ddim on that saved pipeline
+    back.set_timesteps(7)
+    assert back.timesteps.tolist() == [k * (1000 // 7) for k in reversed(range(7))]  # the paper's DDIM: leading, +0
+    assert float(back.final_alpha_cumprod) == 1.0  # ᾱ₀ = 1: its last step returns the predicted x0
     out = tmp_path / "gen"
     r = runner.invoke(main, ["sample", "--model", str(cond_run), "--magnification", "20x,5x", "--num", "2",
                              "--steps", "2", "--out", str(out)])

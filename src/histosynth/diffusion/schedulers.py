@@ -29,7 +29,7 @@ SCHEDULERS: dict[str, tuple[type, dict]] = {
     "dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "dpmsolver++", "solver_order": 2}),  # 2M
     "sde-dpm-solver++": (DPMSolverMultistepScheduler, {"algorithm_type": "sde-dpmsolver++", "solver_order": 2}),
     "unipc": (UniPCMultistepScheduler, {"solver_order": 2}),  # UniPC (Zhao et al. 2023), bh2
-    "deis": (DEISMultistepScheduler, {"solver_order": 2}),
+    "deis": (DEISMultistepScheduler, {"solver_order": 2, "algorithm_type": "deis"}),  # not a DPM config's type
     "euler": (EulerDiscreteScheduler, {}),
     "euler-ancestral": (EulerAncestralDiscreteScheduler, {}),
     "lms": (LMSDiscreteScheduler, {}),
@@ -98,8 +98,8 @@ def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start:
 
 def use_scheduler(pipe, name: str | None, component: str = "scheduler") -> str:
     """Swap the pipeline's scheduler ``component`` (``pipe.scheduler``; ZoomLDM's ``condition_scheduler`` too) for the
-    scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g. NASDM's trained DDPM or a latent
-    model's DDIM); return the name of the one in use (for manifests).
+    scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g. NASDM's trained DDPM or the scheduler
+    a latent model's recipe chose, DDIM by default); return the name of the one in use (for manifests).
 
     Raises:
         HistosynthError: an unknown name, or a solver that cannot step that model's prediction type.

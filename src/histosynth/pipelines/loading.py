@@ -61,6 +61,6 @@ class RunPipeline(DiffusionPipeline):
         else by ``fallback`` (the method's published setting; also what a pipeline saved without that section uses).
         The one place a pipeline's ``__call__`` reads its defaults, so ``pipe(...)`` in Python samples as the recipe
         says, like ``histosynth sample``: guidance, steps and η from here, and the scheduler is the one the export saved
-        (the recipe's ``sampling.scheduler`` on the trained schedule)."""
+        (a latent method's: its recipe's ``sampling.scheduler`` on the trained schedule; NASDM's: its trained DDPM)."""
         saved = self.config.get("sampling") or {}
         return tuple(saved.get(k, fallback[k]) if v is None else v for k, v in given.items())

@@ -106,7 +106,7 @@ class ZoomLDMPipeline(RunPipeline):
                           generator: torch.Generator | list[torch.Generator] | None = None) -> torch.Tensor:
         """(B, N, D) summariser-space tokens drawn by the EDM for level indices ``levels`` (ZoomLDM Sec. 3.2) with
         ``self.condition_scheduler`` for ``num_inference_steps`` steps (default the recipe's ``condition_steps``, paper
-        50). The saved pipeline holds the recipe's ``sampling.scheduler`` (the paper's DDIM by default);
+        50). The saved pipeline holds the zoomldm-conditions recipe's ``sampling.scheduler`` (the paper's DDIM by default);
         ``--condition-scheduler`` swaps another in, and in Python so does its config, e.g.
         ``pipe.condition_scheduler = sampling_scheduler("dpm-solver++", pipe.condition_scheduler.config)``."""
         if self.condition_sampler is None:

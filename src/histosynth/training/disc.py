@@ -31,7 +31,7 @@ from histosynth.data.regions import open_region_store
 from histosynth.data.store import PatchStore
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.diffusion import latent_cache as cache
-from histosynth.diffusion.schedulers import ddpm_scheduler
+from histosynth.diffusion.schedulers import ddpm_scheduler, use_scheduler
 from histosynth.errors import DataError, HistosynthError
 from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_masks
 from histosynth.pipelines.disc import DISCPipeline, downsample_masks
@@ -99,6 +99,7 @@ class DistillSet:
         mode = "r+" if done else "w+"
         latents = open_memmap(self.folder / "latents.npy", mode=mode, dtype=np.float32, shape=(n, c, s, s))
         stored = open_memmap(self.folder / "masks.npy", mode=mode, dtype=np.uint8, shape=(n, size, size))
+        use_scheduler(teacher, "ddim")  # the paper's sampler for the set, whatever the teacher's recipe chose
         batch = settings["batch_size"]
         with tqdm(total=n, initial=done, desc="distillation set (SC)", unit="tile", disable=not progress) as bar:
             for start in range(done, n, batch):

@@ -131,9 +131,11 @@ class ZoomConditionsTask(TrainingTask):
         ``sampling.scheduler`` on its schedule (the paper's DDIM by default; derived from that DDIM, so that ``ddim``
         swapped back in by name is it exactly)."""
         d = self.recipe.diffusion
+        # every setting spelled out, not left to DDIM's defaults: a scheduler derived from this config and saved
+        # keeps them (diffusers drops the "default" mark on save, and would give the derived class its own defaults)
         scheduler = DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
                                   beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
-                                  clip_sample=False)
+                                  clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
         if self.recipe.sampling.scheduler != "ddim":
             scheduler = sampling_scheduler(self.recipe.sampling.scheduler, scheduler.config)
         components = dict(self.pipe.components)
