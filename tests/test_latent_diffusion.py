@@ -288,6 +288,18 @@ def test_the_export_saves_the_recipes_scheduler_and_ddim_comes_back_exactly(stor
     assert dict(export_scheduler(recipe).config) == dict(ldm.config)  # the default export is LDM's DDIM itself
 
 
+def test_unset_scheduler_is_the_one_the_saved_recipe_names():
+    """A pipeline exported before the export saved the recipe's scheduler holds DDIM; `use_scheduler(pipe, None)` (every
+    sampler's default) then swaps in the scheduler its saved recipe names; a given name wins."""
+    from histosynth.diffusion.schedulers import use_scheduler
+
+    pipe = _class_pipeline()
+    assert use_scheduler(pipe, None) == "ddim"  # no sampling section: the pipeline's own
+    pipe.register_to_config(sampling={"scheduler": "dpm-solver++"})
+    assert use_scheduler(pipe, None) == "dpm-solver++"
+    assert use_scheduler(pipe, "unipc") == "unipc"
+
+
 def test_any_saved_scheduler_swaps_to_any_other_as_if_from_the_trained_ddim(tmp_path):
     """What a pipeline saved with the recipe's scheduler gives for every ``--scheduler`` name is what the same name gives
     on LDM's DDIM (the old saved scheduler): same timesteps, same final ᾱ, and no solver refuses another's config."""

@@ -98,12 +98,14 @@ def ldm_ddim_scheduler(num_train_timesteps: int, beta_schedule: str, beta_start:
 
 def use_scheduler(pipe, name: str | None, component: str = "scheduler") -> str:
     """Swap the pipeline's scheduler ``component`` (``pipe.scheduler``; ZoomLDM's ``condition_scheduler`` too) for the
-    scheduler ``name`` on the same schedule (None: keep the pipeline's own, e.g. NASDM's trained DDPM or the scheduler
-    a latent model's recipe chose, DDIM by default); return the name of the one in use (for manifests).
+    scheduler ``name`` on the same schedule; return the name of the one in use (for manifests). None: the one the
+    saved recipe names (``sampling.<component>``, for pipelines exported before the export saved it), else keep the
+    pipeline's own (NASDM's trained DDPM; a latent model's recipe choice, DDIM by default).
 
     Raises:
         HistosynthError: an unknown name, or a solver that cannot step that model's prediction type.
     """
+    name = name or (pipe.config.get("sampling") or {}).get(component)
     if name is not None:
         setattr(pipe, component, sampling_scheduler(name, getattr(pipe, component).config))
     return scheduler_name(getattr(pipe, component))

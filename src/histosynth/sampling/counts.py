@@ -150,7 +150,7 @@ def sample_counts(pipe, source: dict, out: str | Path, *, split: str | None = "t
                   grid_rows: int = 8) -> Path:
     """Generate one labelled image per request into ``out`` (layout in the module docstring)."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
-    use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
+    use_scheduler(pipe, scheduler)
     guidance_scale, num_inference_steps = pipe.sampling_settings(DEFAULT_SAMPLING, guidance_scale=guidance_scale,
                                                                  num_inference_steps=num_inference_steps)
     check_num_steps(pipe.scheduler, num_inference_steps)  # before anything is written

@@ -41,10 +41,9 @@ def sample_prompts(pipe, prompts_file: str | Path, out: str | Path, *, num: int 
         HistosynthError: an unknown scheduler; DataError: an entry the model cannot take (names the line).
     """
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
-    defaults = pipe.config.get("sampling") or {}
     guidance_scale, num_inference_steps, eta = pipe.sampling_settings(
         DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, eta=eta)
-    scheduler = use_scheduler(pipe, scheduler or defaults.get("scheduler"))
+    scheduler = use_scheduler(pipe, scheduler)
     check_num_steps(pipe.scheduler, num_inference_steps)  # before anything is written
     out, prompts_file = Path(out), Path(prompts_file)
     entries = read_prompts(prompts_file)

@@ -53,7 +53,7 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
         HistosynthError: an unknown scheduler or ``separated``.
     """
     settings = run_settings(pipe, locals())  # the run's settings (a rerun continues a run with the same)
-    use_scheduler(pipe, scheduler or (pipe.config.get("sampling") or {}).get("scheduler"))
+    use_scheduler(pipe, scheduler)
     check_num_steps(pipe.scheduler, *pipe.sampling_settings(DEFAULT_SAMPLING, num_inference_steps=num_inference_steps))
     if source.get("store") is None:
         raise HistosynthError("a DISC model samples tiles on region masks: give --regions STORE")

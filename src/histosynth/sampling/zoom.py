@@ -85,8 +85,7 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
     level, a reference store without the model's embeddings, no reference and no condition sampler, condition sampler
     settings with a reference, a solver that cannot step the condition sampler's x0 predictions."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
-    sampling = pipe.config.get("sampling") or {}
-    scheduler = use_scheduler(pipe, scheduler or sampling.get("scheduler"))
+    scheduler = use_scheduler(pipe, scheduler)
     num = DEFAULT_NUM if num is None else num
     levels = parse_levels(source.get("magnification"), pipe.magnifications)
     reference = source.get("reference")
@@ -98,8 +97,7 @@ def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, 
         if pipe.condition_sampler is None:
             raise HistosynthError("this ZoomLDM has no condition sampler: give --reference STORE (real conditions), or "
                                   "train one with `histosynth train --recipe zoomldm-conditions...`")
-        name = use_scheduler(pipe, source.get("condition_scheduler") or sampling.get("condition_scheduler"),
-                             "condition_scheduler")
+        name = use_scheduler(pipe, source.get("condition_scheduler"), "condition_scheduler")
         (steps,) = pipe.sampling_settings(DEFAULT_SAMPLING, condition_steps=source.get("condition_steps"))
         check_num_steps(pipe.condition_scheduler, steps, option="condition_steps (--condition-steps)")
         condition = {"condition_scheduler": name, "condition_steps": steps}
