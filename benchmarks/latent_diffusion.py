@@ -35,6 +35,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
 
     from histosynth.training.autoencoder import make_model as make_autoencoder
     from histosynth.diffusion.schedulers import ddpm_scheduler, ldm_ddim_scheduler
+    from histosynth.diffusion.runtime import PRECISIONS, compile_module
     from histosynth.training.latent import make_unet
     from histosynth.diffusion.guidance import classifier_free_guidance
     from histosynth.recipes import load_recipe
@@ -53,8 +54,6 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
     with torch.no_grad():  # one UNet forward of one image (the issue's reference: 213.6 GFLOP for pathldm-256)
         flops = forward_flops(lambda: unet(torch.randn(1, channels, size // f, size // f, device=dev),
                                            torch.tensor([500], device=dev), encoder_hidden_states=context[:1]))
-    if compile_unet:  # `sample --compile`; the untimed warm-up call pays the compilation
-        unet = torch.compile(unet)
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if phase in ("train", "train+encode"):
@@ -78,8 +77,11 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
         dt = timed(one, dev, steps)
         ips = batch * steps / dt
         model_flops = 3 * flops  # forward + backward (2x forward) per image; the VQ encode not counted
-    else:
-        unet.eval().requires_grad_(False)
+    else:  # as `sample --precision P [--compile]`: the UNet in P (weights too), noise and steps in fp32
+        unet.eval().requires_grad_(False).to(PRECISIONS[precision])
+        if compile_unet:  # the untimed warm-up call pays the compilation
+            unet = compile_module(unet)
+        context = context.to(PRECISIONS[precision])
         null = torch.randn_like(context)
 
         @torch.no_grad()
@@ -89,18 +91,18 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
             sched.set_timesteps(n_steps)
             x = torch.randn(batch, channels, size // f, size // f, device=dev)
             ctx = torch.cat([null, context])
-            with amp:
-                for t in sched.timesteps:
-                    eps_u, eps_c = unet(torch.cat([x, x]), t, encoder_hidden_states=ctx).sample.float().chunk(2)
-                    x = sched.step(classifier_free_guidance(eps_u, eps_c, 1.75), t, x).prev_sample
-                return ae.decode(x).sample
+            for t in sched.timesteps:
+                x_in = torch.cat([x, x]).to(ctx.dtype)
+                eps_u, eps_c = unet(x_in, t, encoder_hidden_states=ctx).sample.float().chunk(2)
+                x = sched.step(classifier_free_guidance(eps_u, eps_c, 1.75), t, x).prev_sample
+            return ae.decode(x).sample
 
         dt = timed(lambda: generate(steps), dev, warm_up=lambda: generate(2))
         ips = batch / dt  # images per second for `steps` guided DDIM steps + decoding
         model_flops = 2 * steps * flops  # two UNet passes ([∅; y]) per step; the decoder not counted
     return {"model": model_key, "recipe": ldm_name, "autoencoder": ae_name, "unet_params_M": round(params, 1),
             "phase": phase, "size": size, "latent": f"{size // f}x{size // f}x{channels}", "batch": batch, "steps": steps,
-            "precision": precision, "compiled": compile_unet, "device": dev, "seconds": round(dt, 2),
+            "precision": precision, "compiled": compile_unet and phase == "sample", "device": dev, "seconds": round(dt, 2),
             "images_per_s": round(ips, 3),
             "unet_forward_GFLOP": round(flops / 1e9, 1), **utilisation(model_flops, ips, peak_tflops), **peak_memory(dev)}
 
@@ -116,7 +118,8 @@ def main() -> None:
     ap.add_argument("--peak-tflops", type=float, default=None,
                     help="the device's peak TFLOP/s at this precision, for MFU (default on a GPU: 800, an H200's bf16 "
                          "dense rate as the speed issue takes it; on a CPU: none)")
-    ap.add_argument("--compile", action="store_true", help="torch.compile the UNet (compilation in the warm-up)")
+    ap.add_argument("--compile", action="store_true",
+                    help="sample phase: torch.compile the UNet as `sample --compile` does (compilation in the warm-up)")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch

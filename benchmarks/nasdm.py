@@ -26,6 +26,7 @@ def measure(model_key: str, phase: str, batch: int, steps: int, size: int, preci
     import torch
 
     from histosynth.diffusion.hybrid_loss import hybrid_loss
+    from histosynth.diffusion.runtime import denoiser_precision
     from histosynth.training.nasdm import make_model, make_noise_scheduler
     from histosynth.pipelines.nasdm import NASDMPipeline
     from histosynth.recipes import load_recipe
@@ -66,10 +67,11 @@ def measure(model_key: str, phase: str, batch: int, steps: int, size: int, preci
     else:
         pipe = NASDMPipeline(unet=model.eval(), scheduler=sched, class_names=[str(i) for i in range(num_classes)])
         # the pipeline's own sampler (the trained DDPM; every swappable scheduler costs one UNet pass per step) with
-        # guidance g = 2 (the paper's s = 1): one batched [∅; y] pass per step
-        with amp:
-            dt = timed(lambda: pipe(cond, guidance_scale=2.0, num_inference_steps=steps, progress=False),
-                       dev, warm_up=lambda: pipe(cond, guidance_scale=2.0, num_inference_steps=2, progress=False))
+        # guidance g = 2 (the paper's s = 1): one batched [∅; y] pass per step; the UNet in the precision as
+        # `sample --precision` puts it
+        denoiser_precision(pipe, precision)
+        dt = timed(lambda: pipe(cond, guidance_scale=2.0, num_inference_steps=steps, progress=False),
+                   dev, warm_up=lambda: pipe(cond, guidance_scale=2.0, num_inference_steps=2, progress=False))
         ips = batch / dt  # images per second for `steps` guided denoising steps
         model_flops = 2 * steps * flops  # two passes ([∅; y]) per step
     return {"model": model_key, "recipe": recipe.name, "params_M": round(params, 1), "phase": phase, "size": size,

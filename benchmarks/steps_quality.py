@@ -11,8 +11,9 @@ Every point samples the same conditions with the same seed (paired: the same mas
 noise), so differences between points are the scheduler's and the step count's. The noise of the measure is the
 spread of the reference sampler (the paper's) over ``--noise-seeds`` other seeds; a point "matches" the reference
 when its FD is within reference mean + 2 sd (and, with masks, its contrast no farther from the real patches' than the
-reference mean's distance + 2 sd). Writes OUT/results.json,
-OUT/steps_quality.png and a markdown table on stdout.
+reference mean's distance + 2 sd). ``--deep-cache N,..`` (seed 0) and ``--precisions bf16,..`` (every reference seed,
+paired with the float32 ones; a pipeline loaded again and cast as `sample --precision` does) are speed settings
+measured at the reference sampler. Writes OUT/results.json, OUT/steps_quality.png and markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -61,6 +62,8 @@ def main() -> None:
     ap.add_argument("--reference", required=True, help="the paper's sampler as SCHEDULER:STEPS (e.g. ddpm:250)")
     ap.add_argument("--noise-seeds", default="1,2", help="other seeds of the reference sampler: the measure's noise")
     ap.add_argument("--deep-cache", default="", help="DeepCache intervals (e.g. 2,3,5) measured at the reference sampler")
+    ap.add_argument("--precisions", default="",
+                    help="denoiser precisions (e.g. bf16) measured at the reference sampler on the reference's seeds")
     ap.add_argument("--num", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", required=True, type=Path)
@@ -83,27 +86,40 @@ def main() -> None:
     todo = [(s, int(k), 0) for s in args.schedulers.split(",") for k in args.steps.split(",")]
     todo += [(ref_name, ref_steps, 0)] + [(ref_name, ref_steps, int(x)) for x in args.noise_seeds.split(",") if x]
     rows, results = [], args.out / "results.json"
-    done = {(r["scheduler"], r["steps"], r["seed"], r.get("deep_cache", 1)): r
+    done = {(r["scheduler"], r["steps"], r["seed"], r.get("deep_cache", 1), r.get("precision", "fp32")): r
             for r in json.loads(results.read_text())["rows"]} if results.is_file() else {}
-    todo = [(*point, 1) for point in todo] + [(ref_name, ref_steps, 0, int(n)) for n in args.deep_cache.split(",") if n]
-    for scheduler, steps, seed, interval in dict.fromkeys(todo):
-        row = done.get((scheduler, steps, seed, interval))
+    ref_seeds = [0] + [int(x) for x in args.noise_seeds.split(",") if x]
+    todo = ([(*point, 1, "fp32") for point in todo]
+            + [(ref_name, ref_steps, 0, int(n), "fp32") for n in args.deep_cache.split(",") if n]
+            + [(ref_name, ref_steps, seed, 1, p) for p in args.precisions.split(",") if p for seed in ref_seeds])
+    pipes = {"fp32": pipe}
+    for scheduler, steps, seed, interval, precision in dict.fromkeys(todo):
+        row = done.get((scheduler, steps, seed, interval, precision))
         if row is None:
-            from histosynth.diffusion.runtime import deep_cache
+            from histosynth.diffusion.runtime import deep_cache, denoiser_precision
 
-            cache = deep_cache(pipe.unet, interval) if interval > 1 else contextlib.nullcontext()
+            if precision not in pipes:  # a cast is not undone: a pipeline of its own
+                pipes[precision] = denoiser_precision(load_pipeline(args.model, "cpu")[1], precision)
+            run = pipes[precision]
+            cache = deep_cache(run.unet, interval) if interval > 1 else contextlib.nullcontext()
             with cache:
-                row = _measure(method, pipe, source, args.out / (f"{scheduler}-{steps}-seed{seed}" + (
-                    f"-deepcache{interval}" if interval > 1 else "")), real, stats, scheduler=scheduler, steps=steps,
+                row = _measure(method, run, source, args.out / (f"{scheduler}-{steps}-seed{seed}" + (
+                    f"-deepcache{interval}" if interval > 1 else "") + (
+                    f"-{precision}" if precision != "fp32" else "")), real, stats, scheduler=scheduler, steps=steps,
                     seed=seed, num=args.num, batch=args.batch, split=args.split, has_masks=has_masks)
             if interval > 1:
                 row["deep_cache"] = interval
+            if precision != "fp32":
+                row["precision"] = precision
+                name = f"{scheduler}-{steps}-seed{seed}"
+                row["mean_abs_diff_to_fp32"] = _paired_difference(args.out / name, args.out / f"{name}-{precision}")
         rows.append(row)
         print(json.dumps(row), flush=True)
         results.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "command": " ".join(sys.argv),
                                        "rows": rows}, indent=2) + "\n")
 
-    ref = [r for r in rows if r["scheduler"] == ref_name and r["steps"] == ref_steps and "deep_cache" not in r]
+    plain = [r for r in rows if "deep_cache" not in r and "precision" not in r]
+    ref = [r for r in plain if r["scheduler"] == ref_name and r["steps"] == ref_steps]
     fd_ref = np.array([r["fd"] for r in ref])
     fd_limit = fd_ref.mean() + 2 * fd_ref.std(ddof=1)
     c_ref = np.array([r["contrast"] for r in ref]) if has_masks else None
@@ -135,7 +151,33 @@ def main() -> None:
             ok = r["fd"] <= fd_limit and (not has_masks or abs(r["contrast"] - c_real) <= c_limit)
             print(f"| DeepCache {r.get('deep_cache', 1)} | {r['fd']:.1f} | " + (f"{r['contrast']:.1f} | " if has_masks
                   else "") + f"{r['seconds_sampling']} | {'✓' if ok else '—'} |")
-    _plot([r for r in rows if "deep_cache" not in r], args, steps_list, fd_ref, c_ref, has_masks)
+    for p in [p for p in args.precisions.split(",") if p]:
+        low = sorted((r for r in rows if r.get("precision") == p), key=lambda r: r["seed"])
+        fd_low = np.array([r["fd"] for r in low])
+        print(f"\n| {args.reference} | seeds | FD fp32 | FD {p} | " + ("contrast fp32 | contrast " + p + " | "
+              if has_masks else "") + f"mean abs pixel difference {p} − fp32 (0–255) | sampling s fp32 | "
+              f"sampling s {p} |")
+        print("|---|---|---|---|" + ("---|---|" if has_masks else "") + "---|---|---|")
+        for r, q in zip(sorted(ref, key=lambda r: r["seed"]), low):
+            print(f"| | {r['seed']} | {r['fd']:.1f} | {q['fd']:.1f} | " + (
+                f"{r['contrast']:.1f} | {q['contrast']:.1f} | " if has_masks else "")
+                + f"{q['mean_abs_diff_to_fp32']:.2f} | {r['seconds_sampling']} | {q['seconds_sampling']} |")
+        ok = fd_low.mean() <= fd_limit
+        print(f"| mean ± sd | | {fd_ref.mean():.1f} ± {fd_ref.std(ddof=1):.1f} | {fd_low.mean():.1f} ± "
+              f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
+              + f"{'matches' if ok else 'outside'} | | |")
+    _plot(plain, args, steps_list, fd_ref, c_ref, has_masks)
+
+
+def _paired_difference(a: Path, b: Path) -> float:
+    """Mean absolute difference (0-255) between the images of two sample folders, paired by name (same seed, same
+    conditions: what another precision changes in the very images)."""
+    from PIL import Image
+
+    rows = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines() if line.strip()]
+    diffs = [np.abs(np.asarray(Image.open(a / r["image"]), dtype=np.float64)
+                    - np.asarray(Image.open(b / r["image"]), dtype=np.float64)).mean() for r in rows]
+    return float(np.mean(diffs))
 
 
 def _plot(rows, args, steps_list, fd_ref, c_ref, has_masks) -> None:

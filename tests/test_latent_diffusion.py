@@ -554,42 +554,78 @@ def test_sample_cli_writes_prompts_and_seeds_and_never_overwrites(store, vq_dir,
     assert masks.exit_code == 2 and "--prompts" in masks.output
 
 
-def test_bf16_autocast_runs_the_unet_in_bf16_and_keeps_the_images():
-    """`sample --precision bf16`: the UNet's products run in bf16 (its output dtype), the scheduler's sample stays
-    float32, and the images are those of float32 up to bf16 rounding (mean |Δ| < 0.03 on [0, 1]), not garbage."""
-    from histosynth.diffusion.runtime import active_precision, precision
+def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images():
+    """`sample --precision bf16`: the UNet's weights, input and output are bf16, the noise and the scheduler's sample
+    stay float32, the VAE decodes float32, and the images are those of float32 up to bf16 rounding (mean |Δ| < 0.03
+    on [0, 1]), not garbage."""
+    from histosynth.diffusion.runtime import denoiser_precision, precision_of
 
     pipe = _class_pipeline()
     seen = []
     forward = pipe.unet.forward
     pipe.unet.forward = lambda x, t, **kw: (lambda out: seen.append((x.dtype, out.sample.dtype)) or out)(
         forward(x, t, **kw))
+    steps = []
+    cls = type(pipe.scheduler)  # the loop steps a copy made from the config: spy on the class
 
     def images():
         return pipe([0, 3], num_inference_steps=4, output_type="pt", generator=torch.Generator().manual_seed(0),
                     progress=False).images
 
     full = images()
-    assert seen[-1] == (torch.float32, torch.float32) and active_precision() == "fp32"
+    assert seen[-1] == (torch.float32, torch.float32) and precision_of(pipe.unet) == "fp32"
     decoded = []
     decode = pipe.vae.decode
-    pipe.vae.decode = lambda z, **kw: decoded.append(torch.is_autocast_enabled("cpu")) or decode(z, **kw)
-    with precision("bf16"):
-        assert active_precision() == "bf16"
+    pipe.vae.decode = lambda z, **kw: decoded.append(z.dtype) or decode(z, **kw)
+    assert denoiser_precision(pipe, "bf16") is pipe and precision_of(pipe.unet) == "bf16"
+    original = cls.step
+    cls.step = lambda self, out, t, x, **kw: steps.append((out.dtype, x.dtype)) or original(self, out, t, x, **kw)
+    try:
         low = images()
-    assert seen[-1] == (torch.float32, torch.bfloat16) and low.dtype == torch.float32
-    assert decoded == [False]  # the VAE decodes in float32 (fp16 decoding overflows)
+    finally:
+        cls.step = original
+    assert seen[-1] == (torch.bfloat16, torch.bfloat16) and low.dtype == torch.float32
+    assert len(steps) == 4 and set(steps) == {(torch.float32, torch.float32)}  # no bf16 rounding between steps
+    assert decoded == [torch.float32] and pipe.vae.dtype == torch.float32  # fp16 decoding overflows
     assert torch.isfinite(low).all() and 0 < (low - full).abs().mean() < 0.03
     with pytest.raises(ValueError, match="precision must be one of"):
-        with precision("int8"):
-            pass
+        denoiser_precision(pipe, "int8")
+
+
+def test_precision_of_names_the_denoiser_dtype():
+    from histosynth.diffusion.runtime import precision_of
+
+    layer = torch.nn.Linear(2, 2)
+    assert [precision_of(layer.to(d)) for d in (torch.float16, torch.float64, torch.float32)] == ["fp16", "float64",
+                                                                                                     "fp32"]
+
+
+def test_compile_module_freezes_on_a_cpu_only_for_inductor(monkeypatch):
+    """On a CPU inductor compiles the denoiser with freezing in force (pre-packed weights: without it the compiled
+    paper-size UNet was no faster than the eager one, docs/benchmarks.md), during the compiled call only; a given mode
+    or another backend compiles as asked."""
+    import torch._inductor.config as inductor_config
+
+    from histosynth.diffusion import runtime
+
+    class Compiled:  # what torch.compile returns: ``forward`` is the traced call, which compiles at its first run
+        def __init__(self, module, **kwargs):
+            self.kwargs, self.forward = kwargs, lambda: inductor_config.freezing
+
+    monkeypatch.setattr(torch, "compile", Compiled)
+    layer = torch.nn.Linear(2, 2)
+    assert inductor_config.freezing is False
+    frozen = runtime.compile_module(layer)
+    assert frozen.forward() is True and inductor_config.freezing is False
+    assert runtime.compile_module(layer, mode="max-autotune").forward() is False
+    assert runtime.compile_module(layer, backend="aot_eager").forward() is False
+    assert frozen.kwargs == {"mode": None, "dynamic": None, "backend": "inductor"}
 
 
 @pytest.mark.parametrize("name", ["dpm-solver++", "euler", "ddim"])
 def test_the_sample_stays_float32_under_bf16_for_every_scheduler(name):
     """Several diffusers schedulers cast their step to the model output's dtype: the loop hands them float32, so a
     bf16 denoiser never rounds the sample itself to bf16 between steps."""
-    from histosynth.diffusion.runtime import precision
     from histosynth.diffusion.sampling_loop import denoise
     from histosynth.diffusion.schedulers import sampling_scheduler
 
@@ -599,10 +635,9 @@ def test_the_sample_stays_float32_under_bf16_for_every_scheduler(name):
 
     def predict(x, t):
         dtypes.append(x.dtype)
-        return torch.nn.functional.conv2d(x, torch.eye(3)[:, :, None, None] * 0.5)  # autocast op: bf16 out
+        return (x * 0.5).bfloat16()  # a bf16 denoiser's output
 
-    with precision("bf16"):
-        x = denoise(predict, scheduler, 5, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
+    x = denoise(predict, scheduler, 5, torch.randn(1, 3, 8, 8, generator=torch.Generator().manual_seed(0)))
     assert x.dtype == torch.float32 and set(dtypes) == {torch.float32}
 
 

@@ -68,10 +68,13 @@ __all__ = ["sample"]
                    "step, two with guidance). Default: the model's own (NASDM: ddpm; the latent models: their "
                    "recipe's, ddim). dpm-solver++ is DPM-Solver++(2M); see docs/benchmarks.md for quality vs steps.")
 @click.option("--precision", default="fp32", show_default=True, type=click.Choice(["fp32", "bf16", "fp16"]),
-              help="Autocast the denoiser (UNet) to bf16/fp16 (a GPU's tensor cores; weights, decoding and the scheduler "
-                   "stay fp32). Recorded in the manifest. On a CPU without native bf16 it is slower, not faster.")
+              help="The denoiser (UNet) in bf16/fp16, weights and activations (a GPU's tensor cores, a CPU's "
+                   "AVX-512 BF16 / AMX: about 1.8x on such a CPU); the noise, the scheduler's steps, guidance, the "
+                   "VAE's decoding and the conditioners stay fp32. Recorded in the manifest. On a CPU without native "
+                   "bf16 it is slower.")
 @click.option("--compile", "compile_unet", is_flag=True,
-              help="torch.compile the denoiser (the first batch pays the compilation; worth it for long runs).")
+              help="torch.compile the denoiser (the first batch pays the compilation, minutes at paper size; worth "
+                   "it for long runs). On a CPU with inductor's freezing (weights pre-packed).")
 @click.option("--deep-cache", "deep_cache_interval", type=click.IntRange(min=1), default=1, show_default=True,
               help="DeepCache: run the whole UNet every N-th step only, reusing its deep features in between "
                    "(1 = off; quality cost in docs/benchmarks.md). Recorded in the manifest.")
@@ -96,7 +99,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
     from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.methods import load_pipeline, method_of_model
-    from histosynth.diffusion.runtime import compile_denoiser, deep_cache, precision as run_precision
+    from histosynth.diffusion.runtime import compile_denoiser, deep_cache, denoiser_precision
     from histosynth.sampling.writer import process_state
 
     state = process_state()  # under `accelerate launch`: this process's share of the batches, on its device
@@ -125,6 +128,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     if compile_unet and deep_cache_interval > 1:
         raise HistosynthError("--compile and --deep-cache change the UNet's forward each in their own way: use one")
     _, pipe = load_pipeline(model, device)
+    denoiser_precision(pipe, precision)  # before compiling: a frozen graph keeps the weights it was compiled with
     if compile_unet:
         compile_denoiser(pipe)
     settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "scheduler": scheduler}
@@ -132,7 +136,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
     if split is not None:
         settings["split"] = None if split == "all" else split
     cache = deep_cache(pipe.unet, deep_cache_interval) if deep_cache_interval > 1 else contextlib.nullcontext()
-    with run_precision(precision), cache:
+    with cache:
         method.sample(pipe, given[wanted], out, seed=seed, batch_size=batch_size, overwrite=overwrite, **settings)
     if state.is_main_process:
         click.echo(f"wrote {out}: " + ", ".join(sorted(p.name + ("/" if p.is_dir() else "") for p in Path(out).iterdir())))

@@ -23,7 +23,8 @@ def denoise_latents(unet, scheduler: SchedulerMixin, num_inference_steps: int, b
     ``class_labels``), already stacked null-first when g != 1. ``latents``: the starting unit noise (batch, C, s, s)
     (default drawn from ``generator``); ``concat``: channels concatenated to the UNet's input at every step (stacked
     like the conditions; C = the UNet's out_channels); ``after_step(latents) -> latents``: applied after every step
-    (e.g. DISC's fusion). ``eta``: DDIM's η (0 for the other schedulers).
+    (e.g. DISC's fusion). ``eta``: DDIM's η (0 for the other schedulers). The latents stay float32 whatever the UNet's
+    dtype; the UNet's float inputs (sample, conditions, ``concat``) are cast to its dtype and its output back.
 
     Raises:
         HistosynthError: a step count the schedule cannot run (see :func:`check_num_steps`); η ≠ 0 without DDIM.
@@ -31,14 +32,18 @@ def denoise_latents(unet, scheduler: SchedulerMixin, num_inference_steps: int, b
     size = unet.config.sample_size
     if latents is None:
         latents = randn_tensor((batch, unet.config.out_channels, size, size), generator=generator, device=unet.device,
-                               dtype=unet.dtype)
+                               dtype=torch.float32)
     do_guidance = guidance_scale != 1.0
+    # the UNet's precision (`sample --precision`): its float inputs in its dtype, the latents float32
+    conditions = {k: v.to(unet.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
+                  for k, v in conditions.items()}
+    concat = concat.to(unet.dtype) if concat is not None else None
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = torch.cat([x, x]) if do_guidance else x
+        x_in = (torch.cat([x, x]) if do_guidance else x).to(unet.dtype)
         if concat is not None:
             x_in = torch.cat([x_in, concat], dim=1)
-        eps = unet(x_in, t, **conditions).sample.to(x.dtype)  # guidance in the sample's dtype (not autocast's)
+        eps = unet(x_in, t, **conditions).sample.to(x.dtype)  # guidance and the step in the sample's float32
         return classifier_free_guidance(*eps.chunk(2), guidance_scale) if do_guidance else eps
 
     return denoise(predict, scheduler, num_inference_steps, latents, eta=eta, generator=generator,

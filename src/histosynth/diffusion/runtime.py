@@ -1,13 +1,16 @@
 """How the denoiser runs, for every method alike: precision, compilation and DeepCache (issue 13, item 2).
 
-* ``with precision("bf16"): ...``: every denoiser (UNet) call of :func:`~histosynth.diffusion.sampling_loop.denoise`
-  in the block runs under torch autocast on its device (:func:`denoiser_autocast`); its output is cast back to the
-  sample's float32 before guidance and the scheduler's step, and everything else (the VAE's decoding, conditioners,
-  ZoomLDM's condition sampler) stays float32, where fp16 would overflow. ``"fp32"`` is no autocast. On a CPU without
-  native bf16 (AVX2 only) bf16 is emulated and slower: it exists there for checking, not for speed.
-* ``active_precision()``: the precision in force (recorded by the sample writer in a run's settings and rows).
-* ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); the first batch pays the
-  compilation, later ones run the compiled graph. The images are those of the eager model up to float rounding.
+* ``denoiser_precision(pipe, "bf16")``: the denoiser (``pipe.unet``) in bf16 (or fp16), weights and activations, as
+  diffusers' ``torch_dtype``; the pipelines draw their noise and step the scheduler in float32, cast the UNet's input
+  to its dtype and its output back to float32 before guidance, and everything else (the VAE's decoding,
+  conditioners, ZoomLDM's condition sampler) stays float32, where fp16 would overflow. A CPU with native bf16
+  (AVX-512 BF16 or AMX) runs it about 1.8x faster than float32 (docs/benchmarks.md); on one without (AVX2 only)
+  bf16 is emulated and slower: it exists there for checking, not for speed.
+* ``precision_of(unet)``: the name of a denoiser's precision (recorded by the sample writer in a run's settings).
+* ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); on a CPU with inductor's
+  freezing, which folds the weights into the graph as constants and pre-packs them for oneDNN (without it the
+  compiled UNet is no faster than the eager one there). The first batch pays the compilation, later ones run the
+  compiled graph. The images are those of the eager model up to float rounding.
 * ``deep_cache(unet, interval)``: DeepCache (Ma et al., CVPR 2024, Sec. 3.2-3.3, uniform 1:N strategy with the skip
   branch at the shallowest level): the whole UNet runs every ``interval``-th step; in between only its first down
   block and last up block run and the deeper blocks' outputs are those of the last full step. Works on any UNet
@@ -17,49 +20,60 @@
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
-
 import torch
 
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-_PRECISION = contextvars.ContextVar("histosynth_precision", default="fp32")
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-@contextlib.contextmanager
-def precision(name: str = "fp32"):
-    """A block whose denoiser calls run at precision ``name`` (``"fp32"``, ``"bf16"`` or ``"fp16"``).
+def denoiser_precision(pipe, name: str = "fp32"):
+    """Cast ``pipe.unet`` (weights and buffers) to precision ``name`` (``"fp32"``, ``"bf16"`` or ``"fp16"``); return
+    ``pipe``. Only the denoiser: the VAE, conditioners and ZoomLDM's condition sampler keep their dtype. Cast before
+    :func:`compile_denoiser` (a frozen graph keeps the weights it was compiled with). The cast is not undone: load the
+    pipeline again for float32 weights.
 
     Raises:
         ValueError: ``name`` is not one of ``PRECISIONS``.
     """
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
-    token = _PRECISION.set(name)
-    try:
-        yield
-    finally:
-        _PRECISION.reset(token)
+    pipe.unet.to(PRECISIONS[name])
+    return pipe
 
 
-def active_precision() -> str:
-    """The precision of the enclosing :func:`precision` block (``"fp32"`` outside any)."""
-    return _PRECISION.get()
+def precision_of(unet) -> str:
+    """The name (``PRECISIONS``' key) of ``unet``'s floating-point dtype: ``"fp32"``, ``"bf16"`` or ``"fp16"`` (another
+    dtype by its torch name, e.g. ``"float64"``)."""
+    dtype = next((p.dtype for p in unet.parameters() if p.is_floating_point()), torch.float32)
+    return next((name for name, d in PRECISIONS.items() if d == dtype), str(dtype).removeprefix("torch."))
 
 
-def denoiser_autocast(device) -> contextlib.AbstractContextManager:
-    """torch autocast on ``device``'s type at the active precision, or nothing at fp32."""
-    dtype = PRECISIONS[_PRECISION.get()]
-    return contextlib.nullcontext() if dtype is None else torch.autocast(torch.device(device).type, dtype=dtype)
+def compile_module(module, *, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor"):
+    """``torch.compile(module, mode=mode, dynamic=dynamic, backend=backend)`` for inference; with inductor on a CPU
+    (and no ``mode``) its compilations also run with inductor's ``freezing`` (weights folded as constants and
+    pre-packed for oneDNN: the compiled module must not be trained, nor its weights changed, afterwards).
+    ``mode``: torch.compile's (None = "default"; "max-autotune" on a GPU for long runs)."""
+    compiled = torch.compile(module, mode=mode, dynamic=dynamic, backend=backend)
+    if backend == "inductor" and mode is None and next(module.parameters()).device.type == "cpu":
+        import torch._inductor.config as inductor_config
+
+        # set while dynamo compiles (the first call, any recompilation), not process-wide; passed as
+        # torch.compile(options={"freezing": True}) the paper-size UNet kept its eager speed (docs/benchmarks.md)
+        traced = compiled.forward
+
+        def forward(*args, **kwargs):
+            with inductor_config.patch(freezing=True):
+                return traced(*args, **kwargs)
+
+        compiled.forward = forward
+    return compiled
 
 
 def compile_denoiser(pipe, *, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor"):
-    """Replace ``pipe.unet`` by ``torch.compile(pipe.unet, mode=mode, dynamic=dynamic, backend=backend)``; return
-    ``pipe``. ``mode``: torch.compile's (None = "default"; "max-autotune" on a GPU for long runs). A pipeline whose
-    denoiser is already compiled is left as it is.
+    """Replace ``pipe.unet`` by :func:`compile_module` of it (``mode``, ``dynamic``, ``backend`` passed on); return
+    ``pipe``. A pipeline whose denoiser is already compiled is left as it is.
     """
     if not isinstance(pipe.unet, torch._dynamo.eval_frame.OptimizedModule):
-        pipe.unet = torch.compile(pipe.unet, mode=mode, dynamic=dynamic, backend=backend)
+        pipe.unet = compile_module(pipe.unet, mode=mode, dynamic=dynamic, backend=backend)
     return pipe
 
 

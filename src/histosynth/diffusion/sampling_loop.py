@@ -8,14 +8,12 @@ everything else, so a pipeline never branches on the scheduler's name (diffusers
 
 from __future__ import annotations
 
-import contextlib
 import inspect
 from collections.abc import Callable
 
 import torch
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from histosynth.diffusion.runtime import denoiser_autocast
 from histosynth.diffusion.schedulers import scheduler_name
 from histosynth.errors import HistosynthError
 
@@ -77,15 +75,15 @@ def step_kwargs(scheduler: SchedulerMixin, eta: float, generator) -> dict:
 
 def denoise(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler: SchedulerMixin,
             num_inference_steps: int, noise: torch.Tensor, *, eta: float = 0.0, generator=None, progress_bar=None,
-            after_step: Callable[[torch.Tensor], torch.Tensor] | None = None, autocast: bool = True,
+            after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,
             steps_option: str = "num_inference_steps (--steps)") -> torch.Tensor:
     """``noise`` (unit Gaussian, any shape) denoised by exactly ``num_inference_steps`` steps of ``scheduler``.
 
     ``predict(x, t)``: the model output the scheduler steps with (ε, or [ε, v] for a learned-variance DDPM); ``x`` is
     already ``scheduler.scale_model_input``-ed. ``after_step(x) -> x`` runs after every step (DISC's fusion).
     ``progress_bar`` wraps the timesteps (a pipeline's ``self.progress_bar``), or None. The scheduler itself is not
-    changed: the loop steps a fresh copy (multistep solvers keep per-run state). ``autocast``: run ``predict`` under
-    the active ``--precision`` (the UNet); False keeps it in the sample's dtype (ZoomLDM's condition sampler).
+    changed: the loop steps a fresh copy (multistep solvers keep per-run state). ``predict`` may run the model in
+    another dtype (``sample --precision``): its output is cast to the sample's dtype before the step.
     ``steps_option`` names the step count in the error.
 
     Raises:
@@ -97,8 +95,7 @@ def denoise(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], sched
     extra = step_kwargs(scheduler, eta, generator)
     x = noise * scheduler.init_noise_sigma
     for t in progress_bar(scheduler.timesteps) if progress_bar is not None else scheduler.timesteps:
-        with denoiser_autocast(x.device) if autocast else contextlib.nullcontext():  # `with precision("bf16")`
-            out = predict(scheduler.scale_model_input(x, t), t)
+        out = predict(scheduler.scale_model_input(x, t), t)
         # the step in the sample's dtype: several schedulers cast their result to the model output's dtype
         x = scheduler.step(out.to(x.dtype), t, x, **extra).prev_sample
         if after_step is not None:

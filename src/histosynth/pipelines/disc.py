@@ -141,7 +141,7 @@ class DISCPipeline(RunPipeline):
         size, channels = self.unet.config.sample_size, self.unet.config.out_channels
         # one z_T per image, from its own generator when given a list
         z_t = randn_tensor((len(masks), channels, size, size), generator=generator, device=self.unet.device,
-                           dtype=self.unet.dtype)
+                           dtype=torch.float32)
         progress_bar = self.progress_bar if progress else None
 
         # 1-2. SD: each image under its whole mask

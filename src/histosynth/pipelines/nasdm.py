@@ -86,22 +86,23 @@ class NASDMPipeline(RunPipeline):
                 f"condition tensor has shape {tuple(cond.shape)}; this model expects (B, {self.unet.config.cond_channels}, H, W)"
             )
         device, dtype = self.unet.device, self.unet.dtype
-        cond = cond.to(device=device, dtype=dtype)
+        cond = cond.to(device=device, dtype=torch.float32)
         do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
-        model_cond = torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond  # [y, ∅]
+        model_cond = (torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond).to(dtype)  # [y, ∅]
         in_ch = self.unet.config.in_channels
         with_variance = uses_learned_variance(self.scheduler)  # DDPM steps with [ε, v]; the others with ε
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = torch.cat([x, x]) if do_guidance else x
-            out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond).to(x.dtype)  # guidance in the sample's dtype
+            x_in = (torch.cat([x, x]) if do_guidance else x).to(dtype)  # the UNet's precision (`sample --precision`)
+            out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond).to(x.dtype)  # guidance, step: float32
             if do_guidance:
                 out_c, out_u = out.chunk(2)
                 out = guided_model_output(out_u, out_c, guidance_scale, in_ch)
             return out if with_variance else out[:, :in_ch]
 
         # 2.-3. from pure noise, exactly the number of steps asked
-        noise = randn_tensor((cond.shape[0], in_ch, *cond.shape[2:]), generator=generator, device=device, dtype=dtype)
+        noise = randn_tensor((cond.shape[0], in_ch, *cond.shape[2:]), generator=generator, device=device,
+                             dtype=torch.float32)
         x = denoise(predict, self.scheduler, num_inference_steps, noise, eta=eta, generator=generator,
                     progress_bar=self.progress_bar if progress else None)
         steps_run = num_inference_steps

@@ -60,7 +60,7 @@ def sample_condition_tokens(model: ConditionTransformer, scheduler: SchedulerMix
     """(B, N, D) condition tokens drawn by the EDM (ZoomLDM Sec. 3.2) for level indices ``levels`` (int64 (B,)):
     Gaussian noise, exactly ``steps`` steps of ``scheduler`` on the model's x0 ("sample") predictions (the paper: DDIM
     50, η = 0; any scheduler of :data:`~histosynth.diffusion.schedulers.SCHEDULERS` that steps x0), then the training
-    standardisation undone. It runs in the model's dtype: ``--precision`` autocasts the image UNet only.
+    standardisation undone. It runs in the model's dtype: ``--precision`` casts the image UNet only.
 
     Raises:
         HistosynthError: a step count the schedule cannot run.
@@ -68,7 +68,7 @@ def sample_condition_tokens(model: ConditionTransformer, scheduler: SchedulerMix
     shape = (len(levels), model.config.num_tokens, model.config.token_dim)
     noise = randn_tensor(shape, generator=generator, device=model.device, dtype=model.dtype)
     levels = levels.to(model.device)
-    x = denoise(lambda x, t: model(x, t, levels), scheduler, steps, noise, generator=generator, autocast=False,
+    x = denoise(lambda x, t: model(x, t, levels), scheduler, steps, noise, generator=generator,
                 steps_option="condition_steps (--condition-steps)")
     return model.unstandardise(x)
 
@@ -146,7 +146,7 @@ class ZoomLDMPipeline(RunPipeline):
                 magnification = [self._level_of_grid(g) for g in grids]
             levels = self.level_indices(magnification, len(grids))
             self._check_grids(grids, levels)
-            cond = self.summariser(grids, levels).to(self.unet.dtype)
+            cond = self.summariser(grids, levels)
             source = "reference"
         else:
             single = isinstance(magnification, str)
@@ -154,7 +154,7 @@ class ZoomLDMPipeline(RunPipeline):
                 raise HistosynthError("give a magnification and num_images (or reference grids)")
             n = num_images if single else len(magnification)
             levels = self.level_indices(magnification, n)
-            cond = self.sample_conditions(levels, condition_steps, generator).to(self.unet.dtype)
+            cond = self.sample_conditions(levels, condition_steps, generator)  # float32: denoise_latents casts
             source = "sampled"
         do_guidance = g_scale != 1.0
         tokens = torch.cat([self.summariser.null_condition(len(cond)).to(cond.dtype), cond]) if do_guidance else cond

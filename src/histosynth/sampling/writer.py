@@ -33,7 +33,7 @@ import numpy as np
 from PIL import Image
 
 from histosynth.atomic import atomic_folder
-from histosynth.diffusion.runtime import active_deep_cache, active_precision
+from histosynth.diffusion.runtime import active_deep_cache, precision_of
 from histosynth.errors import DiskFullError, HistosynthError, OutputExistsError, is_disk_full, tree_bytes
 from histosynth.viz import save_grid
 
@@ -83,10 +83,11 @@ def process_state():
 def run_settings(pipe, arguments: dict) -> dict:
     """The settings a resumed run must share with the run it continues: a sampler's arguments (``locals()`` as its
     first statement; not ``pipe``, ``out``, ``overwrite``, ``progress``), the model (:func:`model_identity`), the
-    precision and the DeepCache interval in force (``sample --precision``, ``--deep-cache``:
+    denoiser's precision and the DeepCache interval in force (``sample --precision``, ``--deep-cache``:
     :mod:`histosynth.diffusion.runtime`)."""
     # each only when not the plain model's, so a partial run written before these settings existed still continues
-    precision, interval = active_precision(), active_deep_cache(getattr(pipe, "unet", None))
+    unet = getattr(pipe, "unet", None)
+    precision, interval = precision_of(unet) if unet is not None else "fp32", active_deep_cache(unet)
     speed = {**({"precision": precision} if precision != "fp32" else {}),
              **({"deep_cache": interval} if interval != 1 else {})}
     return {"model": model_identity(pipe), **speed,
