@@ -14,8 +14,9 @@
 #   nasdm    the paper NASDM UNet at 128 px, bf16, batch 40: training and 50 guided steps (item 6)
 #   disc     disc-256, bf16, batch 16: training (SD, CoTrain) and SD / SD-SC / SD-SC every step at 1 and 4 labels
 #            (DISC issue: SC ≤ labels × SD + 10 %)
-#   compile  pathldm-256 sampling under torch.compile, batch 16, DDIM 20 (item 2; the compilation, not yet tried at
-#            this size, is in the untimed warm-up: compare with the eager rate of the pathldm step per step)
+#   compile  pathldm-256 sampling under torch.compile, batch 16, DDIM 20 (item 2; the compilation, 75-95 s on a
+#            2-core CPU and not yet tried on a GPU, is in the untimed warm-up: compare with the eager rate of the
+#            pathldm step per step)
 set -u
 OUT=${OUT:-gpu-out}
 mkdir -p "$OUT"

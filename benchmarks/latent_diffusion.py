@@ -30,7 +30,7 @@ MODELS = {"paper": ("pathldm-256", "vq-f4"), "tiny": ("pathldm-tiny-cpu", "vq-f4
 
 
 def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, peak_tflops: float | None,
-            compile_unet: bool = False) -> dict:
+            compile_unet: bool = False, checkpointing: bool = False) -> dict:
     import torch
 
     from histosynth.training.autoencoder import make_model as make_autoencoder
@@ -57,6 +57,8 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
     if dev == "cuda":
         torch.cuda.reset_peak_memory_stats()
     if phase in ("train", "train+encode"):
+        if checkpointing:  # the recipe option train.gradient_checkpointing (engine.enable_gradient_checkpointing)
+            unet.enable_gradient_checkpointing()
         sched = ddpm_scheduler(recipe.diffusion)
         opt = torch.optim.AdamW(unet.parameters(), lr=1e-4)
 
@@ -102,7 +104,8 @@ def measure(model_key: str, phase: str, batch: int, steps: int, precision: str, 
         model_flops = 2 * steps * flops  # two UNet passes ([∅; y]) per step; the decoder not counted
     return {"model": model_key, "recipe": ldm_name, "autoencoder": ae_name, "unet_params_M": round(params, 1),
             "phase": phase, "size": size, "latent": f"{size // f}x{size // f}x{channels}", "batch": batch, "steps": steps,
-            "precision": precision, "compiled": compile_unet and phase == "sample", "device": dev, "seconds": round(dt, 2),
+            "precision": precision, "compiled": compile_unet and phase == "sample",
+            "gradient_checkpointing": checkpointing and phase != "sample", "device": dev, "seconds": round(dt, 2),
             "images_per_s": round(ips, 3),
             "unet_forward_GFLOP": round(flops / 1e9, 1), **utilisation(model_flops, ips, peak_tflops), **peak_memory(dev)}
 
@@ -120,6 +123,8 @@ def main() -> None:
                          "dense rate as the speed issue takes it; on a CPU: none)")
     ap.add_argument("--compile", action="store_true",
                     help="sample phase: torch.compile the UNet as `sample --compile` does (compilation in the warm-up)")
+    ap.add_argument("--gradient-checkpointing", action="store_true",
+                    help="train phases: the recipe option train.gradient_checkpointing (memory for recomputation)")
     ap.add_argument("--_child", nargs=2, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -131,7 +136,8 @@ def main() -> None:
     if args._child:
         model_key, phase = args._child
         steps = args.train_steps if phase.startswith("train") else args.sample_steps
-        print(json.dumps(measure(model_key, phase, batch, steps, precision, peak, args.compile)))
+        print(json.dumps(measure(model_key, phase, batch, steps, precision, peak, args.compile,
+                                 args.gradient_checkpointing)))
         return
     train_steps = args.train_steps or (20 if gpu else 2)
     sample_steps = args.sample_steps or (50 if gpu else 5)
@@ -146,6 +152,8 @@ def main() -> None:
                 cmd[-3:-3] = ["--peak-tflops", str(peak)]
             if args.compile:
                 cmd[-3:-3] = ["--compile"]
+            if args.gradient_checkpointing:
+                cmd[-3:-3] = ["--gradient-checkpointing"]
             res = subprocess.run(cmd, capture_output=True, text=True)
             if res.returncode != 0:
                 print(f"{key} {phase}: FAILED\n{res.stderr[-2000:]}")
@@ -154,7 +162,8 @@ def main() -> None:
             what = {"train": "train images/s (cached latents)", "train+encode": "train images/s (+ VQ encode)",
                     "sample": f"sample images/s (DDIM {r['steps']} steps, CFG, + decode)"}[phase]
             print(f"{key:5s} (UNet {r['unet_params_M']} M params, latents {r['latent']}) {what}: {r['images_per_s']:.3f} "
-                  f"at {r['size']} px, batch {r['batch']}, {r['precision']}{', compiled' if r['compiled'] else ''}, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']}); "
+                  f"at {r['size']} px, batch {r['batch']}, {r['precision']}{', compiled' if r['compiled'] else ''}"
+                  f"{', gradient checkpointing' if r['gradient_checkpointing'] else ''}, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']}); "
                   f"UNet forward {r['unet_forward_GFLOP']} GFLOP/image, {r['model_TFLOP_per_s']} model TFLOP/s"
                   + (f", MFU {r['mfu']:.1%} of {r['peak_TFLOP_per_s']:g}" if "mfu" in r else ""))
             print("  json:", json.dumps(r))

@@ -4,7 +4,8 @@ alternating in one process (issue 13, item 5).
 
     pip install einops omegaconf   # the reference code needs them (not histosynth)
     git clone https://github.com/CompVis/latent-diffusion /tmp/ldm-ref
-    python benchmarks/unet_speed.py --reference /tmp/ldm-ref --variants fp32,bf16-autocast,bf16,bf16-compile
+    python benchmarks/unet_speed.py --reference /tmp/ldm-ref --variants fp32,bf16-autocast,bf16,bf16-compile \
+        --reference-variants fp32,bf16-autocast
 
 Batch 2 of 64×64×3 latents, a 154×512 context (PathLDM's), fp32 unless a variant says otherwise; medians of
 ``--repeats`` timings after one warm-up each; every variant of ours and the reference take turns in each repeat.
@@ -119,6 +120,8 @@ def _timed(fn) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--reference", help="a checkout of CompVis/latent-diffusion (omit: ours only)")
+    ap.add_argument("--reference-variants", default="fp32",
+                    help="the reference as released (fp32) and/or under bf16-autocast (the speed-ups are against fp32)")
     ap.add_argument("--variants", default="fp32,channels-last")
     ap.add_argument("--batch", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
@@ -127,7 +130,9 @@ def main() -> None:
     print("command:", " ".join(sys.argv))
     models = {f"ours {v}": (ours(v), v) for v in args.variants.split(",")}
     if args.reference:
-        models["reference (CompVis openaimodel)"] = (reference(args.reference), "fp32")
+        released = reference(args.reference)
+        for v in args.reference_variants.split(","):
+            models["reference (CompVis openaimodel)" + ("" if v == "fp32" else f" {v}")] = (released, v)
     for name, ((unet, _), _) in models.items():
         print(f"{name}: {sum(p.numel() for p in unet.parameters()) / 1e6:.1f} M parameters")
     results = {name: {"forward": [], "forward+backward": []} for name in models}

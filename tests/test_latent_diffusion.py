@@ -381,6 +381,30 @@ def test_batched_guidance_equals_two_separate_passes():
     assert not torch.allclose(x, noise)
 
 
+def test_the_loop_feeds_the_unet_one_buffer_allocated_once():
+    """No per-step re-allocation of the loop's own tensors: every step's UNet input is the same buffer, holding
+    [x_t; x_t] (guidance) and DISC-style concat channels written once, in the UNet's dtype."""
+    from histosynth.diffusion.latent_sampling import denoise_latents
+    from histosynth.diffusion.sampling_loop import ModelInput
+
+    pipe = _class_pipeline()
+    seen = []
+    forward = pipe.unet.forward
+    pipe.unet.forward = lambda x, t, **kw: seen.append((x.data_ptr(), x.clone())) or forward(x, t, **kw)
+    cond, null = pipe.encode_prompts([0, 3])
+    denoise_latents(pipe.unet, pipe.scheduler, 4, 2, 2.5, encoder_hidden_states=torch.cat([null, cond]),
+                    generator=torch.Generator().manual_seed(0))
+    assert len(seen) == 4 and len({ptr for ptr, _ in seen}) == 1
+    assert all(torch.equal(x[:2], x[2:]) for _, x in seen) and not torch.equal(seen[0][1], seen[-1][1])
+
+    concat = torch.arange(2 * 2 * 3 * 3, dtype=torch.float32).reshape(4, 1, 3, 3)
+    model_input = ModelInput((2, 3, 3, 3), 2, torch.bfloat16, "cpu", concat)
+    for x in (torch.randn(2, 3, 3, 3), torch.randn(2, 3, 3, 3)):
+        out = model_input(x)
+        expected = torch.cat([torch.cat([x, x]), concat], dim=1).bfloat16()
+        assert out.data_ptr() == model_input.buffer.data_ptr() and torch.equal(out, expected)
+
+
 @pytest.mark.parametrize("name", ["ddpm", "dpm-solver++", "sde-dpm-solver++", "unipc", "deis", "euler",
                                   "euler-ancestral", "lms"])
 def test_every_scheduler_runs_the_steps_asked_on_the_latent_loop(name):
@@ -554,18 +578,22 @@ def test_sample_cli_writes_prompts_and_seeds_and_never_overwrites(store, vq_dir,
     assert masks.exit_code == 2 and "--prompts" in masks.output
 
 
-def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images():
+def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images(monkeypatch):
     """`sample --precision bf16`: the UNet's weights, input and output are bf16, the noise and the scheduler's sample
     stay float32, the VAE decodes float32, and the images are those of float32 up to bf16 rounding (mean |Δ| < 0.03
     on [0, 1]), not garbage."""
     from histosynth.diffusion.runtime import denoiser_precision, precision_of
 
+    import histosynth.diffusion.latent_sampling as latent_sampling
+
     pipe = _class_pipeline()
-    seen = []
+    seen, guided, steps = [], [], []
     forward = pipe.unet.forward
-    pipe.unet.forward = lambda x, t, **kw: (lambda out: seen.append((x.dtype, out.sample.dtype)) or out)(
-        forward(x, t, **kw))
-    steps = []
+    pipe.unet.forward = lambda x, t, **kw: (lambda out: seen.append(
+        (x.dtype, kw["encoder_hidden_states"].dtype, out.sample.dtype)) or out)(forward(x, t, **kw))
+    combine = latent_sampling.classifier_free_guidance
+    monkeypatch.setattr(latent_sampling, "classifier_free_guidance",
+                        lambda u, c, g: guided.append((u.dtype, c.dtype)) or combine(u, c, g))
     cls = type(pipe.scheduler)  # the loop steps a copy made from the config: spy on the class
 
     def images():
@@ -573,7 +601,8 @@ def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images():
                     progress=False).images
 
     full = images()
-    assert seen[-1] == (torch.float32, torch.float32) and precision_of(pipe.unet) == "fp32"
+    assert set(seen) == {(torch.float32,) * 3} and precision_of(pipe.unet) == "fp32"
+    seen.clear()
     decoded = []
     decode = pipe.vae.decode
     pipe.vae.decode = lambda z, **kw: decoded.append(z.dtype) or decode(z, **kw)
@@ -584,7 +613,8 @@ def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images():
         low = images()
     finally:
         cls.step = original
-    assert seen[-1] == (torch.bfloat16, torch.bfloat16) and low.dtype == torch.float32
+    assert len(seen) == 4 and set(seen) == {(torch.bfloat16,) * 3} and low.dtype == torch.float32
+    assert set(guided) == {(torch.float32, torch.float32)}  # guidance combines in float32
     assert len(steps) == 4 and set(steps) == {(torch.float32, torch.float32)}  # no bf16 rounding between steps
     assert decoded == [torch.float32] and pipe.vae.dtype == torch.float32  # fp16 decoding overflows
     assert torch.isfinite(low).all() and 0 < (low - full).abs().mean() < 0.03
@@ -601,25 +631,32 @@ def test_precision_of_names_the_denoiser_dtype():
 
 
 def test_compile_module_freezes_on_a_cpu_only_for_inductor(monkeypatch):
-    """On a CPU inductor compiles the denoiser with freezing in force (pre-packed weights: without it the compiled
-    paper-size UNet was no faster than the eager one, docs/benchmarks.md), during the compiled call only; a given mode
-    or another backend compiles as asked."""
+    """On a CPU inductor compiles the denoiser with freezing in force while dynamo traces it (pre-packed weights:
+    without it the compiled paper-size UNet was no faster than the eager one, docs/benchmarks.md), through the module's
+    own call, and only then; a given mode compiles as asked. Inductor itself is replaced by a recorder (its C++ build
+    takes minutes on 2 cores)."""
+    import torch._inductor.compile_fx as compile_fx
     import torch._inductor.config as inductor_config
+    from torch._dynamo.utils import is_parameter_freezing
 
-    from histosynth.diffusion import runtime
+    from histosynth.diffusion.runtime import compile_module
 
-    class Compiled:  # what torch.compile returns: ``forward`` is the traced call, which compiles at its first run
-        def __init__(self, module, **kwargs):
-            self.kwargs, self.forward = kwargs, lambda: inductor_config.freezing
+    frozen_while_compiling = []
 
-    monkeypatch.setattr(torch, "compile", Compiled)
-    layer = torch.nn.Linear(2, 2)
-    assert inductor_config.freezing is False
-    frozen = runtime.compile_module(layer)
-    assert frozen.forward() is True and inductor_config.freezing is False
-    assert runtime.compile_module(layer, mode="max-autotune").forward() is False
-    assert runtime.compile_module(layer, backend="aot_eager").forward() is False
-    assert frozen.kwargs == {"mode": None, "dynamic": None, "backend": "inductor"}
+    def recorder(gm, example_inputs, **kwargs):
+        frozen_while_compiling.append(is_parameter_freezing())
+        return gm.forward
+
+    monkeypatch.setattr(compile_fx, "compile_fx", recorder)
+    torch._dynamo.reset()
+    layer, x = torch.nn.Linear(2, 2), torch.randn(3, 2)
+    with torch.no_grad():
+        for mode in (None, "max-autotune"):
+            out = compile_module(layer, mode=mode)(x)
+            torch.testing.assert_close(out, layer(x))
+            torch._dynamo.reset()
+    assert frozen_while_compiling == [True, False] and inductor_config.freezing is False
+    assert compile_module(torch.nn.ReLU()) is not None  # a module without parameters compiles too
 
 
 @pytest.mark.parametrize("name", ["dpm-solver++", "euler", "ddim"])

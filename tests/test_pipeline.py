@@ -103,6 +103,32 @@ def test_guidance_runs_the_null_condition_and_changes_only_when_asked():
     assert not torch.allclose(s0.images, s2.images)
 
 
+def test_batched_guidance_equals_two_separate_passes_in_one_buffer():
+    """NASDM's one pass on the stacked [y; ∅] pair per step gives the images of two passes combined by
+    guided_model_output (learned variance, DDPM with its step noise), and every step's input is the same buffer."""
+    from diffusers.utils.torch_utils import randn_tensor
+
+    from histosynth.diffusion.guidance import guided_model_output
+
+    pipe, cond = _pipe(), _cond(2)
+    ptrs = []
+    pipe.unet.register_forward_pre_hook(lambda m, args: ptrs.append(args[0].data_ptr()))
+    batched = pipe(cond, guidance_scale=2.5, num_inference_steps=4, generator=torch.Generator().manual_seed(3),
+                   output_type="pt", progress=False).images
+    assert len(ptrs) == 4 and len(set(ptrs)) == 1
+
+    generator = torch.Generator().manual_seed(3)
+    x = randn_tensor((2, 3, 16, 16), generator=generator)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)
+    scheduler.set_timesteps(4)
+    with torch.no_grad():
+        for t in scheduler.timesteps:
+            out_c = pipe.unet(x, t.expand(2), cond)
+            out_u = pipe.unet(x, t.expand(2), torch.zeros_like(cond))
+            x = scheduler.step(guided_model_output(out_u, out_c, 2.5, 3), t, x, generator=generator).prev_sample
+    torch.testing.assert_close(batched, x.clamp(-1, 1), rtol=1e-4, atol=1e-5)
+
+
 def test_unset_settings_are_nasdm_defaults_g2_ddpm50(monkeypatch):
     """A NASDM pipeline (its recipe saves no sampling section) samples with g = 2 (the paper's s = 1), 50 steps, η 0."""
     import histosynth.pipelines.nasdm as module

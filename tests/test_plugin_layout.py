@@ -189,3 +189,35 @@ def test_the_engine_reports_the_time_it_waits_for_data(hgsc_store, tmp_path):
     assert slow.data_wait_seconds >= 6 * 0.2 and fast.data_wait_seconds < 0.5  # 6 batches of 2 items of 100 ms
     assert slow.data_wait_fraction > 0.3 and fast.data_wait_fraction < slow.data_wait_fraction - 0.2
     assert slow.images_per_second < fast.images_per_second
+
+
+def test_the_engine_optimiser_is_fused_adamw_where_torch_has_it_and_steps_as_adamw(monkeypatch):
+    """engine.adamw: torch's fused AdamW (CPU since torch 2.4, CUDA) with the recipe's settings, whose update equals
+    the default implementation's; where torch refuses fused=True, the default one, not an error."""
+    from histosynth.training.engine import adamw
+
+    torch.manual_seed(0)
+    fused_net, plain_net = torch.nn.Linear(4, 3), torch.nn.Linear(4, 3)
+    plain_net.load_state_dict(fused_net.state_dict())
+    settings = dict(lr=1e-2, betas=(0.9, 0.99), weight_decay=0.01)
+    fused, plain = adamw(fused_net.parameters(), **settings), torch.optim.AdamW(plain_net.parameters(), **settings)
+    assert fused.defaults["fused"] is True and not plain.defaults["fused"]
+    x = torch.randn(8, 4)
+    for _ in range(3):
+        for net, opt in ((fused_net, fused), (plain_net, plain)):
+            opt.zero_grad()
+            net(x).square().mean().backward()
+            opt.step()
+    for a, b in zip(fused_net.parameters(), plain_net.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+    class NoFused(torch.optim.AdamW):  # a torch or device without the fused kernel refuses fused=True
+        def __init__(self, params, fused=None, **kwargs):
+            if fused:
+                raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported "
+                                   "devices")
+            super().__init__(params, **kwargs)
+
+    monkeypatch.setattr(torch.optim, "AdamW", NoFused)
+    fallback = adamw(plain_net.parameters(), **settings)
+    assert isinstance(fallback, NoFused) and not fallback.defaults["fused"] and fallback.defaults["lr"] == 1e-2

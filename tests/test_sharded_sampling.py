@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 from click.testing import CliRunner
 
@@ -68,12 +69,15 @@ def _free_port() -> str:
         return str(s.getsockname()[1])
 
 
+def _launch_two(run: Path, store: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "--main_process_port", _free_port(), "-m", "histosynth.cli", *_args(run, store, out)]
+
+
 def test_two_processes_write_exactly_what_one_process_writes(nasdm_run, hgsc_store, one_process, tmp_path):
     out = tmp_path / "s"
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-              "--main_process_port", _free_port(), "-m", "histosynth.cli"]
-    done = subprocess.run(launch + _args(nasdm_run, hgsc_store, out), env=_env(), capture_output=True, text=True,
+    done = subprocess.run(_launch_two(nasdm_run, hgsc_store, out), env=_env(), capture_output=True, text=True,
                           timeout=300, check=False)
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.count("wrote ") == 1  # said by the main process only
@@ -81,6 +85,41 @@ def test_two_processes_write_exactly_what_one_process_writes(nasdm_run, hgsc_sto
     assert len([k for k in expected if k.startswith("images/")]) == 7 and "grid.png" in expected
     assert _files(out) == expected  # images, masks, labels, real patches, samples.jsonl and grid.png
     assert [p.name for p in tmp_path.iterdir()] == ["s"]  # no partial folder left
+
+
+def test_a_killed_two_process_run_continues_without_redoing_finished_batches(nasdm_run, hgsc_store, one_process,
+                                                                             tmp_path):
+    """`accelerate launch` with 2 processes, killed (the launcher and both workers) after its first finished batch,
+    then the same command again: the images of one process, no finished batch written twice, none lost."""
+    out = tmp_path / "s"
+    batches = partial_folder(out) / RESUME / "batches"
+    victim = subprocess.Popen(_launch_two(nasdm_run, hgsc_store, out), env=_env(), stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while not (batches.is_dir() and list(batches.glob("*.jsonl"))):
+        assert victim.poll() is None, victim.stderr.read().decode()[-3000:]
+        assert time.time() < deadline
+        time.sleep(0.01)
+    # the launcher and its workers (torchrun starts each in a session of its own), as a lost machine would
+    tree = [victim, *(psutil.Process(victim.pid).children(recursive=True))]
+    for process in tree:
+        process.send_signal(signal.SIGKILL)
+    victim.wait()
+    psutil.wait_procs(tree[1:], timeout=30)
+    done = sorted(batches.glob("*.jsonl"))
+    assert 1 <= len(done) < BATCHES and not out.exists()
+    kept = [row for f in done for row in map(json.loads, f.read_text().splitlines())]
+    files = [partial_folder(out) / row[key] for row in kept for key in ("image", "mask", "inst_map", "real")]
+    before = [(p.stat().st_ino, p.stat().st_mtime_ns) for p in files]
+
+    again = subprocess.run(_launch_two(nasdm_run, hgsc_store, out), env=_env(), capture_output=True, text=True,
+                           timeout=300, check=False)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"{len(done)} of {BATCHES} batches were done" in again.stderr
+    assert _files(out) == _files(one_process)
+    moved = [out / p.relative_to(partial_folder(out)) for p in files]
+    assert [(p.stat().st_ino, p.stat().st_mtime_ns) for p in moved] == before  # not written again
+    assert [p.name for p in tmp_path.iterdir()] == ["s"]
 
 
 def test_a_killed_run_continues_without_redoing_finished_batches(nasdm_run, hgsc_store, one_process, tmp_path):

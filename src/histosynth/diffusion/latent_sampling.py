@@ -8,7 +8,7 @@ from diffusers.schedulers.scheduling_utils import SchedulerMixin
 from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.diffusion.guidance import classifier_free_guidance
-from histosynth.diffusion.sampling_loop import denoise
+from histosynth.diffusion.sampling_loop import ModelInput, denoise
 
 __all__ = ["denoise_latents"]
 
@@ -33,17 +33,15 @@ def denoise_latents(unet, scheduler: SchedulerMixin, num_inference_steps: int, b
     if latents is None:
         latents = randn_tensor((batch, unet.config.out_channels, size, size), generator=generator, device=unet.device,
                                dtype=torch.float32)
+    latents = latents.float()  # the scheduler steps in float32 whatever the UNet's precision
     do_guidance = guidance_scale != 1.0
     # the UNet's precision (`sample --precision`): its float inputs in its dtype, the latents float32
     conditions = {k: v.to(unet.dtype) if torch.is_tensor(v) and v.is_floating_point() else v
                   for k, v in conditions.items()}
-    concat = concat.to(unet.dtype) if concat is not None else None
+    model_input = ModelInput(latents.shape, 2 if do_guidance else 1, unet.dtype, latents.device, concat)
 
     def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        x_in = (torch.cat([x, x]) if do_guidance else x).to(unet.dtype)
-        if concat is not None:
-            x_in = torch.cat([x_in, concat], dim=1)
-        eps = unet(x_in, t, **conditions).sample.to(x.dtype)  # guidance and the step in the sample's float32
+        eps = unet(model_input(x), t, **conditions).sample.to(x.dtype)  # guidance and the step in float32
         return classifier_free_guidance(*eps.chunk(2), guidance_scale) if do_guidance else eps
 
     return denoise(predict, scheduler, num_inference_steps, latents, eta=eta, generator=generator,

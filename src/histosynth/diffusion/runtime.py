@@ -3,8 +3,8 @@
 * ``denoiser_precision(pipe, "bf16")``: the denoiser (``pipe.unet``) in bf16 (or fp16), weights and activations, as
   diffusers' ``torch_dtype``; the pipelines draw their noise and step the scheduler in float32, cast the UNet's input
   to its dtype and its output back to float32 before guidance, and everything else (the VAE's decoding,
-  conditioners, ZoomLDM's condition sampler) stays float32, where fp16 would overflow. A CPU with native bf16
-  (AVX-512 BF16 or AMX) runs it about 1.8x faster than float32 (docs/benchmarks.md); on one without (AVX2 only)
+  conditioners, ZoomLDM's condition sampler) stays float32, where fp16 would overflow. On a CPU with AVX-512 BF16,
+  bf16 ran the paper-size UNet's forward 1.8x faster than float32 (docs/benchmarks.md); on one without (AVX2 only)
   bf16 is emulated and slower: it exists there for checking, not for speed.
 * ``precision_of(unet)``: the name of a denoiser's precision (recorded by the sample writer in a run's settings).
 * ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); on a CPU with inductor's
@@ -19,6 +19,8 @@
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -49,17 +51,20 @@ def precision_of(unet) -> str:
 
 def compile_module(module, *, mode: str | None = None, dynamic: bool | None = None, backend: str = "inductor"):
     """``torch.compile(module, mode=mode, dynamic=dynamic, backend=backend)`` for inference; with inductor on a CPU
-    (and no ``mode``) its compilations also run with inductor's ``freezing`` (weights folded as constants and
-    pre-packed for oneDNN: the compiled module must not be trained, nor its weights changed, afterwards).
-    ``mode``: torch.compile's (None = "default"; "max-autotune" on a GPU for long runs)."""
+    (and the default mode) its compilations also run with inductor's ``freezing``: the weights are folded into the
+    graph as constants and pre-packed for oneDNN. So the compiled module must not be trained, nor its weights changed,
+    afterwards, and every recompilation (another batch size) keeps its own copy of the weights. ``mode``:
+    torch.compile's (None = "default"; "max-autotune" on a GPU for long runs)."""
     compiled = torch.compile(module, mode=mode, dynamic=dynamic, backend=backend)
-    if backend == "inductor" and mode is None and next(module.parameters()).device.type == "cpu":
+    device = next((p.device for p in module.parameters()), None)
+    if backend == "inductor" and mode in (None, "default") and device is not None and device.type == "cpu":
         import torch._inductor.config as inductor_config
 
-        # set while dynamo compiles (the first call, any recompilation), not process-wide; passed as
+        # set while dynamo traces and compiles (the first call, any recompilation), not process-wide; passed as
         # torch.compile(options={"freezing": True}) the paper-size UNet kept its eager speed (docs/benchmarks.md)
         traced = compiled.forward
 
+        @functools.wraps(traced)
         def forward(*args, **kwargs):
             with inductor_config.patch(freezing=True):
                 return traced(*args, **kwargs)

@@ -73,6 +73,30 @@ def step_kwargs(scheduler: SchedulerMixin, eta: float, generator) -> dict:
     return kwargs
 
 
+class ModelInput:
+    """The denoiser's input of every step in one buffer allocated once, so that the loop re-allocates nothing of its
+    own (issue 13, item 2): ``copies`` stacked copies of the sample (2 for classifier-free guidance's batched [∅; y]
+    pass, 1 without), cast to the model's ``dtype`` (``sample --precision``), then the fixed ``concat`` channels
+    (DISC's one-hot mask, stacked like the copies: (copies·B, C', h, w)), written once.
+
+    ``model_input(x)`` with x (B, C, h, w) returns the buffer (copies·B, C + C', h, w) holding this step's sample.
+    The buffer is overwritten at the next call: the model must not keep it (no UNet here does).
+    """
+
+    def __init__(self, sample_shape: tuple[int, ...], copies: int, dtype: torch.dtype, device,
+                 concat: torch.Tensor | None = None):
+        batch, channels, *size = sample_shape
+        extra = 0 if concat is None else concat.shape[1]
+        self.buffer = torch.empty((copies * batch, channels + extra, *size), dtype=dtype, device=device)
+        if concat is not None:
+            self.buffer[:, channels:] = concat
+        self.copies = self.buffer[:, :channels].unflatten(0, (copies, batch))  # views into the buffer
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        self.copies.copy_(x.expand_as(self.copies))  # one copy (and cast) into the buffer, no new tensor
+        return self.buffer
+
+
 def denoise(predict: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], scheduler: SchedulerMixin,
             num_inference_steps: int, noise: torch.Tensor, *, eta: float = 0.0, generator=None, progress_bar=None,
             after_step: Callable[[torch.Tensor], torch.Tensor] | None = None,

@@ -157,13 +157,14 @@ class DISCPipeline(RunPipeline):
             images, labels = separated_branches(small)  # labels that survive in the latent's mask: the others fuse to nothing
             uniform = labels[:, None, None].expand(-1, *masks.shape[-2:]).to(masks.device)
             tokens, concat = self.conditions(uniform, guided)
-            fuse = lambda z: fuse_latents(z, images, labels, small)  # noqa: E731
-            every = (lambda z: fuse(z)[images.to(z.device)]) if separated == "every-step" else None
+            on_device = images.to(small.device), labels.to(small.device)  # once, not at every fused step
+            fuse = lambda z: fuse_latents(z, *on_device, small)  # noqa: E731
+            every = (lambda z: fuse(z)[on_device[0]]) if separated == "every-step" else None
             # η > 0 draws step noise per branch: a branch uses its image's generator
             branch_generator = [generator[b] for b in images.tolist()] if isinstance(generator, list) else generator
             branches = denoise_latents(self.unet, self.scheduler, steps, len(images), g_scale, eta=eta,
                                        generator=branch_generator, progress_bar=progress_bar,
-                                       latents=z_t[images.to(z_t.device)],
+                                       latents=z_t[on_device[0]],
                                        concat=concat, after_step=every, encoder_hidden_states=tokens)
             latents = fuse(branches)
             per_image = torch.bincount(images, minlength=len(masks)).tolist()

@@ -30,7 +30,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from histosynth.conditions.nuclei_mask import null_condition_like, nuclei_condition
 from histosynth.diffusion.guidance import guided_model_output
-from histosynth.diffusion.sampling_loop import denoise, uses_learned_variance
+from histosynth.diffusion.sampling_loop import ModelInput, denoise, uses_learned_variance
 from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
 from histosynth.pipelines.loading import RunPipeline
@@ -90,10 +90,11 @@ class NASDMPipeline(RunPipeline):
         do_guidance = guidance_scale != 1.0  # g = 1 is the conditional model alone
         model_cond = (torch.cat([cond, null_condition_like(cond)]) if do_guidance else cond).to(dtype)  # [y, ∅]
         in_ch = self.unet.config.in_channels
+        model_input = ModelInput((cond.shape[0], in_ch, *cond.shape[2:]), 2 if do_guidance else 1, dtype, device)
         with_variance = uses_learned_variance(self.scheduler)  # DDPM steps with [ε, v]; the others with ε
 
         def predict(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            x_in = (torch.cat([x, x]) if do_guidance else x).to(dtype)  # the UNet's precision (`sample --precision`)
+            x_in = model_input(x)  # [x; x] in the UNet's precision (`sample --precision`), one buffer for all steps
             out = self.unet(x_in, t.expand(x_in.shape[0]), model_cond).to(x.dtype)  # guidance, step: float32
             if do_guidance:
                 out_c, out_u = out.chunk(2)

@@ -93,13 +93,13 @@ class PathLDMPipeline(RunPipeline):
 
     # ------------------------------------------------------------------------------------ conditions
     def encode_prompts(self, prompts: Sequence) -> tuple[torch.Tensor, torch.Tensor]:
-        """(condition, null condition) as cross-attention context (B, T, D) on the UNet's device and dtype, through
+        """(condition, null condition) as cross-attention context (B, T, D), float32 on the UNet's device, through
         the conditioner's ``encode_prompts`` (captions for a text model, class indices or names for a class model)."""
         if self.conditioner is None:
             raise HistosynthError("this pipeline has no conditioner (pass conditioner=... or load a saved pipeline)")
         cond = self.conditioner.encode_prompts(list(prompts)).embeddings
         null = self.conditioner.null_condition(len(prompts)).embeddings
-        return (cond.to(self.unet.device, self.unet.dtype), null.to(self.unet.device, self.unet.dtype))
+        return cond.to(self.unet.device), null.to(self.unet.device)  # denoise_latents casts to the UNet's dtype
 
     # ------------------------------------------------------------------------------------ sampling
     @torch.no_grad()
