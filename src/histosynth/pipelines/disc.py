@@ -101,12 +101,13 @@ class DISCPipeline(RunPipeline):
         return list(names) if names else [str(k) for k in range(self.mask_encoder.config.num_labels)]
 
     def conditions(self, masks: torch.Tensor, guided: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(tokens, concatenated channels or None) of int masks (B, H, W), stacked [∅; c] when ``guided``."""
-        tokens = self.mask_encoder(masks).to(self.unet.dtype)
+        """(tokens, concatenated channels or None) of int masks (B, H, W), stacked [∅; c] when ``guided``; in the mask
+        encoder's dtype (denoise_latents casts them to the UNet's)."""
+        tokens = self.mask_encoder(masks)
         concat = None
         if self.config.injection == "cross-attention+concat":
             small = downsample_masks(masks, self.unet.config.sample_size)
-            concat = one_hot_masks(small, self.mask_encoder.config.num_labels).to(self.unet.device, self.unet.dtype)
+            concat = one_hot_masks(small, self.mask_encoder.config.num_labels).to(self.unet.device, tokens.dtype)
         if guided:
             tokens = torch.cat([self.mask_encoder.null_condition(len(tokens)).to(tokens.dtype), tokens])
             concat = None if concat is None else torch.cat([torch.zeros_like(concat), concat])
@@ -157,14 +158,14 @@ class DISCPipeline(RunPipeline):
             images, labels = separated_branches(small)  # labels that survive in the latent's mask: the others fuse to nothing
             uniform = labels[:, None, None].expand(-1, *masks.shape[-2:]).to(masks.device)
             tokens, concat = self.conditions(uniform, guided)
-            on_device = images.to(small.device), labels.to(small.device)  # once, not at every fused step
-            fuse = lambda z: fuse_latents(z, *on_device, small)  # noqa: E731
-            every = (lambda z: fuse(z)[on_device[0]]) if separated == "every-step" else None
+            branch_images, branch_labels = images.to(small.device), labels.to(small.device)  # once, not every step
+            fuse = lambda z: fuse_latents(z, branch_images, branch_labels, small)  # noqa: E731
+            every = (lambda z: fuse(z)[branch_images]) if separated == "every-step" else None
             # η > 0 draws step noise per branch: a branch uses its image's generator
             branch_generator = [generator[b] for b in images.tolist()] if isinstance(generator, list) else generator
             branches = denoise_latents(self.unet, self.scheduler, steps, len(images), g_scale, eta=eta,
                                        generator=branch_generator, progress_bar=progress_bar,
-                                       latents=z_t[on_device[0]],
+                                       latents=z_t[branch_images],
                                        concat=concat, after_step=every, encoder_hidden_states=tokens)
             latents = fuse(branches)
             per_image = torch.bincount(images, minlength=len(masks)).tolist()
