@@ -343,6 +343,16 @@ def test_distillation_losses_and_the_resumable_sc_set(region_store, sd_run, tmp_
     fit(DISCTask(recipe, region_store, progress=False), run, progress=False)
     rows = _losses(run)
     assert len(rows) == 4 and all("l_disc" in r for r in rows) and (("l_ldm" in rows[0]) == cotrain)
+    # the fine-tune resumes exactly: stopped at its step-2 checkpoint and resumed, it logs the straight run's losses
+    # (L_DISC and, for CoTrain, L_LDM) and exports the same weights
+    split = tmp_path / "split"
+    fit(DISCTask(recipe, region_store, progress=False), split, max_steps=2, progress=False)
+    assert len(_losses(split)) == 2
+    fit(DISCTask(recipe, region_store, progress=False), split, resume=True, progress=False)
+    assert _losses(split) == rows
+    straight, resumed_pipe = DISCPipeline.from_pretrained(run), DISCPipeline.from_pretrained(split)
+    for name, value in straight.unet.state_dict().items():
+        assert torch.equal(value, resumed_pipe.unet.state_dict()[name]), name
     latents, masks = DistillSet(run / DISTILL).open()
     assert latents.shape == (5, 3, 8, 8) and masks.shape == (5, 32, 32)
     # the set is the teacher's SC output for those masks and seeds
