@@ -125,6 +125,11 @@ def test_pipeline_save_load_and_mask_errors(tmp_path):
     b = again(mask, separated="final", generator=torch.Generator().manual_seed(1))
     assert np.array_equal(a.images, b.images) and again.label_names == ["background", "epithelial", "stroma"]
     assert again.config.injection == "cross-attention+concat"
+    # output_type="latent" (the distillation set's): the same latents, not decoded
+    c = again(mask, separated="final", generator=torch.Generator().manual_seed(1), output_type="latent")
+    assert c.images is None and np.array_equal(c.latents, b.latents)
+    with pytest.raises(HistosynthError, match="output_type must be 'np' or 'latent', got 'pil'"):
+        pipe(mask, output_type="pil")
     with pytest.raises(HistosynthError, match=r"mask labels 0\.\.3 outside this model's 0\.\.2 \(background, "):
         pipe(np.full((1, 32, 32), 3) * (np.arange(32) % 2))
     with pytest.raises(HistosynthError, match=r"masks must be \(B, 32, 32\)"):

@@ -73,10 +73,10 @@ def fuse_latents(branch_latents: torch.Tensor, images: torch.Tensor, labels: tor
 
 @dataclass
 class DISCPipelineOutput(BaseOutput):
-    """images uint8 (B, H, W, 3); masks int32 (B, H, W) the conditions; latents float32 (B, C, h, w) before decoding;
-    unet_passes: UNet evaluations per image (steps × branches × (2 with guidance)), the cost SC multiplies."""
+    """images uint8 (B, H, W, 3), None with ``output_type="latent"``; masks int32 (B, H, W) the conditions; latents
+    float32 (B, C, h, w) before decoding (scaled, as the UNet samples them); unet_passes: UNet evaluations per image (steps × branches × (2 with guidance)), the cost SC multiplies."""
 
-    images: np.ndarray
+    images: np.ndarray | None
     masks: np.ndarray
     latents: np.ndarray
     separated: str
@@ -116,7 +116,7 @@ class DISCPipeline(RunPipeline):
     @torch.no_grad()
     def __call__(self, masks, guidance_scale: float | None = None, num_inference_steps: int | None = None,
                  separated: str | None = None, eta: float | None = None,
-                 generator: torch.Generator | list[torch.Generator] | None = None,
+                 generator: torch.Generator | list[torch.Generator] | None = None, output_type: str = "np",
                  progress: bool = True) -> DISCPipelineOutput:
         """Generate one tile per mask.
 
@@ -127,15 +127,19 @@ class DISCPipeline(RunPipeline):
             separated: "none" (SD), "final" (SD-SC, eq. 2 at the end) or "every-step"; default the recipe's.
             eta: DDIM's η (default the recipe's, 0).
             generator: one, or one per image (each image's z_T from its own).
+            output_type: "np" (decoded tiles) or "latent" (no decoding, ``images`` None: what the distillation set
+                keeps; at 256 px decoding is a large share of a short call).
         Raises:
-            HistosynthError: masks of the wrong size or with labels outside 0..K-1, an unknown ``separated``, a step
-                count outside 1..T.
+            HistosynthError: masks of the wrong size or with labels outside 0..K-1, an unknown ``separated`` or
+                ``output_type``, a step count outside 1..T.
         """
         g_scale, steps, separated, eta = self.sampling_settings(
             DEFAULT_SAMPLING, guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, separated=separated,
             eta=eta)
         if separated not in SEPARATED:
             raise HistosynthError(f"separated must be one of {', '.join(SEPARATED)}, got {separated!r}")
+        if output_type not in ("np", "latent"):
+            raise HistosynthError(f"output_type must be 'np' or 'latent', got {output_type!r}")
         masks = self._check_masks(masks)
         check_num_steps(self.scheduler, steps)
         guided = g_scale != 1.0
@@ -172,8 +176,11 @@ class DISCPipeline(RunPipeline):
             passes = [steps * n * (2 if guided else 1) for n in per_image]
 
         # 3. decode with the frozen first stage
-        decoded = self.vae.decode((latents / self.config.latent_scaling_factor).to(self.vae.dtype)).sample
-        images_out = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images_out = None
+        if output_type == "np":
+            decoded = self.vae.decode((latents / self.config.latent_scaling_factor).to(self.vae.dtype)).sample
+            images_out = ((decoded.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
+            images_out = images_out.cpu().numpy()
         return DISCPipelineOutput(images=images_out, masks=masks.cpu().numpy().astype(np.int32),
                                   latents=latents.float().cpu().numpy(), separated=separated, num_steps_run=steps,
                                   unet_passes=passes)

@@ -108,7 +108,7 @@ class DistillSet:
                 masks = masks_of(chunk)
                 out = teacher(masks, guidance_scale=settings["guidance_scale"],
                               num_inference_steps=settings["num_inference_steps"], separated=settings["separated"],
-                              generator=generators, progress=False)
+                              generator=generators, output_type="latent", progress=False)
                 latents[chunk] = out.latents
                 stored[chunk] = masks
                 latents.flush()
