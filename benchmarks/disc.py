@@ -3,6 +3,12 @@ and every step) and SD-DISC at masks with 1–4 labels present, with peak memory
 
     python benchmarks/disc.py                                  # both models, CPU or the first GPU
     python benchmarks/disc.py --model tiny --sample-steps 10 --batch 4
+    python benchmarks/disc.py --model paper --side-by-side --labels 1,2,4 --batch 1 --sample-steps 3 --reps 3
+
+``--side-by-side`` times SD, SD-SC and SD-DISC per tile in one process, alternating call by call, medians of
+``--reps``: SD-DISC is a second pipeline loaded from a saved copy of SD's (the SD network, fine-tuned: the same
+architecture, its own weights). It then generates a distillation set through the training code (``DistillSet``, SC,
+latents only) and reports its tiles/s.
 
 Models: "paper" is disc-256 (the cin256-v2 LDM UNet on 64x64x3 latents, 64 mask tokens of 512) with vq-f4; "tiny"
 is disc-tiny-cpu (64 px, 16x16x3 latents, mask concat) with vq-f4-tiny-cpu. Random weights (cost, not quality).
@@ -15,9 +21,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from machine_info import machine, peak_memory, timed
 
@@ -102,6 +111,80 @@ def measure(model_key: str, phase: str, batch: int, steps: int, labels: int) -> 
             "seconds": round(dt, 3), "images_per_s": round(ips, 4), **peak_memory(dev)}
 
 
+def side_by_side(model_key: str, batch: int, steps: int, label_counts: list[int], reps: int, set_tiles: int) -> dict:
+    """Seconds per tile of SD, SD-SC (fused at the end) and SD-DISC, alternating in one process (medians of
+    ``reps``), then the distillation set's tiles/s (``DistillSet.generate``: SC, DDIM, latents only)."""
+    import torch
+
+    from histosynth.pipelines.disc import DISCPipeline
+    from histosynth.training.disc import DistillSet
+
+    from diffusers.utils import logging as diffusers_logging
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    recipe, sd, _, params, _, _ = build(model_key, dev)
+    diffusers_logging.disable_progress_bar()  # "Loading pipeline components"
+    size, g_scale = recipe.patch_size, recipe.sampling.guidance_scale
+    with tempfile.TemporaryDirectory() as tmp:
+        sd.save_pretrained(Path(tmp) / "sd-disc")
+        disc = DISCPipeline.from_pretrained(Path(tmp) / "sd-disc").to(dev)
+        disc.set_progress_bar_config(disable=True)
+        with torch.no_grad():  # fine-tuned: its own weights (the cost depends on the architecture only)
+            for p in disc.unet.parameters():
+                p.add_(torch.randn_like(p), alpha=1e-3)
+        masks = {n: masks_with(n, size, batch).to(dev) for n in label_counts}
+        calls = {}  # (variant, labels present) -> call with k DDIM steps
+        for n in label_counts:
+            for name, pipe, separated in (("SD", sd, "none"), ("SD-SC", sd, "final"), ("SD-DISC", disc, "none")):
+                calls[name, n] = (lambda k, pipe=pipe, separated=separated, n=n: pipe(
+                    masks[n], guidance_scale=g_scale, num_inference_steps=k, separated=separated,
+                    generator=torch.Generator(dev).manual_seed(0), progress=False))
+        for call in calls.values():  # warm-up: one step each
+            call(1)
+        z = torch.randn(batch, sd.unet.config.out_channels, sd.unet.config.sample_size, sd.unet.config.sample_size,
+                        device=dev)
+        calls["decode", 0] = lambda k: sd.vae.decode(z).sample  # part of every call above, once per tile
+        times = {key: [] for key in calls}
+        with torch.no_grad():
+            for _ in range(reps):
+                for key, call in calls.items():
+                    times[key].append(timed(lambda: call(steps), dev, warm_up=lambda: None) / batch)
+        per_tile = {f"{name} {n}": round(statistics.median(t), 3) for (name, n), t in times.items()}
+        # the distillation set, as `train --recipe disc-...-distill` makes it: masks cycling through the label counts
+        seeds = list(range(set_tiles))
+        cycle = [masks_with(n, size, 1)[0].numpy().astype("uint8") for n in label_counts]
+        settings = {"num_inference_steps": steps, "guidance_scale": g_scale, "separated": "final", "batch_size": batch}
+        import numpy as np
+
+        start = time.perf_counter()
+        DistillSet(Path(tmp) / "set").generate(sd, lambda chunk: np.stack([cycle[i % len(cycle)] for i in range(
+            chunk.start, chunk.stop)]), set_tiles, seeds, settings, progress=False)
+        set_seconds = time.perf_counter() - start
+    return {"model": model_key, "recipe": MODELS[model_key][0], "unet_params_M": round(params, 1), "size": size,
+            "batch": batch, "steps": steps, "reps": reps, "device": dev, "seconds_per_tile": per_tile,
+            "set_tiles": set_tiles, "set_tiles_per_s": round(set_tiles / set_seconds, 4),
+            "set_seconds_per_tile": round(set_seconds / set_tiles, 3), **peak_memory(dev)}
+
+
+def print_side_by_side(r: dict, label_counts: list[int]) -> None:
+    t = r["seconds_per_tile"]
+    print(f"{r['model']} (UNet {r['unet_params_M']} M, {r['size']} px, batch {r['batch']}, DDIM {r['steps']} + CFG + "
+          f"decode, medians of {r['reps']}, alternating): seconds per tile")
+    print("| labels present | SD | SD-SC | SC × SD (target) | SD-DISC | SD-DISC × SD (target ≤ 1.10) |")
+    print("|---|---|---|---|---|---|")
+    for n in label_counts:
+        sd, sc, disc = t[f"SD {n}"], t[f"SD-SC {n}"], t[f"SD-DISC {n}"]
+        print(f"| {n} | {sd:.3f} | {sc:.3f} | {sc / sd:.2f} (≤ {n * 1.1:.1f}) | {disc:.3f} | {disc / sd:.2f} |")
+    mean_sc = statistics.mean(t[f"SD-SC {n}"] for n in label_counts)
+    decode, sd1 = t["decode 0"], t[f"SD {label_counts[0]}"]
+    step = (sd1 - decode) / r["steps"]
+    print(f"decoding: {decode:.3f} s a tile; so one guided SD step {step:.3f} s a tile, and at the paper's DDIM 200 "
+          f"about {200 * step + decode:.1f} s a tile for SD and SD-DISC, SD-SC × the labels present")
+    print(f"distillation set (DistillSet.generate, SC, latents only, masks cycling {label_counts}): "
+          f"{r['set_tiles_per_s']} tiles/s, {r['set_seconds_per_tile']} s a tile (SD-SC with decoding: {mean_sc:.3f} s "
+          f"a tile on these masks); peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", choices=["paper", "tiny", "both"], default="both")
@@ -109,6 +192,11 @@ def main() -> None:
     ap.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps (default 2 CPU / 20 GPU)")
     ap.add_argument("--sample-steps", type=int, default=None, help="timed guided DDIM steps (default 5 CPU / 50 GPU)")
     ap.add_argument("--labels", default="1,2,3,4", help="labels present in the sampling masks, comma-separated")
+    ap.add_argument("--side-by-side", action="store_true",
+                    help="SD, SD-SC, SD-DISC per tile alternating in one process, then the distillation set's rate")
+    ap.add_argument("--reps", type=int, default=3, help="--side-by-side: timed calls of each (median)")
+    ap.add_argument("--set-tiles", type=int, default=None, help="--side-by-side: distillation set size (default 2 x "
+                    "batch x label counts)")
     ap.add_argument("--_child", nargs=3, help=argparse.SUPPRESS)
     args = ap.parse_args()
     import torch
@@ -124,6 +212,13 @@ def main() -> None:
     sample_steps = args.sample_steps or (50 if gpu else 5)
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d')}  command: {' '.join(sys.argv)}")
+    if args.side_by_side:
+        counts = [int(n) for n in args.labels.split(",")]
+        for key in (["paper", "tiny"] if args.model == "both" else [args.model]):
+            r = side_by_side(key, batch, sample_steps, counts, args.reps, args.set_tiles or 2 * batch * len(counts))
+            print_side_by_side(r, counts)
+            print("  json:", json.dumps(r))
+        return
     for key in (["paper", "tiny"] if args.model == "both" else [args.model]):
         jobs = [("train", 2), ("train-cotrain", 2)]
         jobs += [(p, int(n)) for n in args.labels.split(",") for p in ("sample-sd", "sample-sc", "sample-sc-every")]
