@@ -11,11 +11,13 @@ Batch 2 of 64×64×3 latents, a 154×512 context (PathLDM's), fp32 unless a vari
 ``--repeats`` timings after one warm-up each; every variant of ours and the reference take turns in each repeat.
 Variants of ours, each the path a command takes:
   fp32            as trained and sampled by default (forward and forward + backward)
-  channels-last   model and input in torch.channels_last
+  channels-last   ``sample --channels-last`` (runtime.denoiser_channels_last: the weights NHWC, the input as the
+                  pipelines give it, NCHW; the first convolution's output is NHWC); forward and forward + backward
   bf16-autocast   training's ``mixed_precision: bf16`` (torch autocast; fp32 weights): forward and forward + backward
   bf16            ``sample --precision bf16``: weights and activations in bf16 (forward only: sampling)
   compile         ``sample --compile`` (runtime.compile_module: inductor, with freezing on a CPU; forward only)
   bf16-compile    ``sample --precision bf16 --compile`` (forward only)
+  bf16-channels-last  ``sample --precision bf16 --channels-last`` (forward only)
 bf16 is fast only where the CPU has native bf16 (AVX-512 BF16, AMX); elsewhere it is emulated and slower.
 
 Also printed: the FLOPs of one forward (torch.utils.flop_counter; a multiply-add is 2 FLOPs) and the rate of this
@@ -30,6 +32,7 @@ import argparse
 import statistics
 import sys
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -40,18 +43,18 @@ REFERENCE_PARAMS = dict(image_size=64, in_channels=3, out_channels=3, model_chan
                         transformer_depth=1, context_dim=512)  # configs/latent-diffusion/cin256-v2.yaml, context 512
 
 
-SAMPLING_ONLY = {"bf16", "compile", "bf16-compile"}  # weights frozen or in bf16: no training step to time
+SAMPLING_ONLY = {"bf16", "compile", "bf16-compile", "bf16-channels-last"}  # weights frozen or in bf16: no training step to time
 
 
 def ours(variant: str):
-    from histosynth.diffusion.runtime import PRECISIONS, compile_module
+    from histosynth.diffusion.runtime import PRECISIONS, compile_module, denoiser_channels_last
     from histosynth.recipes import load_recipe
     from histosynth.training.latent import make_unet
 
     torch.manual_seed(0)
     unet = make_unet(load_recipe("pathldm-256"), 3, 64)
-    if variant == "channels-last":
-        unet = unet.to(memory_format=torch.channels_last)
+    if variant.endswith("channels-last"):
+        denoiser_channels_last(SimpleNamespace(unet=unet))  # what `sample --channels-last` does to pipe.unet
     if variant in SAMPLING_ONLY:
         unet.eval().requires_grad_(False)
     if variant.startswith("bf16") and variant != "bf16-autocast":
@@ -71,8 +74,6 @@ def reference(path: str):
 
 def inputs(batch: int, variant: str):
     x, t, c = torch.randn(batch, 3, 64, 64), torch.randint(0, 1000, (batch,)), torch.randn(batch, 154, 512)
-    if variant == "channels-last":
-        x = x.contiguous(memory_format=torch.channels_last)
     if variant.startswith("bf16") and variant != "bf16-autocast":
         x, c = x.bfloat16(), c.bfloat16()  # as the pipelines cast the UNet's input to its dtype
     return x, t, c

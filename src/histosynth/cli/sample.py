@@ -72,6 +72,9 @@ __all__ = ["sample"]
                    "AVX-512 BF16, bf16 ran the paper-size UNet's forward 1.8x faster, a whole tiny run 1.5x); the "
                    "noise, the scheduler's steps, guidance, the VAE's decoding and the conditioners stay fp32. "
                    "Recorded in the manifest. On a CPU without native bf16 it is slower.")
+@click.option("--channels-last", is_flag=True,
+              help="The denoiser in channels-last (NHWC) memory format, diffusers' recipe for GPUs; off by default: on "
+                   "a 2-core CPU it was 1 %% slower (docs/benchmarks.md). The images are the default's up to rounding.")
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile the denoiser (the first batch pays the compilation, minutes at paper size; worth "
                    "it for long runs). On a CPU with inductor's freezing (weights pre-packed).")
@@ -86,7 +89,7 @@ __all__ = ["sample"]
 @user_errors
 def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, boost, magnification, reference,
            condition_scheduler, condition_steps, regions, separated, split, num, guidance, steps, scheduler, precision,
-           compile_unet, deep_cache_interval, seed, batch_size, device, out, overwrite):
+           channels_last, compile_unet, deep_cache_interval, seed, batch_size, device, out, overwrite):
     """Generate images with the method of MODEL: NASDM on the masks of a store (each image next to its mask),
     PathLDM on prompts, HistoSmith on counts per nucleus type (images with their labels, ready to train on),
     ZoomLDM at magnifications (conditions drawn by its condition sampler, or a reference store's real ones), DISC on
@@ -99,7 +102,7 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
 
     from histosynth.cpu_threads import configure_cpu_threads
     from histosynth.methods import load_pipeline, method_of_model
-    from histosynth.diffusion.runtime import compile_denoiser, deep_cache, denoiser_precision
+    from histosynth.diffusion.runtime import compile_denoiser, deep_cache, denoiser_channels_last, denoiser_precision
     from histosynth.sampling.writer import process_state
 
     state = process_state()  # under `accelerate launch`: this process's share of the batches, on its device
@@ -129,6 +132,8 @@ def sample(model, masks, prompts, counts_from, requests_file, counts, tissue, bo
         raise HistosynthError("--compile and --deep-cache change the UNet's forward each in their own way: use one")
     _, pipe = load_pipeline(model, device)
     denoiser_precision(pipe, precision)  # before compiling: a frozen graph keeps the weights it was compiled with
+    if channels_last:
+        denoiser_channels_last(pipe)
     if compile_unet:
         compile_denoiser(pipe)
     settings = {"num": num, "guidance_scale": guidance, "num_inference_steps": steps, "scheduler": scheduler}

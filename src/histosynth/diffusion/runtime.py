@@ -6,6 +6,10 @@
   conditioners, ZoomLDM's condition sampler) stays float32, where fp16 would overflow. On a CPU with AVX-512 BF16,
   bf16 ran the paper-size UNet's forward 1.8x faster than float32 (docs/benchmarks.md); on one without (AVX2 only)
   bf16 is emulated and slower: it exists there for checking, not for speed.
+* ``denoiser_channels_last(pipe)``: the denoiser's convolution weights in channels-last (NHWC) memory format, as
+  diffusers' ``pipe.unet.to(memory_format=torch.channels_last)``; a convolution with channels-last weights writes
+  channels-last activations, so the whole UNet runs NHWC (cuDNN's tensor-core layout). On a 2-core CPU it was 1 %
+  slower (docs/benchmarks.md), hence an option. The images are the default's up to float rounding.
 * ``precision_of(unet)``: the name of a denoiser's precision (recorded by the sample writer in a run's settings).
 * ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); on a CPU with inductor's
   freezing, which folds the weights into the graph as constants and pre-packs them for oneDNN (without it the
@@ -39,6 +43,13 @@ def denoiser_precision(pipe, name: str = "fp32"):
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
     pipe.unet.to(PRECISIONS[name])
+    return pipe
+
+
+def denoiser_channels_last(pipe):
+    """Put ``pipe.unet``'s 4-d weights (convolutions) in channels-last memory format; return ``pipe``. Values, dtype
+    and device are unchanged; apply before :func:`compile_denoiser`."""
+    pipe.unet.to(memory_format=torch.channels_last)
     return pipe
 
 
