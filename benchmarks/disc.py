@@ -28,7 +28,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from machine_info import machine, peak_memory, timed
+from machine_info import machine, peak_memory, throughput_options, timed
 
 MODELS = {"paper": ("disc-256", "vq-f4"), "tiny": ("disc-tiny-cpu", "vq-f4-tiny-cpu")}
 
@@ -187,10 +187,7 @@ def print_side_by_side(r: dict, label_counts: list[int]) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", choices=["paper", "tiny", "both"], default="both")
-    ap.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 16 on GPU")
-    ap.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps (default 2 CPU / 20 GPU)")
-    ap.add_argument("--sample-steps", type=int, default=None, help="timed guided DDIM steps (default 5 CPU / 50 GPU)")
+    throughput_options(ap)
     ap.add_argument("--labels", default="1,2,3,4", help="labels present in the sampling masks, comma-separated")
     ap.add_argument("--side-by-side", action="store_true",
                     help="SD, SD-SC, SD-DISC per tile alternating in one process, then the distillation set's rate")

@@ -77,3 +77,12 @@ def utilisation(flops_per_image: float, images_per_s: float, peak_tflops: float 
     if peak_tflops:
         out.update(peak_TFLOP_per_s=peak_tflops, mfu=round(achieved / peak_tflops, 3))
     return out
+
+
+def throughput_options(ap) -> None:
+    """The options the DISC and ZoomLDM throughput benchmarks share: --model, --batch, --train-steps, --sample-steps
+    (None: 2 / 16 images, 2 / 20 training steps, 5 / 50 sampling steps on a CPU / GPU)."""
+    ap.add_argument("--model", choices=["paper", "tiny", "both"], default="both")
+    ap.add_argument("--batch", type=int, default=None, help="default: 2 on CPU, 16 on GPU")
+    ap.add_argument("--train-steps", type=int, default=None, help="timed optimisation steps (default 2 CPU / 20 GPU)")
+    ap.add_argument("--sample-steps", type=int, default=None, help="timed guided DDIM steps (default 5 CPU / 50 GPU)")
