@@ -210,11 +210,12 @@ def main() -> None:
     print(f"machine: {machine()}")
     print(f"date: {time.strftime('%Y-%m-%d')}  command: {' '.join(sys.argv)}")
     if args.side_by_side:
+        if args.model == "both":  # one process: the second model's peak memory would be the first's
+            ap.error("--side-by-side measures one model per run: give --model paper or --model tiny")
         counts = [int(n) for n in args.labels.split(",")]
-        for key in (["paper", "tiny"] if args.model == "both" else [args.model]):
-            r = side_by_side(key, batch, sample_steps, counts, args.reps, args.set_tiles or 2 * batch * len(counts))
-            print_side_by_side(r, counts)
-            print("  json:", json.dumps(r))
+        r = side_by_side(args.model, batch, sample_steps, counts, args.reps, args.set_tiles or 2 * batch * len(counts))
+        print_side_by_side(r, counts)
+        print("  json:", json.dumps(r))
         return
     for key in (["paper", "tiny"] if args.model == "both" else [args.model]):
         jobs = [("train", 2), ("train-cotrain", 2)]

@@ -43,7 +43,8 @@ REFERENCE_PARAMS = dict(image_size=64, in_channels=3, out_channels=3, model_chan
                         transformer_depth=1, context_dim=512)  # configs/latent-diffusion/cin256-v2.yaml, context 512
 
 
-SAMPLING_ONLY = {"bf16", "compile", "bf16-compile", "bf16-channels-last"}  # weights frozen or in bf16: no training step to time
+# weights frozen or in bf16: no training step to time
+SAMPLING_ONLY = {"bf16", "compile", "bf16-compile", "bf16-channels-last"}
 
 
 def ours(variant: str):

@@ -11,10 +11,12 @@ Models (random weights: cost, not quality):
          zoomldm-conditions (width 512, depth 6)
   tiny   zoomldm-tiny-cpu (128 px, 32x32x3 latents, 16 tokens of 128) + vq-f4-tiny-cpu; EfficientNet-Lite0-size
          grids (1280-d) at 20x, 10x, 5x, 2.5x; condition sampler zoomldm-conditions-tiny-cpu
-A batch's grids cycle through the levels, each of its own side (2^k at base / 2^k): the summariser's cost is that
-of a level-balanced batch. Sampling draws the conditions with the sampler's DDIM (``--condition-steps``, default
-the recipe's 50), at the levels cycled likewise. Each phase runs in its own subprocess so that peak memory (max RSS
-on CPU, max allocated on GPU) is its own.
+A batch's grids cycle through the levels, each of its own side (2^k at base / 2^k); the summariser brings each to
+its input size, so its cost hardly depends on the levels. Sampling draws the conditions with the sampler's DDIM
+(``--condition-steps``, default the recipe's 50), at the levels cycled likewise. A sampling phase with
+``--sample-steps 1`` gives the fixed cost (conditions, one step, decoding) that a longer one's per-step cost
+excludes. Each phase runs in its own subprocess so that peak memory (max RSS on CPU, max allocated on GPU) is its
+own.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ MODELS = {"paper": ("zoomldm-256", "vq-f4", "zoomldm-conditions", 384,
 
 
 def build(model_key: str, dev: str):
-    """(recipe, pipeline, ZoomDenoiser, magnifications, UNet parameters in M) with random weights."""
+    """(recipe, pipeline, ZoomDenoiser, magnifications, UNet parameters in M, latent factor) with random weights."""
     import torch
     from diffusers import DDIMScheduler
 

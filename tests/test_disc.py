@@ -356,8 +356,10 @@ def test_distillation_losses_and_the_resumable_sc_set(region_store, sd_run, tmp_
     fit(DISCTask(recipe, region_store, progress=False), split, resume=True, progress=False)
     assert _losses(split) == rows
     straight, resumed_pipe = DISCPipeline.from_pretrained(run), DISCPipeline.from_pretrained(split)
-    for name, value in straight.unet.state_dict().items():
-        assert torch.equal(value, resumed_pipe.unet.state_dict()[name]), name
+    for part in ("unet", "mask_encoder"):  # both are fine-tuned
+        resumed_state = getattr(resumed_pipe, part).state_dict()
+        for name, value in getattr(straight, part).state_dict().items():
+            assert torch.equal(value, resumed_state[name]), (part, name)
     latents, masks = DistillSet(run / DISTILL).open()
     assert latents.shape == (5, 3, 8, 8) and masks.shape == (5, 32, 32)
     # the set is the teacher's SC output for those masks and seeds

@@ -73,8 +73,9 @@ __all__ = ["sample"]
                    "noise, the scheduler's steps, guidance, the VAE's decoding and the conditioners stay fp32. "
                    "Recorded in the manifest. On a CPU without native bf16 it is slower.")
 @click.option("--channels-last", is_flag=True,
-              help="The denoiser in channels-last (NHWC) memory format, diffusers' recipe for GPUs; off by default: on "
-                   "a 2-core CPU it was 1 %% slower (docs/benchmarks.md). The images are the default's up to rounding.")
+              help="The denoiser in channels-last (NHWC) memory format, diffusers' recipe for GPUs (unmeasured there); "
+                   "off by default: on CPUs it was within ±5 %% of the default, slower on some (docs/benchmarks.md). "
+                   "The images are the default's up to rounding.")
 @click.option("--compile", "compile_unet", is_flag=True,
               help="torch.compile the denoiser (the first batch pays the compilation, minutes at paper size; worth "
                    "it for long runs). On a CPU with inductor's freezing (weights pre-packed).")

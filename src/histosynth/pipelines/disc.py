@@ -73,8 +73,9 @@ def fuse_latents(branch_latents: torch.Tensor, images: torch.Tensor, labels: tor
 
 @dataclass
 class DISCPipelineOutput(BaseOutput):
-    """images uint8 (B, H, W, 3), None with ``output_type="latent"``; masks int32 (B, H, W) the conditions; latents
-    float32 (B, C, h, w) before decoding (scaled, as the UNet samples them); unet_passes: UNet evaluations per image (steps × branches × (2 with guidance)), the cost SC multiplies."""
+    """images uint8 (B, H, W, 3), None with ``output_type="latent"``; masks int32 (B, H, W) the conditions;
+    latents float32 (B, C, h, w) before decoding (scaled, as the UNet samples them); unet_passes: UNet evaluations
+    per image (steps × branches × (2 with guidance)), the cost SC multiplies."""
 
     images: np.ndarray | None
     masks: np.ndarray
