@@ -198,16 +198,21 @@ def test_region_folder_to_store_keeps_masks_aligned_with_their_images(tmp_path):
     ("size", r"masks/a\.png: mask is 32x32 px, its image 64x64 px \(1/2 of it: a mask at another magnification"),
     ("empty", r"src: no images in the region folder"),
     ("classes", r"classes\.txt: no classes\.txt"),
+    ("no labels", r"classes\.txt: no region labels in it"),
+    ("repeated", r"classes\.txt: repeated region labels \['GG3'\]"),
 ])
 def test_bad_region_input_is_one_line_naming_the_file(tmp_path, case, message):
     from histosynth.cli import main
 
     good = np.zeros((64, 64), np.uint8)
     masks = {"label": {"a": np.where(np.eye(64, dtype=bool), 7, 3 * (np.arange(64) % 2 == 0)).astype(np.uint8)},
-             "size": {"a": np.zeros((32, 32), np.uint8)}, "empty": {}, "classes": {"a": good}}[case]
+             "size": {"a": np.zeros((32, 32), np.uint8)}, "empty": {}, "classes": {"a": good}, "no labels": {"a": good},
+             "repeated": {"a": good}}[case]
     src = _write_region_folder(tmp_path / "src", masks)
     if case == "classes":
         (src / "classes.txt").unlink()
+    elif case in ("no labels", "repeated"):
+        (src / "classes.txt").write_text({"no labels": "\n  \n", "repeated": "non-cancer\nGG3\nGG3\n"}[case])
     r = CliRunner().invoke(main, ["prepare", "regions", str(src), "--format", "folder", "--source-magnification", "20x",
                                   "--patch", "16", "--out", str(tmp_path / "store")])
     assert r.exit_code == 2 and len(r.output.strip().splitlines()) == 1, r.output
