@@ -31,7 +31,8 @@ from machine_info import machine, peak_memory, throughput_options, timed
 
 MODELS = {"paper": ("zoomldm-256", "vq-f4", "zoomldm-conditions", 384,
                     ("20x", "10x", "5x", "2.5x", "1.25x", "0.625x", "0.3125x", "0.15625x")),
-          "tiny": ("zoomldm-tiny-cpu", "vq-f4-tiny-cpu", "zoomldm-conditions-tiny-cpu", 1280, ("20x", "10x", "5x", "2.5x"))}
+          "tiny": ("zoomldm-tiny-cpu", "vq-f4-tiny-cpu", "zoomldm-conditions-tiny-cpu", 1280,
+                   ("20x", "10x", "5x", "2.5x"))}
 
 
 def build(model_key: str, dev: str):
@@ -57,7 +58,8 @@ def build(model_key: str, dev: str):
     s = recipe.summariser
     summariser = EmbeddingSummariser(
         embed_dim=dim, magnifications=levels, architecture=s.architecture, input_size=s.input_size,
-        block_channels=tuple(s.block_channels), token_dim=recipe.unet.cross_attention_dim, mag_embed_dim=s.mag_embed_dim,
+        block_channels=tuple(s.block_channels), token_dim=recipe.unet.cross_attention_dim,
+        mag_embed_dim=s.mag_embed_dim,
         vit_width=s.vit_width, vit_depth=s.vit_depth, vit_heads=s.vit_heads)
     m, d = cond.model, cond.diffusion
     sampler = ConditionTransformer(num_tokens=summariser.num_tokens, token_dim=recipe.unet.cross_attention_dim,
@@ -68,7 +70,8 @@ def build(model_key: str, dev: str):
                                    clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     r = recipe.diffusion
     pipe = ZoomLDMPipeline(
-        unet=unet, vae=ae, scheduler=ldm_ddim_scheduler(r.num_train_timesteps, r.beta_schedule, r.beta_start, r.beta_end),
+        unet=unet, vae=ae,
+        scheduler=ldm_ddim_scheduler(r.num_train_timesteps, r.beta_schedule, r.beta_start, r.beta_end),
         summariser=summariser.eval(), condition_sampler=sampler.eval(), condition_scheduler=cond_scheduler,
         base_magnification=levels[0], patch_size=recipe.patch_size,
         embeddings={"name": "benchmark", "encoder": "random", "dim": dim},

@@ -9,7 +9,8 @@
 * ``denoiser_channels_last(pipe)``: the denoiser's convolution weights in channels-last (NHWC) memory format, as
   diffusers' ``pipe.unet.to(memory_format=torch.channels_last)``; a convolution with channels-last weights writes
   channels-last activations, so the whole UNet runs NHWC (cuDNN's tensor-core layout). On 2-core CPUs it was within
-  ±5 % of the default, slower on the Zen 4 host (docs/benchmarks.md), and no GPU has measured it: hence an option. The images are the default's up to float rounding.
+  ±5 % of the default, slower on the Zen 4 host (docs/benchmarks.md), and no GPU has measured it: hence an option.
+  The images are the default's up to float rounding.
 * ``precision_of(unet)``: the name of a denoiser's precision (recorded by the sample writer in a run's settings).
 * ``compile_denoiser(pipe)``: ``pipe.unet = torch.compile(pipe.unet)`` (diffusers' recipe); on a CPU with inductor's
   freezing, which folds the weights into the graph as constants and pre-packs them for oneDNN (without it the
