@@ -114,12 +114,12 @@ def measure(model_key: str, phase: str, batch: int, steps: int, labels: int) -> 
 def side_by_side(model_key: str, batch: int, steps: int, label_counts: list[int], reps: int, set_tiles: int) -> dict:
     """Seconds per tile of SD, SD-SC (fused at the end) and SD-DISC, alternating in one process (medians of
     ``reps``), then the distillation set's tiles/s (``DistillSet.generate``: SC, DDIM, latents only)."""
+    import numpy as np
     import torch
+    from diffusers.utils import logging as diffusers_logging
 
     from histosynth.pipelines.disc import DISCPipeline
     from histosynth.training.disc import DistillSet
-
-    from diffusers.utils import logging as diffusers_logging
 
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     recipe, sd, _, params, _, _ = build(model_key, dev)
@@ -154,8 +154,6 @@ def side_by_side(model_key: str, batch: int, steps: int, label_counts: list[int]
         seeds = list(range(set_tiles))
         cycle = [masks_with(n, size, 1)[0].numpy().astype("uint8") for n in label_counts]
         settings = {"num_inference_steps": steps, "guidance_scale": g_scale, "separated": "final", "batch_size": batch}
-        import numpy as np
-
         start = time.perf_counter()
         DistillSet(Path(tmp) / "set").generate(sd, lambda chunk: np.stack([cycle[i % len(cycle)] for i in range(
             chunk.start, chunk.stop)]), set_tiles, seeds, settings, progress=False)

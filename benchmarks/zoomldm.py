@@ -38,16 +38,15 @@ MODELS = {"paper": ("zoomldm-256", "vq-f4", "zoomldm-conditions", 384,
 def build(model_key: str, dev: str):
     """(recipe, pipeline, ZoomDenoiser, magnifications, UNet parameters in M, latent factor) with random weights."""
     import torch
-    from diffusers import DDIMScheduler
 
     from histosynth.diffusion.schedulers import ldm_ddim_scheduler
     from histosynth.models.condition_sampler import ConditionTransformer
-    from histosynth.models.zoom_summariser import EmbeddingSummariser
     from histosynth.pipelines.zoomldm import ZoomLDMPipeline
     from histosynth.recipes import load_recipe
     from histosynth.training.autoencoder import make_model as make_autoencoder
     from histosynth.training.latent import make_unet
-    from histosynth.training.zoomldm import ZoomDenoiser
+    from histosynth.training.zoomldm import ZoomDenoiser, make_summariser
+    from histosynth.training.zoomldm_conditions import condition_ddim
 
     name, ae_name, cond_name, dim, levels = MODELS[model_key]
     recipe, ae_recipe, cond = load_recipe(name), load_recipe(ae_name), load_recipe(cond_name)
@@ -55,24 +54,16 @@ def build(model_key: str, dev: str):
     ae = make_autoencoder(ae_recipe).eval().requires_grad_(False)
     f = 2 ** (len(ae.config.block_out_channels) - 1)
     unet = make_unet(recipe, ae_recipe.model.diffusion_channels, recipe.patch_size // f)
-    s = recipe.summariser
-    summariser = EmbeddingSummariser(
-        embed_dim=dim, magnifications=levels, architecture=s.architecture, input_size=s.input_size,
-        block_channels=tuple(s.block_channels), token_dim=recipe.unet.cross_attention_dim,
-        mag_embed_dim=s.mag_embed_dim,
-        vit_width=s.vit_width, vit_depth=s.vit_depth, vit_heads=s.vit_heads)
-    m, d = cond.model, cond.diffusion
+    summariser = make_summariser(recipe, dim, levels)
+    m = cond.model
     sampler = ConditionTransformer(num_tokens=summariser.num_tokens, token_dim=recipe.unet.cross_attention_dim,
                                    num_magnifications=len(levels), width=m.width, depth=m.depth, heads=m.heads,
                                    data_std=1.0)
-    cond_scheduler = DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                                   beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
-                                   clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
     r = recipe.diffusion
     pipe = ZoomLDMPipeline(
         unet=unet, vae=ae,
         scheduler=ldm_ddim_scheduler(r.num_train_timesteps, r.beta_schedule, r.beta_start, r.beta_end),
-        summariser=summariser.eval(), condition_sampler=sampler.eval(), condition_scheduler=cond_scheduler,
+        summariser=summariser.eval(), condition_sampler=sampler.eval(), condition_scheduler=condition_ddim(cond),
         base_magnification=levels[0], patch_size=recipe.patch_size,
         embeddings={"name": "benchmark", "encoder": "random", "dim": dim},
         sampling={**vars(recipe.sampling), "condition_steps": cond.sampling.num_inference_steps}).to(dev)
@@ -158,7 +149,7 @@ def main() -> None:
                 print(f"{key} {phase}: FAILED\n{res.stderr[-2000:]}")
                 continue
             r = json.loads(res.stdout.strip().splitlines()[-1])
-            what = ("train (UNet + summariser, level-balanced grids)" if phase == "train" else
+            what = ("train (UNet + summariser, grids cycling through the levels)" if phase == "train" else
                     f"sample (conditions DDIM {r['condition_steps']}, DDIM {r['steps']} + CFG, decode)")
             print(f"{key:5s} (UNet {r['unet_params_M']} M) {what}: {r['images_per_s']:.4f} images/s at {r['size']} px, "
                   f"batch {r['batch']}, {r['seconds']} s, peak {r['peak_mem_GiB']} GiB ({r['peak_mem_kind']})")

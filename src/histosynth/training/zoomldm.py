@@ -91,6 +91,16 @@ def flip_grid(grid: np.ndarray, k: int) -> np.ndarray:
     return grid
 
 
+def make_summariser(recipe: ZoomLDMRecipe, embed_dim: int, magnifications) -> EmbeddingSummariser:
+    """The recipe's magnification-aware summariser (``summariser`` fields) for ``embed_dim``-d grids at
+    ``magnifications`` (highest first), its tokens of the UNet's ``cross_attention_dim``; fresh weights."""
+    s = recipe.summariser
+    return EmbeddingSummariser(
+        embed_dim=embed_dim, magnifications=tuple(magnifications), architecture=s.architecture, input_size=s.input_size,
+        block_channels=tuple(s.block_channels), token_dim=recipe.unet.cross_attention_dim,
+        mag_embed_dim=s.mag_embed_dim, vit_width=s.vit_width, vit_depth=s.vit_depth, vit_heads=s.vit_heads)
+
+
 class ZoomDenoiser(torch.nn.Module):
     """What is trained: the UNet and the summariser that makes its cross-attention tokens."""
 
@@ -141,12 +151,7 @@ class ZoomLDMTask(TrainingTask):
             accelerator.print(report.summary())
             if accelerator.is_main_process:
                 write_report(report, run / "init_report.json")
-        s = self.recipe.summariser
-        summariser = EmbeddingSummariser(
-            embed_dim=self.embeddings.dim, magnifications=tuple(self.magnifications), architecture=s.architecture,
-            input_size=s.input_size, block_channels=tuple(s.block_channels), token_dim=self.recipe.unet.cross_attention_dim,
-            mag_embed_dim=s.mag_embed_dim, vit_width=s.vit_width, vit_depth=s.vit_depth, vit_heads=s.vit_heads)
-        return ZoomDenoiser(unet, summariser)
+        return ZoomDenoiser(unet, make_summariser(self.recipe, self.embeddings.dim, self.magnifications))
 
     def lr_factor(self, step: int) -> float:
         return ldm_warmup_factor(step, self.recipe.train.lr_warmup_steps)

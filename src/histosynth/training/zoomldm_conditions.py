@@ -73,6 +73,16 @@ def token_statistics(tokens: np.ndarray, chunk: int = 4096) -> tuple[np.ndarray,
     return mean.astype(np.float32), float(np.sqrt(sq / tokens[0].size / n)) or 1.0
 
 
+def condition_ddim(recipe: ZoomConditionsRecipe) -> DDIMScheduler:
+    """The condition sampler's DDIM (the paper's, η = 0) on the recipe's schedule and ``prediction_type``. Every
+    setting is spelled out, not left to DDIM's defaults: a scheduler derived from this config and saved keeps them
+    (diffusers drops the "default" mark on save, and would give the derived class its own defaults)."""
+    d = recipe.diffusion
+    return DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
+                         beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
+                         clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+
+
 class ZoomConditionsTask(TrainingTask):
     plot_columns = {"loss": "condition x0 MSE"}
     recipe_type = ZoomConditionsRecipe
@@ -130,12 +140,7 @@ class ZoomConditionsTask(TrainingTask):
         """``RUN/pipeline``: the ZoomLDM pipeline with this condition sampler (EMA weights) and the recipe's
         ``sampling.scheduler`` on its schedule (the paper's DDIM by default; derived from that DDIM, so that ``ddim``
         swapped back in by name is it exactly)."""
-        d = self.recipe.diffusion
-        # every setting spelled out, not left to DDIM's defaults: a scheduler derived from this config and saved
-        # keeps them (diffusers drops the "default" mark on save, and would give the derived class its own defaults)
-        scheduler = DDIMScheduler(num_train_timesteps=d.num_train_timesteps, beta_schedule=d.beta_schedule,
-                                  beta_start=d.beta_start, beta_end=d.beta_end, prediction_type=d.prediction_type,
-                                  clip_sample=False, set_alpha_to_one=True, steps_offset=0, timestep_spacing="leading")
+        scheduler = condition_ddim(self.recipe)
         if self.recipe.sampling.scheduler != "ddim":
             scheduler = sampling_scheduler(self.recipe.sampling.scheduler, scheduler.config)
         components = dict(self.pipe.components)
