@@ -13,7 +13,12 @@ spread of the reference sampler (the paper's) over ``--noise-seeds`` other seeds
 when its FD is within reference mean + 2 sd (and, with masks, its contrast no farther from the real patches' than the
 reference mean's distance + 2 sd). ``--deep-cache N,..`` (seed 0) and ``--precisions bf16,..`` (every reference seed,
 paired with the float32 ones; a pipeline loaded again and cast as `sample --precision` does) are speed settings
-measured at the reference sampler. Writes OUT/results.json, OUT/steps_quality.png and markdown tables on stdout.
+measured at the reference sampler. Every point also gets its mean grey level and share of dark tiles, and with
+``--limit ddim:250`` its mean abs pixel difference to a converged sampler's images from the same noise (how far a
+deterministic solver stops from the ODE's solution; paired, so it sees changes FD at 64 images cannot). When the
+paper's scheduler beats its own step count's FD with fewer steps beyond the noise, the curve is flagged: its long
+trajectories follow the model's error and the smallest matching count places no default. Writes OUT/results.json,
+OUT/steps_quality.png and markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
                                progress=False, real_stats=stats if stats.is_file() else None,
                                save_stats=None if stats.is_file() else stats)
     row = {"scheduler": scheduler, "steps": steps, "seed": seed, "fd": fd["fid"], "n": fd["n_generated"],
-           "seconds_sampling": round(seconds, 1)}
+           "seconds_sampling": round(seconds, 1), **_grey_levels(_folder_images(sub))}
     if has_masks:
         row["contrast"], row["contrast_real"] = sample_contrast(sub)
     return row
@@ -64,6 +69,10 @@ def main() -> None:
     ap.add_argument("--deep-cache", default="", help="DeepCache intervals (e.g. 2,3,5) measured at the reference sampler")
     ap.add_argument("--precisions", default="",
                     help="denoiser precisions (e.g. bf16) measured at the reference sampler on the reference's seeds")
+    ap.add_argument("--limit", default="",
+                    help="a converged deterministic sampler as SCHEDULER:STEPS (e.g. dpm-solver++:250): each seed-0 "
+                         "point's mean abs pixel difference to its images (same noise) is how far it stops from the "
+                         "probability-flow ODE's solution")
     ap.add_argument("--num", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", required=True, type=Path)
@@ -85,6 +94,8 @@ def main() -> None:
     ref_steps = int(ref_steps)
     todo = [(s, int(k), 0) for s in args.schedulers.split(",") for k in args.steps.split(",")]
     todo += [(ref_name, ref_steps, 0)] + [(ref_name, ref_steps, int(x)) for x in args.noise_seeds.split(",") if x]
+    limit = (args.limit.split(":")[0], int(args.limit.split(":")[1])) if args.limit else None
+    todo += [(*limit, 0)] if limit else []
     rows, results = [], args.out / "results.json"
     done = {(r["scheduler"], r["steps"], r["seed"], r.get("deep_cache", 1), r.get("precision", "fp32")): r
             for r in json.loads(results.read_text())["rows"]} if results.is_file() else {}
@@ -95,6 +106,10 @@ def main() -> None:
     pipes = {"fp32": pipe}
     for scheduler, steps, seed, interval, precision in dict.fromkeys(todo):
         row = done.get((scheduler, steps, seed, interval, precision))
+        sub = args.out / (f"{scheduler}-{steps}-seed{seed}" + (f"-deepcache{interval}" if interval > 1 else "")
+                          + (f"-{precision}" if precision != "fp32" else ""))
+        if row is not None and "mean_grey" not in row:  # results.json of an earlier version of this script
+            row.update(_grey_levels(_folder_images(sub)))
         if row is None:
             from histosynth.diffusion.runtime import deep_cache, denoiser_precision
 
@@ -103,10 +118,8 @@ def main() -> None:
             run = pipes[precision]
             cache = deep_cache(run.unet, interval) if interval > 1 else contextlib.nullcontext()
             with cache:
-                row = _measure(method, run, source, args.out / (f"{scheduler}-{steps}-seed{seed}" + (
-                    f"-deepcache{interval}" if interval > 1 else "") + (
-                    f"-{precision}" if precision != "fp32" else "")), real, stats, scheduler=scheduler, steps=steps,
-                    seed=seed, num=args.num, batch=args.batch, split=args.split, has_masks=has_masks)
+                row = _measure(method, run, source, sub, real, stats, scheduler=scheduler, steps=steps, seed=seed,
+                               num=args.num, batch=args.batch, split=args.split, has_masks=has_masks)
             if interval > 1:
                 row["deep_cache"] = interval
             if precision != "fp32":
@@ -119,6 +132,13 @@ def main() -> None:
                                        "rows": rows}, indent=2) + "\n")
 
     plain = [r for r in rows if "deep_cache" not in r and "precision" not in r]
+    if limit:  # paired with the converged sampler's images: the solver's own error, free of FD's sampling noise
+        for r in plain:
+            if r["seed"] == 0:
+                r["diff_to_limit"] = round(_paired_difference(args.out / f"{limit[0]}-{limit[1]}-seed0",
+                                                              args.out / f"{r['scheduler']}-{r['steps']}-seed0"), 3)
+        results.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "command": " ".join(sys.argv),
+                                       "rows": rows}, indent=2) + "\n")
     ref = [r for r in plain if r["scheduler"] == ref_name and r["steps"] == ref_steps]
     fd_ref = np.array([r["fd"] for r in ref])
     fd_limit = fd_ref.mean() + 2 * fd_ref.std(ddof=1)
@@ -142,6 +162,37 @@ def main() -> None:
             first = first or (k if ok else None)
             cells.append(f"{r['fd']:.1f}" + (f" / {r['contrast']:.1f}" if has_masks else "") + (" ✓" if ok else ""))
         print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
+    # the rule needs a curve that worsens at the low end; where the paper's own scheduler is better with fewer steps
+    # beyond the noise, its long trajectories follow the model's error and "smallest matching" places no default
+    fewer_better = [r["steps"] for r in plain if r["scheduler"] == ref_name and r["seed"] == 0
+                    and r["steps"] < ref_steps and r["fd"] < fd_ref.mean() - 2 * fd_ref.std(ddof=1)]
+    if fewer_better:
+        print(f"\nnote: {ref_name} at {fewer_better} steps beats its own {ref_steps}-step FD beyond the noise (FD < "
+              f"{fd_ref.mean() - 2 * fd_ref.std(ddof=1):.1f}): longer trajectories follow this model's error, so the "
+              "smallest matching count does not show where quality drops; do not cut the default on this curve")
+    real_grey = _grey_levels(_store_images(real, args.split))
+    print(f"\nmean grey level (0-255) / tiles with mean grey < {DARK} (%); real {args.split} patches: "
+          f"{real_grey['mean_grey']} / {100 * real_grey['dark_fraction']:.0f} %")
+    print(head.replace(" smallest matching |", "").rstrip() + "\n|" + "---|" * (len(steps_list) + 1))
+    for s in args.schedulers.split(","):
+        cells = [next((f"{r['mean_grey']} / {100 * r['dark_fraction']:.0f}" for r in rows if r["scheduler"] == s
+                       and r["steps"] == k and r["seed"] == 0 and "mean_grey" in r), "—") for k in steps_list]
+        print(f"| {s} | " + " | ".join(cells) + " |")
+    if limit:
+        d_ref = next(r["diff_to_limit"] for r in ref if r["seed"] == 0)
+        print(f"\nmean abs pixel difference (0-255) to {args.limit}, same noise and prompts; the paper's "
+              f"{args.reference}: {d_ref:.2f}. ✓: FD matches and no farther from the ODE's solution than the paper's "
+              "sampler (meaningful for the deterministic solvers only)")
+        print(head + "\n|" + "---|" * (len(steps_list) + 2))
+        for s in args.schedulers.split(","):
+            cells, first = [], None
+            for k in steps_list:
+                r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
+                ok = r["fd"] <= fd_limit and r["diff_to_limit"] <= d_ref and (
+                    not has_masks or abs(r["contrast"] - c_real) <= c_limit)
+                first = first or (k if ok else None)
+                cells.append(f"{r['diff_to_limit']:.2f}" + (" ✓" if ok else ""))
+            print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
     cached = [r for r in rows if "deep_cache" in r]
     if cached:
         plain = next(r for r in ref if r["seed"] == 0)
@@ -167,6 +218,31 @@ def main() -> None:
               f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
               + f"{'matches' if ok else 'outside'} | | |")
     _plot(plain, args, steps_list, fd_ref, c_ref, has_masks)
+
+
+DARK = 100  # a tile whose mean grey level (0-255) is below this is dark: H&E tiles are mostly bright
+
+
+def _grey_levels(images) -> dict:
+    """Mean grey level (0-255) of the images and the fraction of dark tiles (mean grey < DARK): what an
+    undertrained model's long trajectories drift to (dark, saturated tiles), which FD alone does not name."""
+    means = np.array([np.asarray(im, dtype=np.float64).mean() for im in images])
+    return {"mean_grey": round(float(means.mean()), 1), "dark_fraction": round(float((means < DARK).mean()), 3)}
+
+
+def _folder_images(folder: Path):
+    from PIL import Image
+
+    for line in (folder / "samples.jsonl").read_text().splitlines():
+        if line.strip():
+            yield Image.open(folder / json.loads(line)["image"]).convert("RGB")
+
+
+def _store_images(store: Path, split: str):
+    from histosynth.data.store import PatchStore
+
+    patches = PatchStore(store)
+    return (patches[i]["image"] for i in patches.indices(split))
 
 
 def _paired_difference(a: Path, b: Path) -> float:

@@ -3,7 +3,8 @@
 #  * NASDM: the quickstart's (nasdm-tiny-cpu on the bundled HGSC region, 32 px at 10x) -> OUT/quickstart/run
 #  * PathLDM: pathldm-tiny-cpu at 64 px / 20x on CoNSeP with label captions, on a VQ-f4 tiny first stage
 #    (AE: an autoencoder folder, e.g. the DISC benchmark's runs/disc-consep/ae/autoencoder, trained on 64 px CoNSeP
-#    at 20x; or trained here from the store when AE is unset) -> OUT/pathldm/run
+#    at 20x; or trained here from the store when AE is unset) -> OUT/pathldm/run,
+#    and that model trained LONG_STEPS more steps at a lower learning rate -> OUT/pathldm/run-long
 #   bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
 set -euo pipefail
 SRC=${1:-../shared/data/consep}
@@ -31,3 +32,14 @@ sed -e "s#path: runs/vq-f4-tiny/autoencoder#path: $AE#" -e "s#^patch_size: 256#p
   "$RECIPES/pathldm-tiny-cpu.yaml" > "$OUT/pathldm/recipe.yaml"
 [ -d "$OUT/pathldm/run/pipeline" ] || stage pathldm histosynth train --recipe "$OUT/pathldm/recipe.yaml" --data "$S" \
   --out "$OUT/pathldm/run"
+# A longer-trained PathLDM (OUT/pathldm/run-long): LONG_STEPS more steps started from run's UNet, at 2e-4 (1e-3
+# collapsed this model after ~3,700 steps), EMA 0.999: does the curve keep its shape on a better model?
+LONG_STEPS=${LONG_STEPS:-6000}
+sed -e "s#^  steps: $LDM_STEPS#  steps: $LONG_STEPS#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0002#" \
+  -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" \
+  -e "s#^  init_unet: null#  init_unet: $OUT/pathldm/run/pipeline/unet#" \
+  -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" -e "s#^  keep_checkpoints: 2#  keep_checkpoints: 12#" \
+  -e "s#^name: pathldm-tiny-cpu-64#name: pathldm-tiny-cpu-64-long#" \
+  "$OUT/pathldm/recipe.yaml" > "$OUT/pathldm/recipe-long.yaml"
+[ -d "$OUT/pathldm/run-long/pipeline" ] || stage pathldm-long histosynth train \
+  --recipe "$OUT/pathldm/recipe-long.yaml" --data "$S" --out "$OUT/pathldm/run-long"
