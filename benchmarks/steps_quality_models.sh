@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
-# The two tiny models of the quality-vs-steps benchmark (benchmarks/steps_quality.py), on a CPU:
+# The tiny models of the quality-vs-steps benchmark (benchmarks/steps_quality.py), on a CPU:
 #  * NASDM: the quickstart's (nasdm-tiny-cpu on the bundled HGSC region, 32 px at 10x) -> OUT/quickstart/run
 #  * PathLDM: pathldm-tiny-cpu at 64 px / 20x on CoNSeP with label captions, on a VQ-f4 tiny first stage
 #    (AE: an autoencoder folder, e.g. the DISC benchmark's runs/disc-consep/ae/autoencoder, trained on 64 px CoNSeP
 #    at 20x; or trained here from the store when AE is unset) -> OUT/pathldm/run,
 #    and that model trained LONG_STEPS more steps at a lower learning rate -> OUT/pathldm/run-long
-#   bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
+#  * HistoSmith, when BEYOND is set: see the end of this file -> OUT/histosmith/run
+#   [BEYOND=runs/histosmith-beyond] bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
 set -euo pipefail
 SRC=${1:-../shared/data/consep}
 OUT=${2:-runs/steps}
@@ -43,3 +44,15 @@ sed -e "s#^  steps: $LDM_STEPS#  steps: $LONG_STEPS#" -e "s#^  learning_rate: 0.
   "$OUT/pathldm/recipe.yaml" > "$OUT/pathldm/recipe-long.yaml"
 [ -d "$OUT/pathldm/run-long/pipeline" ] || stage pathldm-long histosynth train \
   --recipe "$OUT/pathldm/recipe-long.yaml" --data "$S" --out "$OUT/pathldm/run-long"
+# HistoSmith (optional): with BEYOND set to the output folder of benchmarks/histosmith_beyond.sh (its two-dataset
+# 64 px store, joint autoencoder and 400-step model hs-64), a 10x longer model -> OUT/histosmith/run
+if [ -n "${BEYOND:-}" ]; then
+  mkdir -p "$OUT/histosmith"
+  sed -e "s#^  steps: 400#  steps: 4000#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0005#" \
+    -e "s#^  batch_size: 4#  batch_size: 16#" -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" \
+    -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" \
+    -e "s#^name: histosmith-tiny-cpu-64#name: histosmith-tiny-cpu-64-long#" \
+    "$BEYOND/histosmith-64.yaml" > "$OUT/histosmith/recipe.yaml"
+  [ -d "$OUT/histosmith/run/pipeline" ] || stage histosmith-long histosynth train \
+    --recipe "$OUT/histosmith/recipe.yaml" --data "$BEYOND/store-64" --out "$OUT/histosmith/run"
+fi
