@@ -38,14 +38,14 @@ from machine_info import machine
 
 
 def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, steps, seed, num, batch, split,
-             has_masks, has_counts, has_split) -> dict:
+             has_masks, has_counts) -> dict:
     from histosynth.evaluate.fid import evaluate_distribution
     from histosynth.evaluate.sweep import sample_contrast
 
     t0 = time.perf_counter()
     if not (sub / "samples.jsonl").is_file():
         method.sample(pipe, source, sub, num=num, num_inference_steps=steps, scheduler=scheduler, seed=seed,
-                      batch_size=batch, progress=False, **({"split": split} if has_split else {}))
+                      batch_size=batch, progress=False, split=split)  # every method's signature (prompts: unused)
     seconds = time.perf_counter() - t0
     fd = evaluate_distribution(None if stats.is_file() else real, sub, "effnet-lite0", split=split, metrics=["fid"],
                                progress=False, real_stats=stats if stats.is_file() else None,
@@ -62,9 +62,13 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
 def _count_error(folder: Path) -> float:
     """HistoSmith's label adherence: mean over images of sum over types |nuclei realised in the generated instance
     map - nuclei requested| (nuclei per patch)."""
-    rows = [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
     return round(float(np.mean([sum(abs(r["realised"][k] - r["requested"][k]) for k in r["requested"])
-                                for r in rows])), 3)
+                                for r in _rows(folder)])), 3)
+
+
+def _rows(folder: Path) -> list[dict]:
+    """The rows of a sample folder's samples.jsonl (the shared writer's manifest)."""
+    return [json.loads(line) for line in (folder / "samples.jsonl").read_text().splitlines() if line.strip()]
 
 
 def main() -> None:
@@ -150,7 +154,7 @@ def main() -> None:
             with cache:
                 row = _measure(method, run, source, sub, real, stats, scheduler=scheduler, steps=steps, seed=seed,
                                num=args.num, batch=args.batch, split=args.split, has_masks=has_masks,
-                               has_counts=has_counts, has_split=args.prompts is None)
+                               has_counts=has_counts)
             if interval > 1:
                 row["deep_cache"] = interval
             if precision != "fp32":
@@ -275,9 +279,8 @@ def _grey_levels(images) -> dict:
 def _folder_images(folder: Path):
     from PIL import Image
 
-    for line in (folder / "samples.jsonl").read_text().splitlines():
-        if line.strip():
-            yield Image.open(folder / json.loads(line)["image"]).convert("RGB")
+    for r in _rows(folder):
+        yield Image.open(folder / r["image"]).convert("RGB")
 
 
 def _store_images(store: Path, split: str):
@@ -292,9 +295,8 @@ def _paired_difference(a: Path, b: Path) -> float:
     conditions: what another precision changes in the very images)."""
     from PIL import Image
 
-    rows = [json.loads(line) for line in (a / "samples.jsonl").read_text().splitlines() if line.strip()]
     diffs = [np.abs(np.asarray(Image.open(a / r["image"]), dtype=np.float64)
-                    - np.asarray(Image.open(b / r["image"]), dtype=np.float64)).mean() for r in rows]
+                    - np.asarray(Image.open(b / r["image"]), dtype=np.float64)).mean() for r in _rows(a)]
     return float(np.mean(diffs))
 
 
