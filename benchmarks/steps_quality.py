@@ -1,7 +1,8 @@
 """Quality vs sampling steps per scheduler (issue 13, item 1): offline FD and the labels' adherence where there is a
 measure of it: NASDM (``--masks``) the nuclei contrast (grey level outside − inside the conditioned nuclei, generated
 vs real), HistoSmith (``--counts-from``) the count error of its generated instance maps. PathLDM takes ``--prompts``,
-DISC ``--regions`` (FD only).
+DISC ``--regions``, ZoomLDM ``--zoom STORE --magnification M`` (the store's real embedding grids at level M condition,
+the paper's "oracle" conditions; FD against that level's patches) (FD only).
 
     python benchmarks/steps_quality.py --model runs/steps/quickstart/run --masks runs/steps/quickstart/store \
         --schedulers ddpm,ddim,dpm-solver++,unipc --steps 5,10,20,50,100,250 --reference ddpm:250 --out runs/steps/nasdm
@@ -20,7 +21,8 @@ measured at the reference sampler. Every point also gets its mean grey level and
 deterministic solver stops from the ODE's solution; paired, so it sees changes FD at 64 images cannot). When the
 paper's scheduler beats its own step count's FD with fewer steps beyond the noise, the curve is flagged: its long
 trajectories follow the model's error and the smallest matching count places no default. Writes OUT/results.json,
-OUT/steps_quality.png and markdown tables on stdout.
+OUT/steps_quality.png, OUT/steps_tiles.png (real patches, then the paper's scheduler at each step count from the same
+noise) and markdown tables on stdout.
 """
 
 from __future__ import annotations
@@ -79,9 +81,12 @@ def main() -> None:
     ap.add_argument("--counts-from", type=Path,
                     help="HistoSmith: the store whose patches' nuclei counts per type (and tissues) are requested")
     ap.add_argument("--regions", type=Path, help="DISC: the region store whose --split masks condition the tiles")
+    ap.add_argument("--zoom", type=Path, help="ZoomLDM: a multi-magnification store with embeddings whose patches at "
+                    "--magnification condition (their real grids) and are the real set")
+    ap.add_argument("--magnification", help="ZoomLDM: the one level measured (e.g. 20x)")
     ap.add_argument("--real", type=Path,
                     help="the real store (default: --masks, --counts-from or --regions); its --split is FD's reference")
-    ap.add_argument("--split", default="test")
+    ap.add_argument("--split", help="the real store's split (default test; --zoom: all its patches)")
     ap.add_argument("--schedulers", default="ddim,dpm-solver++,unipc")
     ap.add_argument("--steps", default="5,10,20,50,100,250")
     ap.add_argument("--reference", required=True, help="the paper's sampler as SCHEDULER:STEPS (e.g. ddpm:250)")
@@ -97,10 +102,17 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--out", required=True, type=Path)
     args = ap.parse_args()
-    if sum(x is not None for x in (args.masks, args.prompts, args.counts_from, args.regions)) != 1:
-        ap.error("give one of --masks (NASDM), --prompts (PathLDM), --counts-from (HistoSmith), --regions (DISC)")
+    if sum(x is not None for x in (args.masks, args.prompts, args.counts_from, args.regions, args.zoom)) != 1:
+        ap.error("give one of --masks (NASDM), --prompts (PathLDM), --counts-from (HistoSmith), --regions (DISC), "
+                 "--zoom (ZoomLDM)")
     if args.prompts is not None and args.real is None:
         ap.error("--prompts: give --real STORE, the real patches FD compares with")
+    if (args.zoom is None) != (args.magnification is None):
+        ap.error("--zoom and --magnification go together (ZoomLDM: one level per curve)")
+    if args.zoom is not None and args.real is not None:
+        ap.error("--zoom: the real set is that store's patches at --magnification; drop --real")
+    if args.split is None:
+        args.split = None if args.zoom else "test"
 
     import torch
 
@@ -113,8 +125,11 @@ def main() -> None:
     has_masks = args.masks is not None
     has_counts = args.counts_from is not None
     source = (args.masks if has_masks else {"counts_from": args.counts_from} if has_counts
-              else {"store": args.regions} if args.regions else args.prompts)
+              else {"store": args.regions} if args.regions
+              else {"reference": args.zoom, "magnification": args.magnification} if args.zoom else args.prompts)
     real = args.real or args.masks or args.counts_from or args.regions
+    if args.zoom:  # FD's real set: the store's patches at that level, as an image folder
+        real = _level_folder(args.zoom, args.magnification, args.split, args.out / f"real-{args.magnification}")
     stats = args.out / "real-stats.npz"
     ref_name, ref_steps = args.reference.split(":")
     ref_steps = int(ref_steps)
@@ -214,9 +229,16 @@ def main() -> None:
         print(f"\nnote: {ref_name} at {fewer_better} steps beats its own {ref_steps}-step FD beyond the noise (FD < "
               f"{fd_ref.mean() - 2 * fd_ref.std(ddof=1):.1f}): longer trajectories follow this model's error, so the "
               "smallest matching count does not show where quality drops; do not cut the default on this curve")
-    real_grey = _grey_levels(_store_images(real, args.split)) if (real / "store.json").is_file() else None
+
+    def real_images():  # the real set's images, where it is a store (or a ZoomLDM level); else None
+        return (_store_images(real, args.split) if (real / "store.json").is_file()
+                else _level_patches(args.zoom, args.magnification, args.split) if args.zoom else None)
+
+    reals = real_images()
+    real_grey = _grey_levels(reals) if reals is not None else None
     print(f"\nmean grey level (0-255) / tiles with mean grey < {DARK} (%)" + (
-        f"; real {args.split} patches: {real_grey['mean_grey']} / {100 * real_grey['dark_fraction']:.0f} %"
+        f"; real {args.split or 'stored'} patches{' at ' + args.magnification if args.zoom else ''}: "
+        f"{real_grey['mean_grey']} / {100 * real_grey['dark_fraction']:.0f} %"
         if real_grey else ""))
     print(head.replace(" smallest matching |", "").rstrip() + "\n|" + "---|" * (len(steps_list) + 1))
     for s in args.schedulers.split(","):
@@ -263,6 +285,11 @@ def main() -> None:
               f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
               + f"{'matches' if ok else 'outside'} | | |")
     _plot(plain, args, steps_list, fd_ref, c_ref, has_masks)
+    shown = sorted({*steps_list, ref_steps, *([limit[1]] if limit and limit[0] == ref_name else [])})
+    reals = real_images()
+    _tiles(args.out, reals, [args.out / f"{ref_name}-{k}-seed0" for k in shown])
+    print(f"\n{args.out / 'steps_tiles.png'}: " + ("the first real patches, then " if reals is not None else "")
+          + f"{ref_name} at {shown} steps, the same first images (same noise) in each row")
 
 
 STOCHASTIC = {"ddpm", "sde-dpm-solver++", "euler-ancestral"}  # samplers that add fresh noise at each step
@@ -288,6 +315,43 @@ def _store_images(store: Path, split: str):
 
     patches = PatchStore(store)
     return (patches[i]["image"] for i in patches.indices(split))
+
+
+def _tiles(out: Path, reals, folders: list[Path], per_row: int = 8) -> None:
+    """OUT/steps_tiles.png: a row of real patches (when there are), then one row per sample folder: its first
+    ``per_row`` images, the same noise in every row, so what the step count changes is seen tile by tile."""
+    from itertools import islice
+
+    from histosynth.viz import save_grid
+
+    rows = [[np.asarray(im) for im in islice(reals, per_row)]] if reals is not None else []
+    rows += [[np.asarray(im) for im in islice(_folder_images(f), per_row)] for f in folders]
+    save_grid(rows, out / "steps_tiles.png", scale=max(1, 128 // rows[0][0].shape[0]))  # small tiles shown at >= 128 px
+
+
+def _level_patches(store: Path, magnification: str, split: str | None) -> list:
+    """The uint8 (H, W, 3) images of a multi-magnification store's patches at one level."""
+    from histosynth.data.patches import format_magnification
+    from histosynth.data.store import PatchStore
+
+    patches = PatchStore(store)
+    level = patches.indices_by_magnification(split).get(format_magnification(magnification), [])
+    if len(level) < 2:
+        sys.exit(f"--zoom {store}: {len(level)} patches at {magnification} (FD needs at least 2)")
+    return [np.asarray(patches[i]["image"]) for i in level]
+
+
+def _level_folder(store: Path, magnification: str, split: str | None, folder: Path) -> Path:
+    """The level's patches written once as PNGs (the real set evaluate_distribution reads as a folder)."""
+    from PIL import Image
+
+    if not folder.is_dir():
+        part = folder.with_name(folder.name + ".partial")
+        part.mkdir(parents=True, exist_ok=True)
+        for n, image in enumerate(_level_patches(store, magnification, split)):
+            Image.fromarray(image).save(part / f"{n:05d}.png")
+        part.rename(folder)
+    return folder
 
 
 def _paired_difference(a: Path, b: Path) -> float:

@@ -6,7 +6,8 @@
 #    at 20x; or trained here from the store when AE is unset) -> OUT/pathldm/run,
 #    and that model trained LONG_STEPS more steps at a lower learning rate -> OUT/pathldm/run-long
 #  * HistoSmith, when BEYOND is set: see the end of this file -> OUT/histosmith/run
-#   [BEYOND=runs/histosmith-beyond] bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
+#  * ZoomLDM, when ZOOM is set: see the end of this file -> OUT/zoomldm/run
+#   [BEYOND=runs/histosmith-beyond] [ZOOM=runs/zoomldm-cmu] bash benchmarks/steps_quality_models.sh [CONSEP_DIR] [OUT_DIR] [LDM_STEPS]
 set -euo pipefail
 SRC=${1:-../shared/data/consep}
 OUT=${2:-runs/steps}
@@ -55,4 +56,17 @@ if [ -n "${BEYOND:-}" ]; then
     "$BEYOND/histosmith-64.yaml" > "$OUT/histosmith/recipe.yaml"
   [ -d "$OUT/histosmith/run/pipeline" ] || stage histosmith-long histosynth train \
     --recipe "$OUT/histosmith/recipe.yaml" --data "$BEYOND/store-64" --out "$OUT/histosmith/run"
+fi
+# ZoomLDM (optional): with ZOOM set to the output folder of benchmarks/zoomldm_cmu.sh (its multi-magnification CMU
+# store with embeddings, and its VQ-f4), the same recipe trained ZOOM_STEPS steps of batch 8 at 5e-4 (its 300 steps
+# at 1e-3 draw texture only) -> OUT/zoomldm/run
+if [ -n "${ZOOM:-}" ]; then
+  mkdir -p "$OUT/zoomldm"
+  ZOOM_STEPS=${ZOOM_STEPS:-2000}
+  sed -e "s#^  steps: [0-9]*#  steps: $ZOOM_STEPS#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0005#" \
+    -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" -e "s#^  batch_size: 4#  batch_size: 8#" \
+    -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" \
+    -e "s#^name: zoomldm-tiny-cpu#name: zoomldm-tiny-cpu-long#" "$ZOOM/zoomldm.yaml" > "$OUT/zoomldm/recipe.yaml"
+  [ -d "$OUT/zoomldm/run/pipeline" ] || stage zoomldm-long histosynth train \
+    --recipe "$OUT/zoomldm/recipe.yaml" --data "$ZOOM/store" --out "$OUT/zoomldm/run"
 fi
