@@ -1,8 +1,8 @@
 """Quality vs sampling steps per scheduler (issue 13, item 1): offline FD and the labels' adherence where there is a
 measure of it: NASDM (``--masks``) the nuclei contrast (grey level outside − inside the conditioned nuclei, generated
 vs real), HistoSmith (``--counts-from``) the count error of its generated instance maps. PathLDM takes ``--prompts``,
-DISC ``--regions``, ZoomLDM ``--zoom STORE --magnification M`` (the store's real embedding grids at level M condition,
-the paper's "oracle" conditions; FD against that level's patches) (FD only).
+DISC ``--regions`` and ZoomLDM ``--zoom STORE --magnification M`` (FD only; ZoomLDM: the store's real embedding grids
+at level M condition, the paper's "oracle" conditions, and FD is against that level's patches).
 
     python benchmarks/steps_quality.py --model runs/steps/quickstart/run --masks runs/steps/quickstart/store \
         --schedulers ddpm,ddim,dpm-solver++,unipc --steps 5,10,20,50,100,250 --reference ddpm:250 --out runs/steps/nasdm
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -40,7 +41,7 @@ from machine_info import machine
 
 
 def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, steps, seed, num, batch, split,
-             has_masks, has_counts) -> dict:
+             real_split, has_masks, has_counts) -> dict:
     from histosynth.evaluate.fid import evaluate_distribution
     from histosynth.evaluate.sweep import sample_contrast
 
@@ -49,7 +50,7 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
         method.sample(pipe, source, sub, num=num, num_inference_steps=steps, scheduler=scheduler, seed=seed,
                       batch_size=batch, progress=False, split=split)  # every method's signature (prompts: unused)
     seconds = time.perf_counter() - t0
-    fd = evaluate_distribution(None if stats.is_file() else real, sub, "effnet-lite0", split=split, metrics=["fid"],
+    fd = evaluate_distribution(None if stats.is_file() else real, sub, "effnet-lite0", split=real_split, metrics=["fid"],
                                progress=False, real_stats=stats if stats.is_file() else None,
                                save_stats=None if stats.is_file() else stats)
     row = {"scheduler": scheduler, "steps": steps, "seed": seed, "fd": fd["fid"], "n": fd["n_generated"],
@@ -113,6 +114,14 @@ def main() -> None:
         ap.error("--zoom: the real set is that store's patches at --magnification; drop --real")
     if args.split is None:
         args.split = None if args.zoom else "test"
+    if args.zoom is not None:
+        from histosynth.data.patches import format_magnification
+        from histosynth.errors import HistosynthError
+
+        try:
+            args.magnification = format_magnification(args.magnification)
+        except (ValueError, HistosynthError):
+            ap.error(f"--magnification: {args.magnification!r} is not one magnification (e.g. 20x)")
 
     import torch
 
@@ -128,8 +137,11 @@ def main() -> None:
               else {"store": args.regions} if args.regions
               else {"reference": args.zoom, "magnification": args.magnification} if args.zoom else args.prompts)
     real = args.real or args.masks or args.counts_from or args.regions
-    if args.zoom:  # FD's real set: the store's patches at that level, as an image folder
-        real = _level_folder(args.zoom, args.magnification, args.split, args.out / f"real-{args.magnification}")
+    real_split = args.split
+    if args.zoom:  # FD's real set: the store's patches at that level (and split), as an image folder
+        real = _level_folder(args.zoom, args.magnification, args.split,
+                             args.out / f"real-{args.magnification}-{args.split or 'all'}")
+        real_split = None
     stats = args.out / "real-stats.npz"
     ref_name, ref_steps = args.reference.split(":")
     ref_steps = int(ref_steps)
@@ -168,8 +180,8 @@ def main() -> None:
             cache = deep_cache(run.unet, interval) if interval > 1 else contextlib.nullcontext()
             with cache:
                 row = _measure(method, run, source, sub, real, stats, scheduler=scheduler, steps=steps, seed=seed,
-                               num=args.num, batch=args.batch, split=args.split, has_masks=has_masks,
-                               has_counts=has_counts)
+                               num=args.num, batch=args.batch, split=args.split, real_split=real_split,
+                               has_masks=has_masks, has_counts=has_counts)
             if interval > 1:
                 row["deep_cache"] = interval
             if precision != "fp32":
@@ -262,10 +274,10 @@ def main() -> None:
             print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
     cached = [r for r in rows if "deep_cache" in r]
     if cached:
-        plain = next(r for r in ref if r["seed"] == 0)
+        uncached = next(r for r in ref if r["seed"] == 0)
         print(f"\n| {args.reference}, seed 0 | FD | " + ("contrast | " if has_masks else "") + "sampling s | matches |")
         print("|---|---|" + ("---|" if has_masks else "") + "---|---|")
-        for r in [plain, *cached]:
+        for r in [uncached, *cached]:
             ok = r["fd"] <= fd_limit and adherent(r)
             print(f"| DeepCache {r.get('deep_cache', 1)} | {r['fd']:.1f} | " + (f"{r['contrast']:.1f} | " if has_masks
                   else "") + f"{r['seconds_sampling']} | {'✓' if ok else '—'} |")
@@ -286,9 +298,9 @@ def main() -> None:
               + f"{'matches' if ok else 'outside'} | | |")
     _plot(plain, args, steps_list, fd_ref, c_ref, has_masks)
     shown = sorted({*steps_list, ref_steps, *([limit[1]] if limit and limit[0] == ref_name else [])})
-    reals = real_images()
-    _tiles(args.out, reals, [args.out / f"{ref_name}-{k}-seed0" for k in shown])
-    print(f"\n{args.out / 'steps_tiles.png'}: " + ("the first real patches, then " if reals is not None else "")
+    shown = [k for k in shown if (args.out / f"{ref_name}-{k}-seed0" / "samples.jsonl").is_file()]
+    with_real = _tiles(args.out, real_images(), [args.out / f"{ref_name}-{k}-seed0" for k in shown])
+    print(f"\n{args.out / 'steps_tiles.png'}: " + ("the first real patches, then " if with_real else "")
           + f"{ref_name} at {shown} steps, the same first images (same noise) in each row")
 
 
@@ -317,28 +329,37 @@ def _store_images(store: Path, split: str):
     return (patches[i]["image"] for i in patches.indices(split))
 
 
-def _tiles(out: Path, reals, folders: list[Path], per_row: int = 8) -> None:
-    """OUT/steps_tiles.png: a row of real patches (when there are), then one row per sample folder: its first
-    ``per_row`` images, the same noise in every row, so what the step count changes is seen tile by tile."""
+def _tiles(out: Path, reals, folders: list[Path], per_row: int = 8) -> bool:
+    """OUT/steps_tiles.png: a row of real patches (when there are, of the generated size), then one row per sample
+    folder: its first ``per_row`` images, the same noise in every row, so what the step count changes is seen tile by
+    tile. True when the real row is there."""
     from itertools import islice
+
+    from PIL import Image
 
     from histosynth.viz import save_grid
 
-    rows = [[np.asarray(im) for im in islice(reals, per_row)]] if reals is not None else []
-    rows += [[np.asarray(im) for im in islice(_folder_images(f), per_row)] for f in folders]
-    save_grid(rows, out / "steps_tiles.png", scale=max(1, 128 // rows[0][0].shape[0]))  # small tiles shown at >= 128 px
+    rows = [[np.asarray(im) for im in islice(_folder_images(f), per_row)] for f in folders]
+    rows = [r for r in rows if r]
+    if not rows:
+        return False
+    h, w = rows[0][0].shape[:2]
+    real = [np.asarray(Image.fromarray(np.asarray(im)).convert("RGB")) for im in islice(reals or [], per_row)]
+    with_real = bool(real) and all(im.shape[:2] == (h, w) for im in real)
+    save_grid([real, *rows] if with_real else rows, out / "steps_tiles.png", scale=max(1, 128 // h))  # >= 128 px shown
+    return with_real
 
 
-def _level_patches(store: Path, magnification: str, split: str | None) -> list:
-    """The uint8 (H, W, 3) images of a multi-magnification store's patches at one level."""
-    from histosynth.data.patches import format_magnification
+def _level_patches(store: Path, magnification: str, split: str | None):
+    """The uint8 (H, W, 3) images of a multi-magnification store's patches at one level (canonical spelling, e.g.
+    20x), one by one."""
     from histosynth.data.store import PatchStore
 
     patches = PatchStore(store)
-    level = patches.indices_by_magnification(split).get(format_magnification(magnification), [])
+    level = patches.indices_by_magnification(split).get(magnification, [])
     if len(level) < 2:
-        sys.exit(f"--zoom {store}: {len(level)} patches at {magnification} (FD needs at least 2)")
-    return [np.asarray(patches[i]["image"]) for i in level]
+        sys.exit(f"--zoom {store}: {len(level)} {split or 'stored'} patches at {magnification} (FD needs at least 2)")
+    return (np.asarray(patches[i]["image"]) for i in level)
 
 
 def _level_folder(store: Path, magnification: str, split: str | None, folder: Path) -> Path:
@@ -346,9 +367,11 @@ def _level_folder(store: Path, magnification: str, split: str | None, folder: Pa
     from PIL import Image
 
     if not folder.is_dir():
+        images = _level_patches(store, magnification, split)  # (exits on a level without patches)
         part = folder.with_name(folder.name + ".partial")
-        part.mkdir(parents=True, exist_ok=True)
-        for n, image in enumerate(_level_patches(store, magnification, split)):
+        shutil.rmtree(part, ignore_errors=True)  # a killed run's part
+        part.mkdir(parents=True)
+        for n, image in enumerate(images):
             Image.fromarray(image).save(part / f"{n:05d}.png")
         part.rename(folder)
     return folder
