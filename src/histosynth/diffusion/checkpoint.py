@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -35,7 +35,12 @@ def list_checkpoints(run: Path) -> list[Path]:
     if not root.is_dir():
         return []
     done = [p for p in root.glob("step-*") if (p / "trainer_state.json").is_file()]
-    return sorted(done, key=lambda p: int(p.name.split("-")[1]))
+    return sorted(done, key=checkpoint_step)
+
+
+def checkpoint_step(checkpoint: Path) -> int:
+    """The optimisation step of a checkpoint directory (step-NNNNNNN)."""
+    return int(checkpoint.name.split("-")[1])
 
 
 def latest_checkpoint(run: Path) -> Path | None:
@@ -112,9 +117,12 @@ def read_trainer_state(ckpt: Path) -> dict:
     return json.loads((ckpt / "trainer_state.json").read_text())
 
 
-def prune_checkpoints(run: Path, keep: int) -> None:
+def prune_checkpoints(run: Path, keep: int, also_keep: Collection[Path] = ()) -> None:
+    """Delete all but the newest ``keep`` checkpoints (none when keep <= 0) and those in ``also_keep``, and the
+    debris of killed writes."""
     for old in list_checkpoints(run)[:-keep] if keep > 0 else []:
-        shutil.rmtree(old, ignore_errors=True)
+        if old not in also_keep:
+            shutil.rmtree(old, ignore_errors=True)
     for tmp in (run / CHECKPOINTS).glob(".tmp-*"):  # debris of killed runs
         shutil.rmtree(tmp, ignore_errors=True)
 

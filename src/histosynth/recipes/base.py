@@ -43,7 +43,7 @@ class EngineConfig:
     max_grad_norm: float = 1.0  # 0 = no clipping; each parameter group (network) is clipped on its own
     mixed_precision: MixedPrecision = "no"
     checkpoint_every: int = 5000
-    keep_checkpoints: int = 2
+    keep_checkpoints: int = 2  # the newest N, plus any the divergence watch holds (training/divergence.py)
     log_every: int = 50
     seed: int = 0
     num_workers: int = 2  # DataLoader workers

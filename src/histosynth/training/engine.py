@@ -3,8 +3,9 @@
 The engine owns what every loop shares: the run directory (refusing to clobber, checking a resumed run is the
 same recipe and store), the accelerator (``accelerate launch`` for several GPUs / nodes), seeding, AdamW with
 the task's parameter groups and LR factor, the data order, gradient accumulation, clipping per parameter
-group, EMA (diffusers' ``EMAModel``), the loss log and its NaN stop, atomic checkpoints with the EMA weights,
-exact resume, the loss plot and the export at every checkpoint.
+group, EMA (diffusers' ``EMAModel``), the loss log and its NaN stop, the divergence watch (a finite loss that jumps
+far above its best is reported and the last checkpoint before it kept out of the rotation; ``divergence.py``),
+atomic checkpoints with the EMA weights, exact resume, the loss plot and the export at every checkpoint.
 
 Exact resume: every random draw of optimisation step s comes from a generator seeded by (seed, micro-batch
 number) and the data order is a pure function of (seed, epoch) (``data_order.py``). Together with the
@@ -33,6 +34,7 @@ from tqdm.auto import tqdm
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.errors import DiskFullError, HistosynthError, TrainingError, is_disk_full, tree_bytes
 from histosynth.training.data_order import StreamBatchSampler, step_generator
+from histosynth.training.divergence import DivergenceWatch
 from histosynth.training.run_dir import LOSS_PNG, LOSSES, prepare_run_dir, truncate_losses
 from histosynth.training.task import TrainingTask
 from histosynth.viz import plot_loss_curves
@@ -59,6 +61,7 @@ class Engine:
     ema: EMAModel
     run: Path
     cfg: Any
+    watch: DivergenceWatch | None = None  # the loss's divergence watch (main process): which checkpoints are safe
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -210,6 +213,7 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
     bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_local_main_process), desc="train", unit="step")
     log = open(run / LOSSES, "a") if acc.is_main_process else None
     t0, seen, waited, loss_value = time.perf_counter(), 0, 0.0, float("nan")
+    engine.watch = _divergence_watch(run, step) if acc.is_main_process else None
     try:
         while step < total:
             stage = task.stage_of(step)
@@ -219,6 +223,12 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
             if log is not None:
                 row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
                 _log_row(log, engine, json.dumps({**row, "stage": stage} if stage is not None else row))
+            jump = engine.watch.update(step, loss_value, stage) if engine.watch is not None else None
+            if jump is not None:
+                safe = _newest_safe(engine)
+                tqdm.write(f"warning: {jump.message()}. Kept out of the checkpoint rotation: "
+                           f"{safe or 'none (no checkpoint before the jump)'}; to go back to it, move the later "
+                           f"checkpoints out of {run / ckpt.CHECKPOINTS} and resume with a lower learning rate")
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t0
@@ -233,6 +243,42 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
     elapsed = max(time.perf_counter() - t0, 1e-9)
     return TrainResult(run=run, step=step, last_loss=loss_value, images_per_second=seen / elapsed,
                        data_wait_fraction=waited / elapsed, data_wait_seconds=waited)
+
+
+DIVERGENCE_WINDOW, DIVERGENCE_FACTOR = 100, 3.0  # steps per median; a window median > 3x the best is a jump
+
+
+def _divergence_watch(run: Path, step: int) -> DivergenceWatch:
+    """A watch that has seen the run's logged losses up to ``step`` (a resumed run's watch is an uninterrupted
+    run's: the same windows, best and safe point; jumps from before were reported then)."""
+    watch = DivergenceWatch(DIVERGENCE_WINDOW, DIVERGENCE_FACTOR)
+    if step > 0 and (run / LOSSES).is_file():
+        with open(run / LOSSES) as log:
+            for row in map(json.loads, filter(str.strip, log)):
+                if row["step"] <= step:
+                    watch.update(row["step"], row["loss"], row.get("stage"))
+    return watch
+
+
+def _newest_safe(engine: Engine) -> Path | None:
+    """The newest checkpoint that predates any loss jump (the watch's safe_until), if one is on disk."""
+    safe = engine.watch.safe_until if engine.watch is not None else None
+    before = [c for c in ckpt.list_checkpoints(engine.run) if safe is not None and ckpt.checkpoint_step(c) <= safe]
+    return before[-1] if before else None
+
+
+def _protected(engine: Engine) -> set[Path]:
+    """Checkpoints keep_checkpoints must not rotate away, so that a diverged run never loses every good one: the
+    newest safe checkpoint and, while no jump is open, the newer ones not yet known safe (the watch's safe point
+    lags the current step by at most two windows, so these are few: none beyond keep_checkpoints when checkpoints
+    are two windows apart or more)."""
+    watch = engine.watch
+    if watch is None:
+        return set()
+    safe = _newest_safe(engine)
+    newer = [] if watch.jumped else [c for c in ckpt.list_checkpoints(engine.run)
+                                     if watch.safe_until is None or ckpt.checkpoint_step(c) > watch.safe_until]
+    return {*newer, *([safe] if safe is not None else [])}
 
 
 def _log_row(log, engine: Engine, line: str) -> None:
@@ -281,7 +327,7 @@ def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
                                                                 "time": time.time()}))
             ckpt.finalize(tmp, final)
     if acc.is_main_process:
-        ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints)
+        ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints, also_keep=_protected(engine))
         export(engine, task)
     acc.wait_for_everyone()
     return final
