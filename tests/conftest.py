@@ -16,8 +16,9 @@ def shared_data() -> Path:
     return SHARED / "data"
 
 
-def micro_recipe(**stage_overrides):
-    """A NASDM recipe small enough for a CPU test: 32 px, a 2-level UNet without attention."""
+def micro_recipe(stages: list[dict] | None = None, **stage_overrides):
+    """A NASDM recipe small enough for a CPU test: 32 px, a 2-level UNet without attention (``stages``: other
+    stages than its 4 + 4 steps of train and finetune; ``stage_overrides``: its ``train:`` fields)."""
     from histosynth.recipes import recipe_from_dict
 
     raw = {
@@ -29,6 +30,8 @@ def micro_recipe(**stage_overrides):
         "train": {"batch_size": 4, "checkpoint_every": 2, "keep_checkpoints": 10, "log_every": 1, "num_workers": 0, "seed": 3},
     }
     raw["train"].update(stage_overrides)
+    if stages is not None:
+        raw["stages"] = stages
     return recipe_from_dict(raw)
 
 

@@ -251,6 +251,12 @@ class AutoencoderTask(TrainingTask):
             terms["codes"] = torch.tensor(float(torch.unique(indices).numel()), device=loss.device)
         return loss, terms, x.shape[0]
 
+    def watched_loss(self, row: dict) -> float:
+        """The reconstruction loss (weighted L1 + L2 + perceptual): the GAN terms swing by design and switch on at
+        ``loss.disc_start``, which would read as a jump."""
+        l_cfg = self.recipe.loss
+        return l_cfg.l1_weight * row["l1"] + l_cfg.l2_weight * row["l2"] + l_cfg.perceptual_weight * row["perceptual"]
+
     def _adversarial(self, model, loss, logits, terms, step):
         """Add the patch-GAN terms: the autoencoder's adaptively weighted −D(x̂), and D's hinge loss."""
         l_cfg = self.recipe.loss

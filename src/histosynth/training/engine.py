@@ -4,8 +4,9 @@ The engine owns what every loop shares: the run directory (refusing to clobber, 
 same recipe and store), the accelerator (``accelerate launch`` for several GPUs / nodes), seeding, AdamW with
 the task's parameter groups and LR factor, the data order, gradient accumulation, clipping per parameter
 group, EMA (diffusers' ``EMAModel``), the loss log and its NaN stop, the divergence watch (a finite loss that jumps
-far above its best is reported and the last checkpoint before it kept out of the rotation; ``divergence.py``),
-atomic checkpoints with the EMA weights, exact resume, the loss plot and the export at every checkpoint.
+far above its best is reported, and the newest checkpoint from before it is held back from the rotation;
+``divergence.py``), atomic checkpoints with the EMA weights, exact resume, the loss plot and the export at every
+checkpoint.
 
 Exact resume: every random draw of optimisation step s comes from a generator seeded by (seed, micro-batch
 number) and the data order is a pure function of (seed, epoch) (``data_order.py``). Together with the
@@ -61,7 +62,7 @@ class Engine:
     ema: EMAModel
     run: Path
     cfg: Any
-    watch: DivergenceWatch | None = None  # the loss's divergence watch (main process): which checkpoints are safe
+    watch: DivergenceWatch | None = None  # the loss's divergence watch (main process): which checkpoint is safe
 
     @property
     def unwrapped(self) -> torch.nn.Module:
@@ -213,22 +214,20 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
     bar = tqdm(total=total, initial=step, disable=not (progress and acc.is_local_main_process), desc="train", unit="step")
     log = open(run / LOSSES, "a") if acc.is_main_process else None
     t0, seen, waited, loss_value = time.perf_counter(), 0, 0.0, float("nan")
-    engine.watch = _divergence_watch(run, step) if acc.is_main_process else None
+    engine.watch = _divergence_watch(task, run, step) if acc.is_main_process else None
     try:
         while step < total:
             stage = task.stage_of(step)
             lr = engine.optimizer.param_groups[0]["lr"]  # the rate this step uses (logged before the scheduler moves it)
             sums, n, wait = _one_step(engine, task, batches, step)
             step, seen, waited, loss_value = step + 1, seen + n, waited + wait, sums["loss"]
+            row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
             if log is not None:
-                row = {"step": step, **{k: round(v, 7) for k, v in sums.items()}, "lr": lr}
                 _log_row(log, engine, json.dumps({**row, "stage": stage} if stage is not None else row))
-            jump = engine.watch.update(step, loss_value, stage) if engine.watch is not None else None
+            # the watch reads the logged (rounded) values, as a resumed run's replay of the log does
+            jump = engine.watch.update(step, task.watched_loss(row), stage) if engine.watch is not None else None
             if jump is not None:
-                safe = _newest_safe(engine)
-                tqdm.write(f"warning: {jump.message()}. Kept out of the checkpoint rotation: "
-                           f"{safe or 'none (no checkpoint before the jump)'}; to go back to it, move the later "
-                           f"checkpoints out of {run / ckpt.CHECKPOINTS} and resume with a lower learning rate")
+                tqdm.write(f"warning: {jump.message()}. {_recovery_advice(engine, step)}")
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t0
@@ -245,19 +244,29 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
                        data_wait_fraction=waited / elapsed, data_wait_seconds=waited)
 
 
-DIVERGENCE_WINDOW, DIVERGENCE_FACTOR = 100, 3.0  # steps per median; a window median > 3x the best is a jump
+# steps per median; a window median > 3x the best is a jump, one <= 1.5x the best is healthy
+DIVERGENCE_WINDOW, DIVERGENCE_FACTOR, DIVERGENCE_HEALTHY = 100, 3.0, 1.5
 
 
-def _divergence_watch(run: Path, step: int) -> DivergenceWatch:
+def _divergence_watch(task: TrainingTask, run: Path, step: int) -> DivergenceWatch:
     """A watch that has seen the run's logged losses up to ``step`` (a resumed run's watch is an uninterrupted
     run's: the same windows, best and safe point; jumps from before were reported then)."""
-    watch = DivergenceWatch(DIVERGENCE_WINDOW, DIVERGENCE_FACTOR)
+    watch = DivergenceWatch(DIVERGENCE_WINDOW, DIVERGENCE_FACTOR, DIVERGENCE_HEALTHY)
     if step > 0 and (run / LOSSES).is_file():
         with open(run / LOSSES) as log:
             for row in map(json.loads, filter(str.strip, log)):
                 if row["step"] <= step:
-                    watch.update(row["step"], row["loss"], row.get("stage"))
+                    watch.update(row["step"], task.watched_loss(row), row.get("stage"))
     return watch
+
+
+def _recovery_advice(engine: Engine, step: int) -> str:
+    safe = _newest_safe(engine)
+    if safe is None:
+        return "No checkpoint from before it is left; a new run at a lower learning rate is the way back"
+    return (f"Held back from the checkpoint rotation: {safe}. A resume would repeat the jump (it is exact); to "
+            f"export that checkpoint's weights, move the later ones out of {engine.run / ckpt.CHECKPOINTS} and run "
+            f"`train --resume --max-steps {ckpt.checkpoint_step(safe)}`; or start a new run at a lower learning rate")
 
 
 def _newest_safe(engine: Engine) -> Path | None:
@@ -268,17 +277,12 @@ def _newest_safe(engine: Engine) -> Path | None:
 
 
 def _protected(engine: Engine) -> set[Path]:
-    """Checkpoints keep_checkpoints must not rotate away, so that a diverged run never loses every good one: the
-    newest safe checkpoint and, while no jump is open, the newer ones not yet known safe (the watch's safe point
-    lags the current step by at most two windows, so these are few: none beyond keep_checkpoints when checkpoints
-    are two windows apart or more)."""
-    watch = engine.watch
-    if watch is None:
-        return set()
+    """What keep_checkpoints must not rotate away: the newest safe checkpoint (one at most beyond keep_checkpoints),
+    so that a diverged run keeps a good one. A window that closes healthy at step E makes the checkpoints up to
+    E - window safe; the newest of them is still on disk then when checkpoint_every x (keep_checkpoints - 1) >= the
+    window (100 steps: true of the recipes' defaults), and once held it stays until a newer one is safe."""
     safe = _newest_safe(engine)
-    newer = [] if watch.jumped else [c for c in ckpt.list_checkpoints(engine.run)
-                                     if watch.safe_until is None or ckpt.checkpoint_step(c) > watch.safe_until]
-    return {*newer, *([safe] if safe is not None else [])}
+    return {safe} if safe is not None else set()
 
 
 def _log_row(log, engine: Engine, line: str) -> None:

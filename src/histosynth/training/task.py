@@ -91,6 +91,11 @@ class TrainingTask:
         """Name of the training stage of ``step`` (logged), or None."""
         return None
 
+    def watched_loss(self, row: dict) -> float:
+        """What the engine's divergence watch follows, from one losses.jsonl row: the loss (a task whose loss holds
+        terms that swing by design, as a GAN's do, names a steadier one)."""
+        return row["loss"]
+
     def dataset(self) -> Dataset:
         """Map-style dataset of the training items; the engine decides their order."""
         raise NotImplementedError
