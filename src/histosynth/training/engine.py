@@ -227,7 +227,7 @@ def _run_steps(engine: Engine, task: TrainingTask, batches, *, step: int, total:
             # the watch reads the logged (rounded) values, as a resumed run's replay of the log does
             jump = engine.watch.update(step, task.watched_loss(row), stage) if engine.watch is not None else None
             if jump is not None:
-                tqdm.write(f"warning: {jump.message()}. {_recovery_advice(engine, step)}")
+                tqdm.write(f"warning: {jump.message()}. {_recovery_advice(engine)}")
             bar.update(1)
             if step % cfg.log_every == 0 or step == total:
                 elapsed = time.perf_counter() - t0
@@ -260,7 +260,8 @@ def _divergence_watch(task: TrainingTask, run: Path, step: int) -> DivergenceWat
     return watch
 
 
-def _recovery_advice(engine: Engine, step: int) -> str:
+def _recovery_advice(engine: Engine) -> str:
+    """What to do about a jump: the held checkpoint and how to export it (a resume would repeat the jump)."""
     safe = _newest_safe(engine)
     if safe is None:
         return "No checkpoint from before it is left; a new run at a lower learning rate is the way back"
