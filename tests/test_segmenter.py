@@ -7,6 +7,7 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from click.testing import CliRunner
 
 from histosynth.evaluate.segmenter import (
@@ -222,7 +223,7 @@ def test_bad_segmenter_folders(tmp_path, hgsc_store):
     assert res.exit_code == 2 and "multiple of 32" in res.output
 
 
-def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path):
+def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path, monkeypatch):
     """The segmenter trains on the one engine: a run stopped after its first checkpoint and resumed (through the
     engine's `train` command, from the recipe it saved) logs the same losses and exports the same weights as an
     uninterrupted one; other settings on resume are refused."""
@@ -231,6 +232,9 @@ def test_segmenter_training_resumes_exactly_on_the_engine(consep_store, tmp_path
     from histosynth.cli import main
     from histosynth.errors import OutputExistsError
 
+    # the CLI would pick torch's threads from the cores free at that moment, and another thread count changes the
+    # last bits of the losses: pin them to this process's, as the in-process runs use
+    monkeypatch.setenv("OMP_NUM_THREADS", str(torch.get_num_threads()))
     settings = dict(steps=4, batch_size=2, crop=64, seed=3, imagenet_encoder=False, checkpoint_every=2, log_every=1)
     train_segmenter(consep_store, tmp_path / "ref", progress=False, **settings)
     run = tmp_path / "run"
