@@ -316,10 +316,11 @@ def _grey_levels(images) -> dict:
 
 
 def _folder_images(folder: Path):
-    from PIL import Image
+    """A sample folder's images in manifest order, RGB uint8 (H, W, 3) by the project's one reader."""
+    from histosynth.data.images import load_image
 
     for r in _rows(folder):
-        yield Image.open(folder / r["image"]).convert("RGB")
+        yield load_image(folder / r["image"])
 
 
 def _store_images(store: Path, split: str):

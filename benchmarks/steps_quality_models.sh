@@ -34,39 +34,35 @@ sed -e "s#path: runs/vq-f4-tiny/autoencoder#path: $AE#" -e "s#^patch_size: 256#p
   "$RECIPES/pathldm-tiny-cpu.yaml" > "$OUT/pathldm/recipe.yaml"
 [ -d "$OUT/pathldm/run/pipeline" ] || stage pathldm histosynth train --recipe "$OUT/pathldm/recipe.yaml" --data "$S" \
   --out "$OUT/pathldm/run"
+# longer SRC RECIPE RUN STAGE DATA STEPS LR [SED -e ...]: recipe SRC trained longer into RUN (unless it has a
+# pipeline): STEPS steps at learning rate LR, EMA 0.999, a checkpoint every 500 steps, its name + "-long", plus the
+# given sed edits; written to RECIPE.
+longer() {
+  local src=$1 recipe=$2 run=$3 name=$4 data=$5 steps=$6 lr=$7
+  shift 7
+  mkdir -p "$(dirname "$recipe")"
+  sed -e "s#^  steps: [0-9]*#  steps: $steps#" -e "s#^  learning_rate: .*#  learning_rate: $lr#" \
+    -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" \
+    -e "s#^name: \(.*\)#name: \1-long#" "$@" "$src" > "$recipe"
+  [ -d "$run/pipeline" ] || stage "$name" histosynth train --recipe "$recipe" --data "$data" --out "$run"
+}
 # A longer-trained PathLDM (OUT/pathldm/run-long): LONG_STEPS more steps started from run's UNet, at 2e-4 (1e-3
-# collapsed this model after ~3,700 steps), EMA 0.999: does the curve keep its shape on a better model?
-LONG_STEPS=${LONG_STEPS:-6000}
-sed -e "s#^  steps: $LDM_STEPS#  steps: $LONG_STEPS#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0002#" \
-  -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" \
+# collapsed this model after ~3,700 steps): does the curve keep its shape on a better model?
+longer "$OUT/pathldm/recipe.yaml" "$OUT/pathldm/recipe-long.yaml" "$OUT/pathldm/run-long" pathldm-long "$S" \
+  "${LONG_STEPS:-6000}" 0.0002 -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" \
   -e "s#^  init_unet: null#  init_unet: $OUT/pathldm/run/pipeline/unet#" \
-  -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" -e "s#^  keep_checkpoints: 2#  keep_checkpoints: 12#" \
-  -e "s#^name: pathldm-tiny-cpu-64#name: pathldm-tiny-cpu-64-long#" \
-  "$OUT/pathldm/recipe.yaml" > "$OUT/pathldm/recipe-long.yaml"
-[ -d "$OUT/pathldm/run-long/pipeline" ] || stage pathldm-long histosynth train \
-  --recipe "$OUT/pathldm/recipe-long.yaml" --data "$S" --out "$OUT/pathldm/run-long"
+  -e "s#^  keep_checkpoints: 2#  keep_checkpoints: 12#"
 # HistoSmith (optional): with BEYOND set to the output folder of benchmarks/histosmith_beyond.sh (its two-dataset
 # 64 px store, joint autoencoder and 400-step model hs-64), a 10x longer model -> OUT/histosmith/run
 if [ -n "${BEYOND:-}" ]; then
-  mkdir -p "$OUT/histosmith"
-  sed -e "s#^  steps: 400#  steps: 4000#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0005#" \
-    -e "s#^  batch_size: 4#  batch_size: 16#" -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" \
-    -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" \
-    -e "s#^name: histosmith-tiny-cpu-64#name: histosmith-tiny-cpu-64-long#" \
-    "$BEYOND/histosmith-64.yaml" > "$OUT/histosmith/recipe.yaml"
-  [ -d "$OUT/histosmith/run/pipeline" ] || stage histosmith-long histosynth train \
-    --recipe "$OUT/histosmith/recipe.yaml" --data "$BEYOND/store-64" --out "$OUT/histosmith/run"
+  longer "$BEYOND/histosmith-64.yaml" "$OUT/histosmith/recipe.yaml" "$OUT/histosmith/run" histosmith-long \
+    "$BEYOND/store-64" 4000 0.0005 -e "s#^  batch_size: 4#  batch_size: 16#"
 fi
 # ZoomLDM (optional): with ZOOM set to the output folder of benchmarks/zoomldm_cmu.sh (its multi-magnification CMU
 # store with embeddings, and its VQ-f4), the same recipe trained ZOOM_STEPS steps of batch 8 at 5e-4 (its 300 steps
 # at 1e-3 draw texture only) -> OUT/zoomldm/run
 if [ -n "${ZOOM:-}" ]; then
-  mkdir -p "$OUT/zoomldm"
-  ZOOM_STEPS=${ZOOM_STEPS:-2000}
-  sed -e "s#^  steps: [0-9]*#  steps: $ZOOM_STEPS#" -e "s#^  learning_rate: 0.001#  learning_rate: 0.0005#" \
-    -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" -e "s#^  batch_size: 4#  batch_size: 8#" \
-    -e "s#^  ema_decay: 0.995#  ema_decay: 0.999#" -e "s#^  checkpoint_every: 100#  checkpoint_every: 500#" \
-    -e "s#^name: zoomldm-tiny-cpu#name: zoomldm-tiny-cpu-long#" "$ZOOM/zoomldm.yaml" > "$OUT/zoomldm/recipe.yaml"
-  [ -d "$OUT/zoomldm/run/pipeline" ] || stage zoomldm-long histosynth train \
-    --recipe "$OUT/zoomldm/recipe.yaml" --data "$ZOOM/store" --out "$OUT/zoomldm/run"
+  longer "$ZOOM/zoomldm.yaml" "$OUT/zoomldm/recipe.yaml" "$OUT/zoomldm/run" zoomldm-long "$ZOOM/store" \
+    "${ZOOM_STEPS:-2000}" 0.0005 -e "s#^  lr_warmup_steps: 20#  lr_warmup_steps: 100#" \
+    -e "s#^  batch_size: 4#  batch_size: 8#"
 fi

@@ -271,19 +271,14 @@ def _recovery_advice(engine: Engine) -> str:
 
 
 def _newest_safe(engine: Engine) -> Path | None:
-    """The newest checkpoint that predates any loss jump (the watch's safe_until), if one is on disk."""
+    """The newest checkpoint that predates any loss jump (the watch's safe_until), if one is on disk: what
+    keep_checkpoints must not rotate away (one at most beyond it), so that a diverged run keeps a good one. A window
+    that closes healthy at step E makes the checkpoints up to E - window safe; the newest of them is still on disk then
+    when checkpoint_every x (keep_checkpoints - 1) >= the window (100 steps: true of the recipes' defaults), and once
+    held it stays until a newer one is safe."""
     safe = engine.watch.safe_until if engine.watch is not None else None
     before = [c for c in ckpt.list_checkpoints(engine.run) if safe is not None and ckpt.checkpoint_step(c) <= safe]
     return before[-1] if before else None
-
-
-def _protected(engine: Engine) -> set[Path]:
-    """What keep_checkpoints must not rotate away: the newest safe checkpoint (one at most beyond keep_checkpoints),
-    so that a diverged run keeps a good one. A window that closes healthy at step E makes the checkpoints up to
-    E - window safe; the newest of them is still on disk then when checkpoint_every x (keep_checkpoints - 1) >= the
-    window (100 steps: true of the recipes' defaults), and once held it stays until a newer one is safe."""
-    safe = _newest_safe(engine)
-    return {safe} if safe is not None else set()
 
 
 def _log_row(log, engine: Engine, line: str) -> None:
@@ -332,7 +327,8 @@ def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
                                                                 "time": time.time()}))
             ckpt.finalize(tmp, final)
     if acc.is_main_process:
-        ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints, also_keep=_protected(engine))
+        safe = _newest_safe(engine)
+        ckpt.prune_checkpoints(run, engine.cfg.keep_checkpoints, also_keep=[safe] if safe is not None else [])
         export(engine, task)
     acc.wait_for_everyone()
     return final
