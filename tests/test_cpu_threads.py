@@ -61,3 +61,21 @@ def test_a_process_limited_to_some_cores_of_a_busy_host_takes_its_cores(two_core
     two_cores.setattr(cpu_threads.os, "cpu_count", lambda: 64)
     two_cores.setattr(cpu_threads, "running_others", lambda: 30)
     assert cpu_threads.configure_cpu_threads(lambda line: None) == 2
+
+
+@pytest.mark.parametrize("recorded,omp,cores,expected,said", [
+    (2, None, 2, 2, "torch CPU threads: 2, the run's own, so that the resume is exact (set OMP_NUM_THREADS to choose)"),
+    (1, None, 2, 1, None),  # already the run's count: nothing to say
+    (None, None, 2, 1, None),  # a checkpoint from before the count was kept
+    (2, "1", 2, 1, "torch CPU threads: 1 (OMP_NUM_THREADS); the run trained on 2, so the losses after the resume may "
+                   "differ from an uninterrupted run's in their last digits (OMP_NUM_THREADS=2 makes the resume exact)"),
+    (4, None, 2, 1, "torch CPU threads: 1, this process may use only 2 cores; the run trained on 4, so the losses "
+                    "after the resume may differ from an uninterrupted run's in their last digits"),
+])
+def test_a_resume_trains_on_the_run_s_thread_count(two_cores, recorded, omp, cores, expected, said):
+    torch.set_num_threads(1)
+    if omp:
+        two_cores.setenv("OMP_NUM_THREADS", omp)
+    lines = []
+    assert cpu_threads.resume_threads(recorded, lines.append) == expected == torch.get_num_threads()
+    assert lines == ([said] if said else [])

@@ -64,6 +64,35 @@ def test_resume_after_sigkill_reproduces_uninterrupted_losses(hgsc_store, tmp_pa
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.skipif(len(os.sched_getaffinity(0)) < 2, reason="needs two usable cores")
+def test_a_cpu_resume_on_another_thread_count_trains_on_the_run_s_own(hgsc_store, tmp_path, monkeypatch, capsys):
+    """torch splits its reductions among threads, so another thread count gives other weights; a checkpoint records
+    the count and a resume started on another one trains on the recorded count: the same losses and weights as an
+    uninterrupted run."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+
+    def weights(run):
+        return load_file(str(ckpt.latest_checkpoint(run) / "ema.safetensors"))
+
+    def same(a, b):
+        return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+    for threads, run in ((2, "ref"), (1, "one")):
+        torch.set_num_threads(threads)
+        train(micro_recipe(), hgsc_store, tmp_path / run, max_steps=8, progress=False)
+    assert not same(weights(tmp_path / "ref"), weights(tmp_path / "one"))  # the premise: other threads, other bits
+
+    torch.set_num_threads(2)
+    train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=4, progress=False)
+    assert ckpt.read_trainer_state(ckpt.latest_checkpoint(tmp_path / "run"))["torch_threads"] == 2
+    torch.set_num_threads(1)  # as the CLI would choose with one core busy
+    capsys.readouterr()
+    train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=8, resume=True, progress=False)
+    assert "torch CPU threads: 2, the run's own, so that the resume is exact" in capsys.readouterr().out
+    assert _losses(tmp_path / "run") == _losses(tmp_path / "ref")
+    assert same(weights(tmp_path / "run"), weights(tmp_path / "ref"))
+
+
 def test_tiny_model_overfits_a_few_real_patches(tmp_path):
     from dataclasses import replace
 

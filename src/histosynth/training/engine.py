@@ -11,7 +11,8 @@ checkpoint.
 Exact resume: every random draw of optimisation step s comes from a generator seeded by (seed, micro-batch
 number) and the data order is a pure function of (seed, epoch) (``data_order.py``). Together with the
 checkpointed model/optimizer/scheduler/EMA state, a run killed at any moment and resumed from its last
-checkpoint reproduces the losses of an uninterrupted run bit for bit.
+checkpoint reproduces the losses of an uninterrupted run bit for bit. On the CPU that needs torch's thread count too
+(its reductions split by thread): a checkpoint records it and a resume trains on it (``cpu_threads.resume_threads``).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from histosynth.cpu_threads import resume_threads
 from histosynth.diffusion import checkpoint as ckpt
 from histosynth.errors import DiskFullError, HistosynthError, TrainingError, is_disk_full, tree_bytes
 from histosynth.training.data_order import StreamBatchSampler, step_generator
@@ -98,7 +100,8 @@ def enable_gradient_checkpointing(model: torch.nn.Module) -> None:
 
 def fit(task: TrainingTask, out: str | Path, *, max_steps: int | None = None, resume: bool = False,
         overwrite: bool = False, progress: bool = True, cpu: bool = False) -> TrainResult:
-    """Train ``task`` into run directory ``out`` up to ``max_steps`` (default: the recipe's) optimisation steps.
+    """Train ``task`` into run directory ``out`` up to ``max_steps`` (default: the recipe's) optimisation steps. A
+    resume on the CPU sets torch's thread count to the one the run was checkpointed with (``resume_threads``).
 
     Raises:
         OutputExistsError: ``out`` holds a run and neither ``resume`` nor ``overwrite`` is set.
@@ -152,7 +155,10 @@ def _build_engine(accelerator, model, optimizer, lr_scheduler, *, run: Path, res
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         _load_ema(ema, resume_from, engine.unwrapped)
-        step = ckpt.read_trainer_state(resume_from)["step"]
+        state = ckpt.read_trainer_state(resume_from)
+        step = state["step"]
+        if accelerator.device.type == "cpu":
+            resume_threads(state.get("torch_threads"), accelerator.print)
         if accelerator.is_main_process:
             truncate_losses(run / LOSSES, step)
             accelerator.print(f"resumed {run} from {resume_from.name} (step {step})")
@@ -324,7 +330,8 @@ def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
             save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, shadow)}, str(tmp / "ema.safetensors"))
             (tmp / "ema_state.json").write_text(json.dumps(state))
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": task.recipe.name,
-                                                                "time": time.time()}))
+                                                                "time": time.time(),
+                                                                "torch_threads": torch.get_num_threads()}))
             ckpt.finalize(tmp, final)
     if acc.is_main_process:
         safe = _newest_safe(engine)
