@@ -22,7 +22,8 @@ deterministic solver stops from the ODE's solution; paired, so it sees changes F
 paper's scheduler beats its own step count's FD with fewer steps beyond the noise, the curve is flagged: its long
 trajectories follow the model's error and the smallest matching count places no default. Writes OUT/results.json,
 OUT/steps_quality.png, OUT/steps_tiles.png (real patches, then the paper's scheduler at each step count from the same
-noise) and markdown tables on stdout.
+noise) and markdown tables on stdout. OUT caches its points for one curve: OUT/curve.json records the settings they
+depend on (model, conditions, real set, split, magnification, --num, --batch), and other settings need another OUT.
 """
 
 from __future__ import annotations
@@ -60,6 +61,27 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
     if has_counts:
         row["count_error"] = _count_error(sub)
     return row
+
+
+# what OUT's cached points (sample folders, results.json, real-stats.npz) depend on: one curve per OUT
+CURVE_SETTINGS = ("model", "masks", "prompts", "counts_from", "regions", "zoom", "magnification", "real", "split", "num",
+                  "batch")
+
+
+def _claim_out(args, ap) -> None:
+    """Create OUT and record in OUT/curve.json the settings its cached points depend on; an OUT holding a curve of
+    other settings is an error (its points and real statistics would be reused silently)."""
+    mine = {k: str(getattr(args, k).resolve()) if isinstance(getattr(args, k), Path) else getattr(args, k)
+            for k in CURVE_SETTINGS}
+    record = args.out / "curve.json"
+    if record.is_file():
+        theirs = json.loads(record.read_text())
+        differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {mine[k]!r} now" for k in CURVE_SETTINGS
+                  if theirs.get(k) != mine[k]]
+        if differ:
+            ap.error(f"--out {args.out} holds a curve of other settings ({'; '.join(differ)}); give another --out")
+    args.out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(mine, indent=2) + "\n")
 
 
 def _count_error(folder: Path) -> float:
@@ -129,7 +151,7 @@ def main() -> None:
 
     print("machine:", machine())
     print("command:", " ".join(sys.argv))
-    args.out.mkdir(parents=True, exist_ok=True)
+    _claim_out(args, ap)
     method, pipe = load_pipeline(args.model, "cpu")
     has_masks = args.masks is not None
     has_counts = args.counts_from is not None
