@@ -13,8 +13,10 @@ at level M condition, the paper's "oracle" conditions, and FD is against that le
 Every point samples the same conditions with the same seed (paired: the same masks or prompts, the same starting
 noise), so differences between points are the scheduler's and the step count's. The noise of the measure is the
 spread of the reference sampler (the paper's) over ``--noise-seeds`` other seeds; a point "matches" the reference
-when its FD is within reference mean + 2 sd (and, with masks, its contrast no farther from the real patches' than the
-reference mean's distance + 2 sd). ``--deep-cache N,..`` (seed 0) and ``--precisions bf16,..`` (every reference seed,
+when its FD is within reference mean + 2 sd, its blur (scikit-image's ``blur_effect``, where the real set is a store)
+no farther from the real patches' than the reference mean's distance + 2 sd, and so its contrast (masks) or count
+error (``--counts-from``: ≤ reference mean + 2 sd). Blur is there because FD at 64 images did not see the blurred,
+paler tiles of a latent model sampled in too few steps. ``--deep-cache N,..`` (seed 0) and ``--precisions bf16,..`` (every reference seed,
 paired with the float32 ones; a pipeline loaded again and cast as `sample --precision` does) are speed settings
 measured at the reference sampler. Every point also gets its mean grey level and share of dark tiles, and with
 ``--limit ddim:250`` its mean abs pixel difference to a converged sampler's images from the same noise (how far a
@@ -55,7 +57,7 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
                                progress=False, real_stats=stats if stats.is_file() else None,
                                save_stats=None if stats.is_file() else stats)
     row = {"scheduler": scheduler, "steps": steps, "seed": seed, "fd": fd["fid"], "n": fd["n_generated"],
-           "seconds_sampling": round(seconds, 1), **_grey_levels(_folder_images(sub))}
+           "seconds_sampling": round(seconds, 1), **_image_stats(_folder_images(sub))}
     if has_masks:
         row["contrast"], row["contrast_real"] = sample_contrast(sub)
     if has_counts:
@@ -191,8 +193,8 @@ def main() -> None:
         row = done.get((scheduler, steps, seed, interval, precision))
         sub = args.out / (f"{scheduler}-{steps}-seed{seed}" + (f"-deepcache{interval}" if interval > 1 else "")
                           + (f"-{precision}" if precision != "fp32" else ""))
-        if row is not None and "mean_grey" not in row:  # results.json of an earlier version of this script
-            row.update(_grey_levels(_folder_images(sub)))
+        if row is not None and "blur" not in row:  # results.json of an earlier version of this script
+            row.update(_image_stats(_folder_images(sub)))
         if row is None:
             from histosynth.diffusion.runtime import deep_cache, denoiser_precision
 
@@ -233,16 +235,31 @@ def main() -> None:
     e_ref = np.array([r["count_error"] for r in ref]) if has_counts else None
     e_limit = e_ref.mean() + 2 * e_ref.std(ddof=1) if has_counts else None
 
+    def real_images():  # the real set's images, where it is a store (or a ZoomLDM level); else None
+        return (_store_images(real, args.split) if (real / "store.json").is_file()
+                else _level_patches(args.zoom, args.magnification, args.split) if args.zoom else None)
+
+    reals = real_images()
+    real_stats = _image_stats(reals) if reals is not None else None
+    # sharpness matches as the contrast does: blur no farther from the real patches' than the reference's band
+    b_ref = np.array([r["blur"] for r in ref])
+    b_limit = abs(b_ref.mean() - real_stats["blur"]) + 2 * b_ref.std(ddof=1) if real_stats else None
+
     def adherent(r) -> bool:  # the labels' measure matches too: mask contrast (NASDM), count error (HistoSmith)
         return ((not has_masks or abs(r["contrast"] - c_real) <= c_limit)
                 and (not has_counts or r["count_error"] <= e_limit))
+
+    def sharp(r) -> bool:  # as sharp as the paper's sampler draws (within the noise), where the real set is known
+        return b_limit is None or abs(r["blur"] - real_stats["blur"]) <= b_limit
 
     print(f"\nreference {ref_name} {ref_steps} over seeds {[r['seed'] for r in ref]}: FD {fd_ref.mean():.1f} ± "
           f"{fd_ref.std(ddof=1):.1f} (match: FD ≤ {fd_limit:.1f})" + (
               f"; contrast {c_ref.mean():.1f} ± {c_ref.std(ddof=1):.1f}, real {c_real:.1f} (match: |contrast − real| ≤ "
               f"{c_limit:.1f})" if has_masks else "") + (
               f"; count error {e_ref.mean():.2f} ± {e_ref.std(ddof=1):.2f} nuclei per patch (match: ≤ {e_limit:.2f})"
-              if has_counts else ""))
+              if has_counts else "") + (
+              f"; blur {b_ref.mean():.4f} ± {b_ref.std(ddof=1):.4f}, real {real_stats['blur']:.4f} (match: |blur − "
+              f"real| ≤ {b_limit:.4f})" if real_stats else "; blur not matched (--real is not a store)"))
     steps_list = [int(k) for k in args.steps.split(",")]
     head = "| scheduler | " + " | ".join(f"{k}" for k in steps_list) + " | smallest matching |"
     print(head + "\n|" + "---|" * (len(steps_list) + 2))
@@ -250,10 +267,11 @@ def main() -> None:
         cells, first = [], None
         for k in steps_list:
             r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
-            ok = r["fd"] <= fd_limit and adherent(r)
+            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r)
             first = first or (k if ok else None)
             cells.append(f"{r['fd']:.1f}" + (f" / {r['contrast']:.1f}" if has_masks else "")
-                         + (f" / {r['count_error']:.2f}" if has_counts else "") + (" ✓" if ok else ""))
+                         + (f" / {r['count_error']:.2f}" if has_counts else "") + f" / {r['blur']:.3f}"
+                         + (" ✓" if ok else ""))
         print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
     # the rule needs a curve that worsens at the low end; where the paper's own scheduler is better with fewer steps
     # beyond the noise, its long trajectories follow the model's error and "smallest matching" places no default
@@ -261,19 +279,13 @@ def main() -> None:
                     and r["steps"] < ref_steps and r["fd"] < fd_ref.mean() - 2 * fd_ref.std(ddof=1)]
     if fewer_better:
         print(f"\nnote: {ref_name} at {fewer_better} steps beats its own {ref_steps}-step FD beyond the noise (FD < "
-              f"{fd_ref.mean() - 2 * fd_ref.std(ddof=1):.1f}): longer trajectories follow this model's error, so the "
-              "smallest matching count does not show where quality drops; do not cut the default on this curve")
+              f"{fd_ref.mean() - 2 * fd_ref.std(ddof=1):.1f}): longer trajectories follow this model's error, so FD "
+              "alone does not show where quality drops; only the blur (and label) columns can place a default here")
 
-    def real_images():  # the real set's images, where it is a store (or a ZoomLDM level); else None
-        return (_store_images(real, args.split) if (real / "store.json").is_file()
-                else _level_patches(args.zoom, args.magnification, args.split) if args.zoom else None)
-
-    reals = real_images()
-    real_grey = _grey_levels(reals) if reals is not None else None
     print(f"\nmean grey level (0-255) / tiles with mean grey < {DARK} (%)" + (
         f"; real {args.split or 'stored'} patches{' at ' + args.magnification if args.zoom else ''}: "
-        f"{real_grey['mean_grey']} / {100 * real_grey['dark_fraction']:.0f} %"
-        if real_grey else ""))
+        f"{real_stats['mean_grey']} / {100 * real_stats['dark_fraction']:.0f} %"
+        if real_stats else ""))
     print(head.replace(" smallest matching |", "").rstrip() + "\n|" + "---|" * (len(steps_list) + 1))
     for s in args.schedulers.split(","):
         cells = [next((f"{r['mean_grey']} / {100 * r['dark_fraction']:.0f}" for r in rows if r["scheduler"] == s
@@ -282,27 +294,28 @@ def main() -> None:
     if limit:
         d_ref = next(r["diff_to_limit"] for r in ref if r["seed"] == 0)
         print(f"\nmean abs pixel difference (0-255) to {args.limit}, same noise and prompts; the paper's "
-              f"{args.reference}: {d_ref:.2f}. ✓: FD matches and no farther from the ODE's solution than the paper's "
-              "sampler (deterministic solvers only: the stochastic ones do not follow the ODE)")
+              f"{args.reference}: {d_ref:.2f}. ✓: the first table's match and no farther from the ODE's solution than "
+              "the paper's sampler (deterministic solvers only: the stochastic ones do not follow the ODE)")
         print(head + "\n|" + "---|" * (len(steps_list) + 2))
         for s in args.schedulers.split(","):
             cells, first = [], None
             for k in steps_list:
                 r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
                 ok = (s not in STOCHASTIC and r["fd"] <= fd_limit and r["diff_to_limit"] <= d_ref
-                      and adherent(r))
+                      and adherent(r) and sharp(r))
                 first = first or (k if ok else None)
                 cells.append(f"{r['diff_to_limit']:.2f}" + (" ✓" if ok else ""))
             print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
     cached = [r for r in rows if "deep_cache" in r]
     if cached:
         uncached = next(r for r in ref if r["seed"] == 0)
-        print(f"\n| {args.reference}, seed 0 | FD | " + ("contrast | " if has_masks else "") + "sampling s | matches |")
-        print("|---|---|" + ("---|" if has_masks else "") + "---|---|")
+        print(f"\n| {args.reference}, seed 0 | FD | " + ("contrast | " if has_masks else "")
+              + "blur | sampling s | matches |")
+        print("|---|---|" + ("---|" if has_masks else "") + "---|---|---|")
         for r in [uncached, *cached]:
-            ok = r["fd"] <= fd_limit and adherent(r)
+            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r)
             print(f"| DeepCache {r.get('deep_cache', 1)} | {r['fd']:.1f} | " + (f"{r['contrast']:.1f} | " if has_masks
-                  else "") + f"{r['seconds_sampling']} | {'✓' if ok else '—'} |")
+                  else "") + f"{r['blur']:.3f} | {r['seconds_sampling']} | {'✓' if ok else '—'} |")
     for p in [p for p in args.precisions.split(",") if p]:
         low = sorted((r for r in rows if r.get("precision") == p), key=lambda r: r["seed"])
         fd_low = np.array([r["fd"] for r in low])
@@ -318,7 +331,7 @@ def main() -> None:
         print(f"| mean ± sd | | {fd_ref.mean():.1f} ± {fd_ref.std(ddof=1):.1f} | {fd_low.mean():.1f} ± "
               f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
               + f"{'matches' if ok else 'outside'} | | |")
-    _plot(plain, args, steps_list, fd_ref, c_ref, has_masks)
+    _plot(plain, args, steps_list, fd_ref, c_ref, has_masks, b_ref, real_stats["blur"] if real_stats else None)
     shown = sorted({*steps_list, ref_steps, *([limit[1]] if limit and limit[0] == ref_name else [])})
     shown = [k for k in shown if (args.out / f"{ref_name}-{k}-seed0" / "samples.jsonl").is_file()]
     with_real = _tiles(args.out, real_images(), [args.out / f"{ref_name}-{k}-seed0" for k in shown])
@@ -330,11 +343,19 @@ STOCHASTIC = {"ddpm", "sde-dpm-solver++", "euler-ancestral"}  # samplers that ad
 DARK = 100  # a tile whose mean grey level (0-255) is below this is dark: H&E tiles are mostly bright
 
 
-def _grey_levels(images) -> dict:
-    """Mean grey level (0-255) of the images and the fraction of dark tiles (mean grey < DARK): what an
-    undertrained model's long trajectories drift to (dark, saturated tiles), which FD alone does not name."""
-    means = np.array([np.asarray(im, dtype=np.float64).mean() for im in images])
-    return {"mean_grey": round(float(means.mean()), 1), "dark_fraction": round(float((means < DARK).mean()), 3)}
+def _image_stats(images) -> dict:
+    """Mean grey level (0-255) of the images, the fraction of dark tiles (mean grey < DARK): what an undertrained
+    model's long trajectories drift to (dark, saturated tiles), which FD alone does not name; and the mean blur
+    (scikit-image's ``blur_effect`` of the grey image, 0 sharp to 1 blurred; Crete et al. 2007): what too few steps
+    do to a latent model's tiles, which FD at 64 images did not see."""
+    from skimage.color import rgb2gray
+    from skimage.measure import blur_effect
+
+    arrays = [np.asarray(im) for im in images]
+    means = np.array([a.astype(np.float64).mean() for a in arrays])
+    blur = [blur_effect(rgb2gray(a[..., :3]) if a.ndim == 3 else a / 255.0) for a in arrays]
+    return {"mean_grey": round(float(means.mean()), 1), "dark_fraction": round(float((means < DARK).mean()), 3),
+            "blur": round(float(np.mean(blur)), 4)}
 
 
 def _folder_images(folder: Path):
@@ -410,24 +431,27 @@ def _paired_difference(a: Path, b: Path) -> float:
     return float(np.mean(diffs))
 
 
-def _plot(rows, args, steps_list, fd_ref, c_ref, has_masks) -> None:
+def _plot(rows, args, steps_list, fd_ref, c_ref, has_masks, b_ref, b_real) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = 2 if has_masks else 1
-    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4), squeeze=False)
-    for ax, key, ref, label in zip(axes[0], ("fd", "contrast"), (fd_ref, c_ref),
-                                   ("FD (EfficientNet-Lite0) ↓", "nuclei contrast (mask adherence; nearer the real is better)")):
+    panels = [("fd", fd_ref, "FD (EfficientNet-Lite0) ↓", None)]
+    if has_masks:
+        panels.append(("contrast", c_ref, "nuclei contrast (mask adherence; nearer the real is better)",
+                       rows[0].get("contrast_real")))
+    panels.append(("blur", b_ref, "blur effect (0 sharp, 1 blurred; nearer the real)", b_real))
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (key, ref, label, real_value) in zip(axes[0], panels):
         for s in args.schedulers.split(","):
             pts = [(k, r[key]) for k in steps_list for r in rows if r["scheduler"] == s and r["steps"] == k
                    and r["seed"] == 0]
             ax.plot(*zip(*pts), marker="o", label=s)
         m, sd = ref.mean(), ref.std(ddof=1)
         ax.axhspan(m - 2 * sd, m + 2 * sd, color="grey", alpha=0.2, label=f"{args.reference} ± 2 sd (seeds)")
-        if key == "contrast" and rows[0].get("contrast_real") is not None:
-            ax.axhline(rows[0]["contrast_real"], color="k", ls=":", label="real patches")
+        if real_value is not None:
+            ax.axhline(real_value, color="k", ls=":", label="real patches")
         ax.set_xscale("log")
         ax.set_xlabel("steps (UNet passes ×2 with guidance)")
         ax.set_ylabel(label)
