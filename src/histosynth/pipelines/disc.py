@@ -8,7 +8,8 @@ Reads top to bottom (DISC Sec. 2):
 1. The condition: the mask encoder τθ turns each region mask into cross-attention tokens (and, when the model was
    trained so, its one-hot nearest-downsampled to the latent is concatenated to the UNet input); ∅ is its learned null
    tokens (and zeros).
-2. Sampling, DDIM (the paper: 200 steps) with classifier-free guidance ε̂ = ε(∅) + g·(ε(c) − ε(∅)):
+2. Sampling, DDIM (the paper: 200 steps; default 50, which matched it within noise) with classifier-free guidance
+   ε̂ = ε(∅) + g·(ε(c) − ε(∅)):
    - ``separated="none"`` (SD): each image is denoised under its whole mask.
    - ``separated="final"`` (SD-SC, the paper's): one noise z_T per image is duplicated for each label present in its
      mask (at the latent's resolution: a label no latent pixel keeps would fuse to nothing); each copy is denoised under the uniform mask of its label; the results are fused by the mask
@@ -37,8 +38,9 @@ from histosynth.models.region_mask_encoder import RegionMaskEncoder, one_hot_mas
 from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
 SEPARATED = ("none", "final", "every-step")
-# what a setting left unset becomes when the saved recipe has no sampling section (the paper: DDIM 200, g 1.75)
-DEFAULT_SAMPLING = {"guidance_scale": 1.75, "num_inference_steps": 200, "separated": "none", "eta": 0.0}
+# what a setting left unset becomes when the saved recipe has no sampling section (the paper: DDIM 200, g 1.75;
+# DDIM 50 matched DDIM 200 within noise, recipes/disc.py)
+DEFAULT_SAMPLING = {"guidance_scale": 1.75, "num_inference_steps": 50, "separated": "none", "eta": 0.0}
 
 
 def downsample_masks(masks: torch.Tensor, size: int) -> torch.Tensor:
@@ -124,7 +126,7 @@ class DISCPipeline(RunPipeline):
         Args:
             masks: int (B, H, W) region labels 0..K-1 (numpy or torch), H = W = the model's patch size.
             guidance_scale: g (1 = conditional only); default the recipe's.
-            num_inference_steps: DDIM steps, exactly this many run; default the recipe's (paper 200).
+            num_inference_steps: DDIM steps, exactly this many run; default the recipe's (50; paper 200).
             separated: "none" (SD), "final" (SD-SC, eq. 2 at the end) or "every-step"; default the recipe's.
             eta: DDIM's η (default the recipe's, 0).
             generator: one, or one per image (each image's z_T from its own).

@@ -25,8 +25,8 @@ from histosynth.errors import HistosynthError
 from histosynth.models.joint_autoencoder import JointVQModel
 from histosynth.pipelines.loading import RunPipeline, latent_scaling
 
-# what a setting left unset becomes when the saved recipe has no sampling section
-DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 50, "eta": 0.0}
+# what a setting left unset becomes when the saved recipe has no sampling section (DDIM 20, recipes/histosmith.py)
+DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 20, "eta": 0.0}
 
 
 @dataclass

@@ -56,9 +56,11 @@ class LatentDiffusionConfig(ForwardProcessConfig):
 
 @dataclass
 class SamplingConfig:
-    """Defaults of `histosynth sample` for this model (PathLDM Sec. 4, 5.1: DDIM 50 steps, guidance 1.75)."""
+    """Defaults of `histosynth sample` for this model (PathLDM Sec. 4, 5.1: DDIM 50 steps, guidance 1.75). DDIM 20: the
+    smallest count that matched the paper's 50 within noise in FD and blur on both tiny PathLDMs (docs/benchmarks.md,
+    "Quality vs sampling steps"); the other latent methods set their own."""
 
-    num_inference_steps: int = 50
+    num_inference_steps: int = 20
     guidance_scale: float = 1.75  # diffusers / LDM convention: uncond + g·(cond − uncond); NASDM's s = g − 1
     eta: float = 0.0  # DDIM's η (0 for the other schedulers)
     scheduler: SchedulerName = "ddim"  # any one-evaluation-per-step diffusers scheduler on the trained schedule

@@ -34,8 +34,8 @@ def sample_prompts(pipe, prompts_file: str | Path, out: str | Path, *, num: int 
                    overwrite: bool = False, progress: bool = True, grid_size: tuple[int, int] = (4, 8),
                    split: str | None = None) -> Path:
     """Writes OUT/images/N.png, OUT/samples.jsonl (prompt, class, seed, scheduler settings per image) and OUT/grid.png.
-    Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 50 steps, g 1.75, η 0). ``split`` is
-    accepted for the common sampling signature and unused (a prompts file has no split).
+    Unset settings come from the pipeline's recipe defaults (PathLDM: DDIM 20 steps, g 1.75, η 0; paper 50).
+    ``split`` is accepted for the common sampling signature and unused (a prompts file has no split).
 
     Raises:
         HistosynthError: an unknown scheduler; DataError: an entry the model cannot take (names the line).

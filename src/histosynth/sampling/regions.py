@@ -45,7 +45,7 @@ def sample_regions(pipe, source: dict, out: str | Path, *, split: str | None = "
                    scheduler: str | None = None, seed: int = 0, batch_size: int = 8, overwrite: bool = False,
                    progress: bool = True) -> Path:
     """Write one tile per chosen mask (see the module docstring). ``num``: masks of a store (default 16), or sets of a
-    tile-set folder (default all). Unset settings: the recipe's (DDIM 200, g 1.75).
+    tile-set folder (default all). Unset settings: the recipe's (DDIM 50, g 1.75; paper DDIM 200).
 
     Raises:
         DataError: naming the store: not a region store, other region labels or patch size than the model's, no

@@ -80,7 +80,7 @@ def reference_patches(pipe, store_path: Path, levels: list[str] | None, num: int
 def sample_zoom(pipe, source: dict, out: str | Path, *, num: int | None = None, guidance_scale: float | None = None,
                 num_inference_steps: int | None = None, scheduler: str | None = None, seed: int = 0, batch_size: int = 8,
                 overwrite: bool = False, progress: bool = True, split: str | None = None) -> Path:
-    """Write ``num`` images per magnification (see the module docstring). Unset settings: the recipe's (DDIM 50,
+    """Write ``num`` images per magnification (see the module docstring). Unset settings: the recipe's (DDIM 10,
     g 1.75; the condition sampler's DDIM 50). Raises HistosynthError / DataError naming the option or file: an unknown
     level, a reference store without the model's embeddings, no reference and no condition sampler, condition sampler
     settings with a reference, a solver that cannot step the condition sampler's x0 predictions."""
