@@ -68,12 +68,15 @@ def test_a_process_limited_to_some_cores_of_a_busy_host_takes_its_cores(two_core
     (1, None, 2, 1, None),  # already the run's count: nothing to say
     (None, None, 2, 1, None),  # a checkpoint from before the count was kept
     (2, "1", 2, 1, "torch CPU threads: 1 (OMP_NUM_THREADS); the run trained on 2, so the losses after the resume may "
-                   "differ from an uninterrupted run's in their last digits (OMP_NUM_THREADS=2 makes the resume exact)"),
+                   "differ from an uninterrupted run's in their last digits (OMP_NUM_THREADS=2 makes the resume "
+                   "exact)"),
     (4, None, 2, 1, "torch CPU threads: 1, this process may use only 2 cores; the run trained on 4, so the losses "
                     "after the resume may differ from an uninterrupted run's in their last digits"),
+    (4, None, 4, 4, "torch CPU threads: 4, the run's own, so that the resume is exact (set OMP_NUM_THREADS to choose)"),
 ])
 def test_a_resume_trains_on_the_run_s_thread_count(two_cores, recorded, omp, cores, expected, said):
     torch.set_num_threads(1)
+    two_cores.setattr(cpu_threads.os, "sched_getaffinity", lambda pid: set(range(cores)))
     if omp:
         two_cores.setenv("OMP_NUM_THREADS", omp)
     lines = []

@@ -80,7 +80,8 @@ def test_a_cpu_resume_on_another_thread_count_trains_on_the_run_s_own(hgsc_store
     for threads, run in ((2, "ref"), (1, "one")):
         torch.set_num_threads(threads)
         train(micro_recipe(), hgsc_store, tmp_path / run, max_steps=8, progress=False)
-    assert not same(weights(tmp_path / "ref"), weights(tmp_path / "one"))  # the premise: other threads, other bits
+    if same(weights(tmp_path / "ref"), weights(tmp_path / "one")):  # the premise: other threads, other bits
+        pytest.skip("1 and 2 torch threads give the same weights on this machine: nothing to show")
 
     torch.set_num_threads(2)
     train(micro_recipe(), hgsc_store, tmp_path / "run", max_steps=4, progress=False)

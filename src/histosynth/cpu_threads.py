@@ -5,8 +5,9 @@ two cores ran ten times slower than with one each (docs/benchmarks.md). So the c
 quickstart) start by counting the cores this process may use (its affinity) minus those busy with other work (the
 tasks running right now besides this one, the median of a few looks 20 ms apart), shared among the processes of one
 ``accelerate launch``, at least one, and say so in one line. When this process may use only some of the host's cores
-(a container's cpuset, taskset), the host-wide count says nothing about those cores and they are all taken. Not the load average: it counts this process's own
-recent work (the previous command of a script, the test run itself) as another job and halved the threads. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
+(a container's cpuset, taskset), the host-wide count says nothing about those cores and they are all taken. Not the
+load average: it counts this process's own recent work (the previous command of a script, the test run itself) as
+another job and halved the threads. ``OMP_NUM_THREADS`` set by the user wins and is left alone.
 
 A resumed training run is the exception (:func:`resume_threads`): it trains on the thread count its checkpoint was
 written with, because torch splits its reductions by thread and another count changes the last bits of the losses.
@@ -72,22 +73,25 @@ def resume_threads(recorded: int | None, echo=None) -> int:
     in the 7th decimal from the 4th step (docs/architecture.md, "Exact resume"). ``OMP_NUM_THREADS`` set by the user
     wins, and more threads than this process's usable cores are not taken; both are said through ``echo(line)``
     (default: stderr), with the cost. ``recorded`` None (a checkpoint from before the count was kept) changes nothing.
-    Returns the thread count in use."""
+    ``accelerate launch`` sets ``OMP_NUM_THREADS`` for its processes, so they keep its count. Returns the thread count
+    in use."""
     import torch
 
     now = torch.get_num_threads()
     if recorded is None or recorded == now:
         return now
     say = echo or (lambda s: print(s, file=sys.stderr))
-    inexact = (f"the run trained on {recorded}, so the losses after the resume may differ from an uninterrupted run's "
-               f"in their last digits")
+    inexact = (f"the run trained on {recorded}, so the losses after the resume may differ from an uninterrupted "
+               f"run's in their last digits")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     if os.environ.get("OMP_NUM_THREADS"):
-        say(f"torch CPU threads: {now} (OMP_NUM_THREADS); {inexact} (OMP_NUM_THREADS={recorded} makes the resume exact)")
+        say(f"torch CPU threads: {now} (OMP_NUM_THREADS); {inexact} (OMP_NUM_THREADS={recorded} makes the resume "
+            "exact)")
     elif recorded > cores:
         say(f"torch CPU threads: {now}, this process may use only {cores} cores; {inexact}")
     else:
         torch.set_num_threads(recorded)
-        say(f"torch CPU threads: {recorded}, the run's own, so that the resume is exact (set OMP_NUM_THREADS to choose)")
+        say(f"torch CPU threads: {recorded}, the run's own, so that the resume is exact (set OMP_NUM_THREADS to "
+            "choose)")
         return recorded
     return now

@@ -157,7 +157,7 @@ def _build_engine(accelerator, model, optimizer, lr_scheduler, *, run: Path, res
         _load_ema(ema, resume_from, engine.unwrapped)
         state = ckpt.read_trainer_state(resume_from)
         step = state["step"]
-        if accelerator.device.type == "cpu":
+        if accelerator.device.type == "cpu" and state.get("device", "cpu") == "cpu":  # a GPU run's bits differ anyway
             resume_threads(state.get("torch_threads"), accelerator.print)
         if accelerator.is_main_process:
             truncate_losses(run / LOSSES, step)
@@ -330,7 +330,7 @@ def save_checkpoint(engine: Engine, task: TrainingTask, step: int) -> Path:
             save_file({n: p.detach().cpu().contiguous() for n, p in zip(names, shadow)}, str(tmp / "ema.safetensors"))
             (tmp / "ema_state.json").write_text(json.dumps(state))
             (tmp / "trainer_state.json").write_text(json.dumps({"step": step, "recipe": task.recipe.name,
-                                                                "time": time.time(),
+                                                                "time": time.time(), "device": acc.device.type,
                                                                 "torch_threads": torch.get_num_threads()}))
             ckpt.finalize(tmp, final)
     if acc.is_main_process:
