@@ -11,21 +11,22 @@ at level M condition, the paper's "oracle" conditions, and FD is against that le
         --reference ddim:50 --out runs/steps/pathldm-steps
 
 Every point samples the same conditions with the same seed (paired: the same masks or prompts, the same starting
-noise), so differences between points are the scheduler's and the step count's. The noise of the measure is the
-spread of the reference sampler (the paper's) over ``--noise-seeds`` other seeds; a point "matches" the reference
-when its FD is within reference mean + 2 sd, its blur (scikit-image's ``blur_effect``, where the real set is a store)
-no farther from the real patches' than the reference mean's distance + 2 sd, and so its contrast (masks) or count
-error (``--counts-from``: ≤ reference mean + 2 sd). Blur is there because FD at 64 images did not see the blurred,
-paler tiles of a latent model sampled in too few steps. ``--deep-cache N,..`` (seed 0) and ``--precisions bf16,..`` (every reference seed,
-paired with the float32 ones; a pipeline loaded again and cast as `sample --precision` does) are speed settings
-measured at the reference sampler. Every point also gets its mean grey level and share of dark tiles, and with
-``--limit ddim:250`` its mean abs pixel difference to a converged sampler's images from the same noise (how far a
-deterministic solver stops from the ODE's solution; paired, so it sees changes FD at 64 images cannot). When the
-paper's scheduler beats its own step count's FD with fewer steps beyond the noise, the curve is flagged: its long
-trajectories follow the model's error and the smallest matching count places no default. Writes OUT/results.json,
-OUT/steps_quality.png, OUT/steps_tiles.png (real patches, then the paper's scheduler at each step count from the same
-noise) and markdown tables on stdout. OUT caches its points for one curve: OUT/curve.json records the settings they
-depend on (model, conditions, real set, split, magnification, --num, --batch), and other settings need another OUT.
+noise), so differences between points are the scheduler's and the step count's. The noise of the measure is the spread
+of the reference sampler (the paper's) over ``--noise-seeds`` other seeds; a point "matches" the reference when its FD
+is within reference mean + 2 sd, its blur (scikit-image's ``blur_effect``; where the real set is a store or a ZoomLDM
+level) no farther from the real patches' than the reference mean's distance + 2 sd, and also its contrast (masks) or
+count error (``--counts-from``: ≤ reference mean + 2 sd). Blur is there because FD at 64 images did not see the
+blurred, paler tiles of a latent model sampled in too few steps. ``--deep-cache N,..`` (seed 0) and ``--precisions
+bf16,..`` (every reference seed, paired with the float32 ones; a pipeline loaded again and cast as `sample
+--precision` does) are speed settings measured at the reference sampler. Every point also gets its mean grey level and
+share of dark tiles, and with ``--limit ddim:250`` its mean abs pixel difference to a converged sampler's images from
+the same noise (how far a deterministic solver stops from the ODE's solution; paired, so it sees changes FD at 64
+images cannot). When the paper's scheduler beats its own step count's FD with fewer steps beyond the noise, the curve
+is flagged: its long trajectories follow the model's error, so FD alone places no default (blur and labels can). Writes
+OUT/results.json, OUT/steps_quality.png, OUT/steps_tiles.png (real patches, then the paper's scheduler at each step
+count from the same noise) and markdown tables on stdout. OUT caches its points for one curve: OUT/curve.json records
+the settings they depend on (model, conditions, real set, split, magnification, --num, --batch), and other settings
+need another OUT.
 """
 
 from __future__ import annotations
@@ -66,13 +67,13 @@ def _measure(method, pipe, source, sub: Path, real, stats: Path, *, scheduler, s
 
 
 # what OUT's cached points (sample folders, results.json, real-stats.npz) depend on: one curve per OUT
-CURVE_SETTINGS = ("model", "masks", "prompts", "counts_from", "regions", "zoom", "magnification", "real", "split", "num",
-                  "batch")
+CURVE_SETTINGS = ("model", "masks", "prompts", "counts_from", "regions", "zoom", "magnification", "real", "split",
+                  "num", "batch")
 
 
-def _claim_out(args, ap) -> None:
-    """Create OUT and record in OUT/curve.json the settings its cached points depend on; an OUT holding a curve of
-    other settings is an error (its points and real statistics would be reused silently)."""
+def _claim_out(args, ap) -> dict:
+    """The settings OUT's cached points depend on (OUT/curve.json, written with the first point); an OUT holding a
+    curve of other settings is an error (its points and real statistics would be reused silently)."""
     mine = {k: str(getattr(args, k).resolve()) if isinstance(getattr(args, k), Path) else getattr(args, k)
             for k in CURVE_SETTINGS}
     record = args.out / "curve.json"
@@ -81,9 +82,10 @@ def _claim_out(args, ap) -> None:
         differ = [f"--{k.replace('_', '-')} {theirs.get(k)!r} there, {mine[k]!r} now" for k in CURVE_SETTINGS
                   if theirs.get(k) != mine[k]]
         if differ:
-            ap.error(f"--out {args.out} holds a curve of other settings ({'; '.join(differ)}); give another --out")
+            ap.error(f"--out {args.out} holds a curve of other settings ({'; '.join(differ)}): its points were made "
+                     "with those; give another --out")
     args.out.mkdir(parents=True, exist_ok=True)
-    record.write_text(json.dumps(mine, indent=2) + "\n")
+    return mine
 
 
 def _count_error(folder: Path) -> float:
@@ -153,7 +155,7 @@ def main() -> None:
 
     print("machine:", machine())
     print("command:", " ".join(sys.argv))
-    _claim_out(args, ap)
+    curve = _claim_out(args, ap)
     method, pipe = load_pipeline(args.model, "cpu")
     has_masks = args.masks is not None
     has_counts = args.counts_from is not None
@@ -181,6 +183,7 @@ def main() -> None:
     done = {key(r): r for r in json.loads(results.read_text())["rows"]} if results.is_file() else {}
 
     def save():  # this run's rows, then the earlier runs' other points (kept, not reported here)
+        (args.out / "curve.json").write_text(json.dumps(curve, indent=2) + "\n")
         mine = {key(r) for r in rows}
         results.write_text(json.dumps({"machine": machine(), "torch": torch.__version__, "command": " ".join(sys.argv),
                                        "rows": rows + [r for k, r in done.items() if k not in mine]}, indent=2) + "\n")
@@ -280,7 +283,9 @@ def main() -> None:
     if fewer_better:
         print(f"\nnote: {ref_name} at {fewer_better} steps beats its own {ref_steps}-step FD beyond the noise (FD < "
               f"{fd_ref.mean() - 2 * fd_ref.std(ddof=1):.1f}): longer trajectories follow this model's error, so FD "
-              "alone does not show where quality drops; only the blur (and label) columns can place a default here")
+              "alone does not show where quality drops" + (
+                  "; only the blur (and label) columns can place a default here" if b_limit is not None
+                  else "; without blur (give --real as a store) place no default"))
 
     print(f"\nmean grey level (0-255) / tiles with mean grey < {DARK} (%)" + (
         f"; real {args.split or 'stored'} patches{' at ' + args.magnification if args.zoom else ''}: "
@@ -327,7 +332,7 @@ def main() -> None:
             print(f"| | {r['seed']} | {r['fd']:.1f} | {q['fd']:.1f} | " + (
                 f"{r['contrast']:.1f} | {q['contrast']:.1f} | " if has_masks else "")
                 + f"{q['mean_abs_diff_to_fp32']:.2f} | {r['seconds_sampling']} | {q['seconds_sampling']} |")
-        ok = fd_low.mean() <= fd_limit
+        ok = fd_low.mean() <= fd_limit and sharp({"blur": float(np.mean([r["blur"] for r in low]))})
         print(f"| mean ± sd | | {fd_ref.mean():.1f} ± {fd_ref.std(ddof=1):.1f} | {fd_low.mean():.1f} ± "
               f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
               + f"{'matches' if ok else 'outside'} | | |")
