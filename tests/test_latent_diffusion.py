@@ -124,7 +124,7 @@ def test_builtin_ldm_recipes_load_and_unknown_keys_are_refused(tmp_path):
     paper = load_recipe("pathldm-256")
     assert paper.method == "pathldm" and paper.unet.block_out_channels == (192, 384, 576, 960)
     assert (paper.diffusion.beta_schedule, paper.diffusion.beta_start, paper.diffusion.beta_end) == ("scaled_linear", 0.0015, 0.0195)
-    assert (paper.sampling.guidance_scale, paper.sampling.num_inference_steps) == (1.75, 50)
+    assert (paper.sampling.guidance_scale, paper.sampling.num_inference_steps) == (1.75, 20)  # paper 50
     assert paper.conditioner.max_tokens == 154 and paper.train.condition_dropout == 0.1
     assert load_recipe("pathldm-tiny-cpu").conditioner.text_encoder == "minilm"
     assert load_recipe("pathldm-tiny-cpu-class").conditioner.kind == "class"
@@ -338,7 +338,7 @@ def test_ddim_runs_exactly_the_steps_asked(steps):
 
 def test_unset_settings_come_from_the_saved_recipe_and_given_ones_win(monkeypatch):
     """pipe(...) in Python samples as the recipe says (the saved ``sampling`` section), like `histosynth sample`;
-    without that section the method's defaults (DDIM 50, g 1.75, η 0) run; given settings win over both."""
+    without that section the method's defaults (DDIM 20, g 1.75, η 0) run; given settings win over both."""
     import histosynth.pipelines.pathldm as module
 
     used, real = [], module.denoise_latents
@@ -349,12 +349,12 @@ def test_unset_settings_come_from_the_saved_recipe_and_given_ones_win(monkeypatc
 
     monkeypatch.setattr(module, "denoise_latents", recording)
     pipe = _class_pipeline()
-    assert pipe([0, 1], progress=False).num_steps_run == 50
+    assert pipe([0, 1], progress=False).num_steps_run == 20
     pipe.register_to_config(sampling={"num_inference_steps": 3, "guidance_scale": 1.0, "eta": 0.5})
     assert pipe([0, 1], progress=False).num_steps_run == 3
     pipe([0, 1], num_inference_steps=4, guidance_scale=2.5, eta=0.0, progress=False)
     # (steps, g, η, context rows): guided runs batch [∅; y]; g = 1 runs the conditional model alone
-    assert used == [(50, 1.75, 0.0, 4), (3, 1.0, 0.5, 2), (4, 2.5, 0.0, 4)]
+    assert used == [(20, 1.75, 0.0, 4), (3, 1.0, 0.5, 2), (4, 2.5, 0.0, 4)]
 
 
 def test_batched_guidance_equals_two_separate_passes():

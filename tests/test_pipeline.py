@@ -129,8 +129,8 @@ def test_batched_guidance_equals_two_separate_passes_in_one_buffer():
     torch.testing.assert_close(batched, x.clamp(-1, 1), rtol=1e-4, atol=1e-5)
 
 
-def test_unset_settings_are_nasdm_defaults_g2_ddpm50(monkeypatch):
-    """A NASDM pipeline (its recipe saves no sampling section) samples with g = 2 (the paper's s = 1), 50 steps, η 0."""
+def test_unset_settings_are_nasdm_defaults_g2_ddpm20(monkeypatch):
+    """A NASDM pipeline (its recipe saves no sampling section) samples with g = 2 (the paper's s = 1), 20 steps, η 0."""
     import histosynth.pipelines.nasdm as module
 
     used, denoise, guided = {}, module.denoise, module.guided_model_output
@@ -146,7 +146,7 @@ def test_unset_settings_are_nasdm_defaults_g2_ddpm50(monkeypatch):
     monkeypatch.setattr(module, "denoise", recording_denoise)
     monkeypatch.setattr(module, "guided_model_output", recording_guidance)
     out = _pipe()(_cond(1), progress=False)
-    assert out.num_steps_run == 50 and used == {"steps": 50, "eta": 0.0, "g": 2.0}
+    assert out.num_steps_run == 20 and used == {"steps": 20, "eta": 0.0, "g": 2.0}
 
 
 def test_bad_condition_shape_and_steps_are_clear_errors():

@@ -61,8 +61,9 @@ __all__ = ["sample"]
                    "only. Default: the method's (NASDM 2.0 = the paper's s = 1, as s = g − 1; PathLDM, HistoSmith, ZoomLDM "
                    "and DISC the recipe's: 1.75, 2.0, 1.75, 1.75).")
 @click.option("--steps", type=int, default=None,
-              help="Denoising steps, exactly this many are run (default NASDM 50 (paper 250), PathLDM, HistoSmith and ZoomLDM "
-                   "the recipe's: 50; DISC the recipe's: 200, tiny 50).")
+              help="Denoising steps, exactly this many are run (default NASDM 20 (paper 250); PathLDM and HistoSmith "
+                   "the recipe's: 20 (paper 50); ZoomLDM the recipe's: 10 (paper 50); DISC the recipe's: 50 (paper "
+                   "200); docs/benchmarks.md, \"The defaults\").")
 @click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
               help="Sampling scheduler, any model: swapped in on the model's trained noise schedule (one UNet pass per "
                    "step, two with guidance). Default: the model's own (NASDM: ddpm; the latent models: their "

@@ -124,7 +124,7 @@ def guidance_sweep(
     param: str = "guidance",
     *,
     num: int | None = 16,
-    steps: int = 50,
+    steps: int = 20,  # NASDM's default (pipelines/nasdm.py)
     guidance: float = 2.0,
     scheduler: str | None = None,
     seed: int = 0,

@@ -1,7 +1,7 @@
 """NASDM sampling pipeline: nuclei masks in, H&E images out.
 
     pipe = NASDMPipeline.from_pretrained("RUN")            # a training run, or its pipeline/ folder
-    images = pipe(conditions, guidance_scale=2.0, num_inference_steps=50).images      # DDPM (paper: 250)
+    images = pipe(conditions, guidance_scale=2.0, num_inference_steps=20).images      # DDPM (paper: 250)
     pipe.scheduler = sampling_scheduler("dpm-solver++", pipe.scheduler.config)         # any scheduler, by name
 
 Reads top to bottom: build the condition tensor (one channel per type + instance edges), start from
@@ -14,8 +14,9 @@ Guidance: ``guidance_scale`` is diffusers' g, as everywhere in histosynth (g = 1
 alone, one pass per step). NASDM's eq. 7 writes the same combination with s = g − 1: the paper's s = 1
 is ``guidance_scale=2.0``, the default.
 
-Defaults (:data:`DEFAULT_SAMPLING`): g = 2 and the trained DDPM at 50 steps, which matched the paper's 250 within
-noise (FD and mask adherence, docs/benchmarks.md "Quality vs sampling steps"): 5x fewer UNet passes.
+Defaults (:data:`DEFAULT_SAMPLING`): g = 2 and the trained DDPM at 20 steps, the smallest count that matched the
+paper's 250 within noise in FD, mask contrast and blur on two tiny models (docs/benchmarks.md "Quality vs sampling
+steps"): 12.5x fewer UNet passes.
 """
 
 from __future__ import annotations
@@ -35,7 +36,7 @@ from histosynth.errors import HistosynthError
 from histosynth.models import SemanticUNet
 from histosynth.pipelines.loading import RunPipeline
 
-DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 50, "eta": 0.0}
+DEFAULT_SAMPLING = {"guidance_scale": 2.0, "num_inference_steps": 20, "eta": 0.0}
 
 
 @dataclass
@@ -71,7 +72,7 @@ class NASDMPipeline(RunPipeline):
         Args:
             masks: a (B, K+1, H, W) condition tensor, or (inst_map, type_map) pairs of int arrays (H, W).
             guidance_scale: g (NASDM's s = g − 1); default 2.0, the paper's s = 1.
-            num_inference_steps: exactly this many steps run; default 50 (paper: DDPM 250; 50 matched it within noise,
+            num_inference_steps: exactly this many steps run; default 20 (paper: DDPM 250; 20 matched it within noise,
                 docs/benchmarks.md).
             eta: DDIM's η (0 with any other scheduler); default 0.
         Raises:

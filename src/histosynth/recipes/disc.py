@@ -33,7 +33,8 @@ class MaskEncoderConfig:
 class DISCSamplingConfig:
     """Defaults of `histosynth sample` (DISC Sec. 2.2: DDIM, 200 steps; classifier-free guidance in diffusers' g).
     DDIM 50: the smallest count that matched the paper's DDIM 200 within noise in FD and blur on both tiny DISC models
-    (docs/benchmarks.md, "Quality vs sampling steps"); 200 is the paper's."""
+    (docs/benchmarks.md, "Quality vs sampling steps"); 200 is the paper's. Measured on SD; SD-SC and SD-DISC sample
+    with the same count, not measured apart."""
 
     num_inference_steps: int = 50
     guidance_scale: float = 1.75
@@ -55,8 +56,8 @@ class DistillConfig:
     teacher: str  # the SD run (or pipeline folder) to distil
     num_samples: int = 20000  # paper: 20,000
     separated: Literal["final", "every-step"] = "final"
-    num_inference_steps: int = 200  # DDIM steps of the set's generation (paper 200; separated sampling at fewer
-    # steps is not measured, so the set keeps the paper's count)
+    num_inference_steps: int = 200  # DDIM steps of the set's generation (paper 200; the training data of SD-DISC,
+    # and separated sampling at fewer steps is not measured, so the set keeps the paper's count)
     guidance_scale: float = 1.75
     batch_size: int = 16  # images generated at once (each runs one branch per present label)
     cotrain: bool = False
