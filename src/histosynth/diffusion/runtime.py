@@ -43,7 +43,8 @@ def denoiser_precision(pipe, name: str = "fp32"):
     """
     if name not in PRECISIONS:
         raise ValueError(f"precision must be one of {list(PRECISIONS)}, got {name!r}")
-    pipe.unet.to(PRECISIONS[name])
+    if precision_of(pipe.unet) != name:  # diffusers 0.42 warns of fp32 modules at every dtype cast, a no-op one too
+        pipe.unet.to(PRECISIONS[name])
     return pipe
 
 
