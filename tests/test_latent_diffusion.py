@@ -610,7 +610,8 @@ def test_bf16_denoiser_runs_the_unet_in_bf16_and_keeps_the_images(monkeypatch):
     cast = pipe.unet.to
     pipe.unet.to = lambda *a, **kw: casts.append(a) or cast(*a, **kw)
     assert denoiser_precision(pipe, "fp32") is pipe and casts == []  # already fp32: no cast (and no diffusers warning)
-    assert denoiser_precision(pipe, "bf16") is pipe and precision_of(pipe.unet) == "bf16" and casts == [(torch.bfloat16,)]
+    assert denoiser_precision(pipe, "bf16") is pipe and precision_of(pipe.unet) == "bf16"
+    assert casts == [(torch.bfloat16,)]
     del pipe.unet.to
     original = cls.step
     cls.step = lambda self, out, t, x, **kw: steps.append((out.dtype, x.dtype)) or original(self, out, t, x, **kw)
