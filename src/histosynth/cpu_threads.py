@@ -33,13 +33,22 @@ def running_others() -> int:
 def free_cores() -> tuple[int, int, float]:
     """(free cores ≥ 1 for this process, usable cores, busy cores) of this process's CPU affinity; processes started
     together by ``accelerate launch`` (LOCAL_WORLD_SIZE) share the free cores."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _usable_cores()
     # the running count is the whole host's: it says how busy our cores are only when they are all the host's cores
     # (in a container or under taskset limited to some cores, the others' work is elsewhere: take ours as free)
     host = os.cpu_count() or cores
     busy = float(statistics.median(_looks(running_others, 5, 0.02))) if cores >= host else 0.0
     local_processes = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1))
     return max(1, min(cores, round(cores - busy)) // local_processes), cores, busy
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity: a container's cpuset, taskset)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr)
 
 
 def _looks(read, n: int, pause_s: float) -> list[int]:
@@ -63,7 +72,7 @@ def configure_cpu_threads(echo=None) -> int:
         torch.set_num_threads(threads)
         line = (f"torch CPU threads: {threads} of {cores} cores ({busy:.1f} busy with other work; set "
                 f"OMP_NUM_THREADS to choose)")
-    (echo or (lambda s: print(s, file=sys.stderr)))(line)
+    (echo or _stderr)(line)
     return threads
 
 
@@ -80,10 +89,10 @@ def resume_threads(recorded: int | None, echo=None) -> int:
     now = torch.get_num_threads()
     if recorded is None or recorded == now:
         return now
-    say = echo or (lambda s: print(s, file=sys.stderr))
+    say = echo or _stderr
     inexact = (f"the run trained on {recorded}, so the losses after the resume may differ from an uninterrupted "
                f"run's in their last digits")
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    cores = _usable_cores()
     if os.environ.get("OMP_NUM_THREADS"):
         say(f"torch CPU threads: {now} (OMP_NUM_THREADS); {inexact} (OMP_NUM_THREADS={recorded} makes the resume "
             "exact)")
