@@ -252,8 +252,8 @@ def main() -> None:
         return ((not has_masks or abs(r["contrast"] - c_real) <= c_limit)
                 and (not has_counts or r["count_error"] <= e_limit))
 
-    def sharp(r) -> bool:  # as sharp as the paper's sampler draws (within the noise), where the real set is known
-        return b_limit is None or abs(r["blur"] - real_stats["blur"]) <= b_limit
+    def sharp(blur: float) -> bool:  # as sharp as the paper's sampler (within the noise), where the real set is known
+        return b_limit is None or abs(blur - real_stats["blur"]) <= b_limit
 
     print(f"\nreference {ref_name} {ref_steps} over seeds {[r['seed'] for r in ref]}: FD {fd_ref.mean():.1f} ± "
           f"{fd_ref.std(ddof=1):.1f} (match: FD ≤ {fd_limit:.1f})" + (
@@ -270,7 +270,7 @@ def main() -> None:
         cells, first = [], None
         for k in steps_list:
             r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
-            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r)
+            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r["blur"])
             first = first or (k if ok else None)
             cells.append(f"{r['fd']:.1f}" + (f" / {r['contrast']:.1f}" if has_masks else "")
                          + (f" / {r['count_error']:.2f}" if has_counts else "") + f" / {r['blur']:.3f}"
@@ -307,7 +307,7 @@ def main() -> None:
             for k in steps_list:
                 r = next(r for r in rows if r["scheduler"] == s and r["steps"] == k and r["seed"] == 0)
                 ok = (s not in STOCHASTIC and r["fd"] <= fd_limit and r["diff_to_limit"] <= d_ref
-                      and adherent(r) and sharp(r))
+                      and adherent(r) and sharp(r["blur"]))
                 first = first or (k if ok else None)
                 cells.append(f"{r['diff_to_limit']:.2f}" + (" ✓" if ok else ""))
             print(f"| {s} | " + " | ".join(cells) + f" | {first or '—'} |")
@@ -318,7 +318,7 @@ def main() -> None:
               + "blur | sampling s | matches |")
         print("|---|---|" + ("---|" if has_masks else "") + "---|---|---|")
         for r in [uncached, *cached]:
-            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r)
+            ok = r["fd"] <= fd_limit and adherent(r) and sharp(r["blur"])
             print(f"| DeepCache {r.get('deep_cache', 1)} | {r['fd']:.1f} | " + (f"{r['contrast']:.1f} | " if has_masks
                   else "") + f"{r['blur']:.3f} | {r['seconds_sampling']} | {'✓' if ok else '—'} |")
     for p in [p for p in args.precisions.split(",") if p]:
@@ -332,7 +332,7 @@ def main() -> None:
             print(f"| | {r['seed']} | {r['fd']:.1f} | {q['fd']:.1f} | " + (
                 f"{r['contrast']:.1f} | {q['contrast']:.1f} | " if has_masks else "")
                 + f"{q['mean_abs_diff_to_fp32']:.2f} | {r['seconds_sampling']} | {q['seconds_sampling']} |")
-        ok = fd_low.mean() <= fd_limit and sharp({"blur": float(np.mean([r["blur"] for r in low]))})
+        ok = fd_low.mean() <= fd_limit and sharp(float(np.mean([r["blur"] for r in low])))
         print(f"| mean ± sd | | {fd_ref.mean():.1f} ± {fd_ref.std(ddof=1):.1f} | {fd_low.mean():.1f} ± "
               f"{fd_low.std(ddof=1):.1f} | " + ("| | " if has_masks else "")
               + f"{'matches' if ok else 'outside'} | | |")
