@@ -36,8 +36,6 @@ def test_every_sampling_method_is_checked():
 def test_a_method_has_one_default_step_count(method):
     steps = _fallback(method)
     default = _type_default(method.recipe)
-    if default is not None and not dataclasses.is_dataclass(default):
-        pytest.fail(f"{method.name}: its recipe's sampling default is not a config")
     if default is not None:
         assert default.num_inference_steps == steps
     builtin = [load_recipe(path) for path in sorted(RECIPE_DIR.glob("*.yaml"))]
