@@ -303,6 +303,24 @@ def test_guidance_sweep_writes_json_and_png(sweep_run, store16):
     assert rows[1]["n_real"] == ref["n_real"]
 
 
+def test_a_sweep_s_unset_setting_is_the_model_s_own(tmp_path, store16, monkeypatch):
+    """Steps not given to a guidance sweep are the model's default, as `histosynth sample` reads it (NASDM saves no
+    sampling section: its pipeline's DEFAULT_SAMPLING, made 3 here to be quick), recorded in every row and in the
+    header's fixed setting."""
+    import histosynth.pipelines.nasdm as nasdm
+    from histosynth.evaluate.sweep import guidance_sweep
+
+    monkeypatch.setitem(nasdm.DEFAULT_SAMPLING, "num_inference_steps", 3)
+    _tiny_pipeline().save_pretrained(tmp_path / "model")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 2 images: singular covariance warnings
+        rows = guidance_sweep(tmp_path / "model", store16, tmp_path / "out", "1.5", num=2, progress=False, device="cpu")
+    saved = json.loads((tmp_path / "out" / "sweep.json").read_text())
+    assert [r["num_inference_steps"] for r in rows] == [3] and saved["fixed"] == {"num_inference_steps": 3}
+    manifest = [json.loads(x) for x in (tmp_path / "out" / rows[0]["dir"] / "samples.jsonl").read_text().splitlines()]
+    assert {m["num_inference_steps"] for m in manifest} == {3}
+
+
 def test_sweep_rejects_unknown_parameters_and_bad_values(tmp_path, store16):
     from histosynth.evaluate.sweep import guidance_sweep, parse_values
 

@@ -109,9 +109,10 @@ def counts_cmd(generated, segmenter, out, training_range, batch_size, device):
 @click.option("--param", default="guidance", show_default=True, help="What to sweep: guidance or steps.")
 @click.option("--values", default="0,0.5,1,1.5,2,3", show_default=True, help="Comma-separated values of --param.")
 @click.option("--num", default=16, show_default=True, help="Masks sampled per value (the same masks for every value).")
-@click.option("--steps", default=20, show_default=True,
-              help="Denoising steps (when sweeping guidance; NASDM's default).")
-@click.option("--guidance", default=2.0, show_default=True, help="Guidance scale g (when sweeping steps; NASDM's s = g − 1).")
+@click.option("--steps", type=int, default=None,
+              help="Denoising steps (when sweeping guidance). Default: the model's own, as `histosynth sample` (NASDM: 20).")
+@click.option("--guidance", type=float, default=None,
+              help="Guidance scale g (when sweeping steps; NASDM's s = g − 1). Default: the model's own (NASDM: 2.0).")
 @click.option("--scheduler", "--sampler", "scheduler", default=None, type=click.Choice(list(SCHEDULER_NAMES)),
               help="Sampling scheduler (default: the model's own, NASDM's DDPM; see `histosynth sample --help`).")
 @seed_option()

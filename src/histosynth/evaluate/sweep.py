@@ -124,8 +124,8 @@ def guidance_sweep(
     param: str = "guidance",
     *,
     num: int | None = 16,
-    steps: int = 20,  # NASDM's default (pipelines/nasdm.py)
-    guidance: float = 2.0,
+    steps: int | None = None,
+    guidance: float | None = None,
     scheduler: str | None = None,
     seed: int = 0,
     split: str | None = "test",
@@ -144,6 +144,7 @@ def guidance_sweep(
             are the reference set of FD/KID.
         values: the values of ``param`` ("0,0.5,1" or numbers). ``param="guidance"``: guidance scales g (1 = conditional only),
             each sampled with ``steps`` steps; ``param="steps"``: step counts, each sampled at guidance ``guidance``.
+            ``steps`` / ``guidance`` None: the model's own default, as ``histosynth sample`` (NASDM: DDPM 20, g 2).
         num, scheduler, seed, batch_size: as ``histosynth sample`` (the same masks and seeds for every value;
             scheduler None: the model's own).
         features: ``"effnet-lite0"`` (offline), ``"inception"`` or a FeatureExtractor.
@@ -156,16 +157,16 @@ def guidance_sweep(
     """
     import torch
 
+    from histosynth.evaluate.controllability import read_samples
     from histosynth.evaluate.features import FeatureExtractor, load_feature_extractor
     from histosynth.evaluate.fid import extract_features
     from histosynth.sampling import prepare_output_dir
 
     _check_param(param)
     values = parse_values(values, param)
-    if param == "guidance":
-        parse_values([steps], "steps")
-    else:
-        parse_values([guidance], "guidance")
+    fixed = ("num_inference_steps", steps) if param == "guidance" else ("guidance_scale", guidance)
+    if fixed[1] is not None:
+        parse_values([fixed[1]], "steps" if param == "guidance" else "guidance")
     out = Path(out)
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
 
@@ -200,7 +201,7 @@ def guidance_sweep(
     header = {
         "kind": "sweep", "param": param, "values": values, "model": model_name, "masks": str(masks_store),
         "split": split, "num": num, "scheduler": scheduler, "seed": seed,
-        "fixed": {"num_inference_steps": steps} if param == "guidance" else {"guidance_scale": guidance},
+        "fixed": None,  # the fixed setting as it ran (the model's default when not given): set from the first row
         "features": extractor.name, "protocol": json.loads(json.dumps(extractor.protocol)),
         "segmenter": None if segmenter is None else str(getattr(segmenter, "path", None) or type(segmenter).__name__),
         "machine": _machine(), "date": _dt.datetime.now().astimezone().isoformat(timespec="seconds"),
@@ -211,9 +212,13 @@ def guidance_sweep(
         t0 = time.perf_counter()
         g = value if param == "guidance" else guidance
         k = value if param == "steps" else steps
-        method.sample(pipe, masks_store, sub, split=split, num=num, guidance_scale=float(g), num_inference_steps=int(k),
-                      scheduler=scheduler, seed=seed, batch_size=batch_size, overwrite=overwrite, progress=progress)
+        method.sample(pipe, masks_store, sub, split=split, num=num, guidance_scale=None if g is None else float(g),
+                      num_inference_steps=None if k is None else int(k), scheduler=scheduler, seed=seed,
+                      batch_size=batch_size, overwrite=overwrite, progress=progress)
         t_sample = time.perf_counter() - t0
+        ran = read_samples(sub)[0]  # the settings the sampler ran with, its defaults filled in
+        g, k = ran["guidance_scale"], ran["num_inference_steps"]
+        header["fixed"] = header["fixed"] or {fixed[0]: ran[fixed[0]]}
         f_gen, logits_gen = extract_features(sub / "images", extractor, device=device, progress=progress,
                                              desc=f"{param}={value}")
         with warnings.catch_warnings():

@@ -37,7 +37,7 @@ def sample_store(pipe, store_path: str | Path, out: str | Path, *, split: str | 
                  batch_size: int = 16, overwrite: bool = False, progress: bool = True, grid_rows: int = 8) -> Path:
     """Writes OUT/images/N.png (generated), OUT/masks/N.png (the condition, coloured), OUT/labels/N_{inst,type}.png
     (the label maps given), OUT/real/N.png (the real patch of that mask), OUT/samples.jsonl and OUT/grid.png
-    (rows: mask | generated | real). ``guidance_scale`` is g (default 2.0 = NASDM's s = 1), steps default 50 (paper 250);
+    (rows: mask | generated | real). ``guidance_scale`` is g (default 2.0 = NASDM's s = 1), steps default 20 (paper 250);
     ``scheduler``: a name of histosynth.diffusion.schedulers.SCHEDULERS swapped into ``pipe`` (default its trained DDPM)."""
     arguments = dict(locals())  # the run's settings (a rerun continues a run with the same)
     out, store = Path(out), PatchStore(store_path)
